@@ -1,0 +1,1 @@
+//! The nanochat GPT, tokenizer, checkpoints, KV-cache inference and sampling.
