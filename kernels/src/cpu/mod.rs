@@ -1,2 +1,10 @@
 //! CPU kernels. One file per op family; the same stems name the WGSL kernels under `wgsl/`.
+pub mod attention;
+pub mod elementwise;
+pub mod embedding;
 pub mod matmul;
+pub mod reduce;
+pub mod rmsnorm;
+pub mod rope;
+pub mod slice;
+pub mod softmax;

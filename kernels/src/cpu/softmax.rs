@@ -1,0 +1,207 @@
+//! Softmax, log-softmax and cross-entropy over the last dim of a (N, V) buffer.
+//!
+//! Parallelised over rows (each task owns whole output rows). Numerically stable: every row is
+//! shifted by its max before exp, and the cross-entropy keeps the row's logsumexp instead of
+//! probabilities so backward recomputes softmax exactly. Forward kernels write `=`; backward
+//! kernels accumulate `dinp +=`.
+use rayon::prelude::*;
+
+use super::elementwise::CHUNK;
+
+/// Target id that contributes no loss and no gradient (PyTorch's `ignore_index=-1`).
+pub const IGNORE_INDEX: i32 = -1;
+
+fn rows_mut<'a>(buf: &'a mut [f32], cols: usize, f: impl Fn(usize, &'a mut [f32]) + Sync + Send) {
+    if cols == 0 {
+        return;
+    }
+    if buf.len() <= CHUNK {
+        buf.chunks_mut(cols).enumerate().for_each(|(r, row)| f(r, row));
+    } else {
+        buf.par_chunks_mut(cols).enumerate().for_each(|(r, row)| f(r, row));
+    }
+}
+
+/// logsumexp of one row, max-shifted.
+#[inline]
+fn logsumexp(x: &[f32]) -> f32 {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY {
+        return m;
+    }
+    let s: f32 = x.iter().map(|&v| (v - m).exp()).sum();
+    m + s.ln()
+}
+
+/// out (N, V) = softmax(inp) along V
+pub fn softmax_forward(out: &mut [f32], inp: &[f32], n: usize, v: usize) {
+    debug_assert_eq!(out.len(), n * v);
+    debug_assert_eq!(inp.len(), n * v);
+    rows_mut(out, v, |r, o| {
+        let x = &inp[r * v..(r + 1) * v];
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0.0f32;
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = (x - m).exp();
+            s += *o;
+        }
+        let inv = 1.0 / s;
+        o.iter_mut().for_each(|o| *o *= inv);
+    });
+}
+
+// d softmax: dx_j = y_j (dy_j - sum_k dy_k y_k)
+/// dinp (N, V) += softmax backward, from the saved output.
+pub fn softmax_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], n: usize, v: usize) {
+    debug_assert_eq!(dinp.len(), n * v);
+    rows_mut(dinp, v, |r, d| {
+        let (g, y) = (&dout[r * v..(r + 1) * v], &out[r * v..(r + 1) * v]);
+        let dot: f32 = g.iter().zip(y).map(|(&g, &y)| g * y).sum();
+        for ((d, &g), &y) in d.iter_mut().zip(g).zip(y) {
+            *d += y * (g - dot);
+        }
+    });
+}
+
+/// out (N, V) = log_softmax(inp) along V
+pub fn log_softmax_forward(out: &mut [f32], inp: &[f32], n: usize, v: usize) {
+    debug_assert_eq!(out.len(), n * v);
+    rows_mut(out, v, |r, o| {
+        let x = &inp[r * v..(r + 1) * v];
+        let lse = logsumexp(x);
+        o.iter_mut().zip(x).for_each(|(o, &x)| *o = x - lse);
+    });
+}
+
+// d log_softmax: dx_j = dy_j - softmax_j sum_k dy_k, with softmax = exp(out)
+/// dinp (N, V) += log-softmax backward, from the saved output.
+pub fn log_softmax_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], n: usize, v: usize) {
+    debug_assert_eq!(dinp.len(), n * v);
+    rows_mut(dinp, v, |r, d| {
+        let (g, y) = (&dout[r * v..(r + 1) * v], &out[r * v..(r + 1) * v]);
+        let sum: f32 = g.iter().sum();
+        for ((d, &g), &y) in d.iter_mut().zip(g).zip(y) {
+            *d += g - y.exp() * sum;
+        }
+    });
+}
+
+/// losses (N) = logsumexp(logits_i) - logits_i[t_i], 0 where t_i is `IGNORE_INDEX`;
+/// lse (N) saves the row logsumexp for the backward. Targets must be `IGNORE_INDEX` or in 0..V.
+pub fn cross_entropy_forward(
+    losses: &mut [f32],
+    lse: &mut [f32],
+    logits: &[f32],
+    targets: &[i32],
+    n: usize,
+    v: usize,
+) {
+    debug_assert_eq!(logits.len(), n * v);
+    debug_assert!(losses.len() == n && lse.len() == n && targets.len() == n);
+    let row = |r: usize, (loss, lse): (&mut f32, &mut f32)| {
+        let x = &logits[r * v..(r + 1) * v];
+        *lse = logsumexp(x);
+        let t = targets[r];
+        *loss = if t == IGNORE_INDEX { 0.0 } else { *lse - x[t as usize] };
+    };
+    if logits.len() <= CHUNK {
+        losses.iter_mut().zip(lse.iter_mut()).enumerate().for_each(|(r, p)| row(r, p));
+    } else {
+        losses.par_iter_mut().zip(lse.par_iter_mut()).enumerate().for_each(|(r, p)| row(r, p));
+    }
+}
+
+// d (lse - x_t) / d x_j = softmax_j - [j == t]
+/// dlogits (N, V) += dlosses_i * (softmax(logits_i) - onehot(t_i)); ignored rows get nothing.
+pub fn cross_entropy_backward(
+    dlogits: &mut [f32],
+    dlosses: &[f32],
+    logits: &[f32],
+    lse: &[f32],
+    targets: &[i32],
+    n: usize,
+    v: usize,
+) {
+    debug_assert_eq!(dlogits.len(), n * v);
+    rows_mut(dlogits, v, |r, d| {
+        let t = targets[r];
+        if t == IGNORE_INDEX {
+            return;
+        }
+        let (g, m) = (dlosses[r], lse[r]);
+        let x = &logits[r * v..(r + 1) * v];
+        d.iter_mut().zip(x).for_each(|(d, &x)| *d += g * (x - m).exp());
+        d[t as usize] -= g;
+    });
+}
+
+/// Reference cross-entropy in f64: per-row losses.
+pub fn cross_entropy_naive(logits: &[f32], targets: &[i32], n: usize, v: usize) -> Vec<f64> {
+    (0..n)
+        .map(|r| {
+            let x = &logits[r * v..(r + 1) * v];
+            let m = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let lse = m + x.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            let t = targets[r];
+            if t == IGNORE_INDEX { 0.0 } else { lse - x[t as usize] as f64 }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn logits(n: usize, v: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n * v)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn softmax_rows_sum_to_one(n in 1usize..9, v in 1usize..300, seed: u64) {
+            // Large logits: a naive exp would overflow.
+            let x = logits(n, v, seed, 400.0);
+            let mut y = vec![0.0; n * v];
+            softmax_forward(&mut y, &x, n, v);
+            for r in 0..n {
+                let s: f32 = y[r * v..(r + 1) * v].iter().sum();
+                prop_assert!((s - 1.0).abs() < 1e-5, "row {r} sums to {s}");
+            }
+            let mut ls = vec![0.0; n * v];
+            log_softmax_forward(&mut ls, &x, n, v);
+            for (l, y) in ls.iter().zip(&y) {
+                prop_assert!((l.exp() - y).abs() < 1e-5);
+            }
+        }
+
+        #[test]
+        fn cross_entropy_matches_naive(n in 1usize..40, v in 1usize..700, seed: u64) {
+            let x = logits(n, v, seed, 20.0);
+            let targets: Vec<i32> = (0..n)
+                .map(|i| if i % 5 == 3 { IGNORE_INDEX } else { ((i as u64 * 31 + seed) % v as u64) as i32 })
+                .collect();
+            let (mut loss, mut lse) = (vec![0.0; n], vec![0.0; n]);
+            cross_entropy_forward(&mut loss, &mut lse, &x, &targets, n, v);
+            let naive = cross_entropy_naive(&x, &targets, n, v);
+            for (a, b) in loss.iter().zip(&naive) {
+                prop_assert!((*a as f64 - b).abs() < 1e-4 * b.abs().max(1.0));
+            }
+            // The gradient of each row sums to zero (softmax sums to 1, minus one-hot).
+            let mut d = vec![0.0; n * v];
+            cross_entropy_backward(&mut d, &vec![1.0; n], &x, &lse, &targets, n, v);
+            for r in 0..n {
+                let s: f32 = d[r * v..(r + 1) * v].iter().sum();
+                prop_assert!(s.abs() < 1e-4);
+            }
+        }
+    }
+}
