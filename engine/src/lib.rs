@@ -1,4 +1,30 @@
-//! femtochat engine: tensors, a runtime `Device`, and graph-based autograd over the kernels crate.
+//! femtochat engine: tensors on a runtime `Device`, and graph-based reverse-mode autograd over
+//! the kernels crate.
+//!
+//! - [`Tensor`] is an `Arc` around shape, f32 storage and (when tracked) the [`op`] that made it.
+//!   Trainable leaves come from [`Tensor::param`]; every op on a tensor that requires grad
+//!   records itself, unless a [`no_grad`] guard is alive on the thread.
+//! - Ops are `Tensor` methods returning `Result` on bad shapes, dims or ids: broadcasting
+//!   `add`/`sub`/`mul`, `scale`, `linear` (x W^T), `relu2`, `sigmoid`, `tanh`, `softcap`,
+//!   `softmax`, `log_softmax`, `rmsnorm`, `rope`, `narrow`, `select`, `cat`, `reshape`,
+//!   `embedding`, `attention`, `cross_entropy`, `sum`, `mean`, `sum_dim`, `mean_dim`.
+//! - [`Tensor::backward`] on a single-element loss returns [`Grads`] for the trainable leaves.
+//! - [`ParamStore`] holds parameters by name in a stable order.
+//!
+//! Kernels run on rayon's global pool; binaries choose its size.
+pub mod autograd;
 pub mod device;
+pub mod error;
+pub mod op;
+pub mod param;
+pub mod tensor;
 
+pub use autograd::{Grads, NoGradGuard, is_grad_enabled, no_grad};
 pub use device::Device;
+pub use error::{EngineError, Result};
+pub use op::{IGNORE_INDEX, RMSNORM_EPS, Reduction, RopeTable};
+pub use param::ParamStore;
+pub use tensor::{Data, Ids, Storage, Tensor, TensorId};
+
+#[cfg(test)]
+mod gradcheck;

@@ -1,0 +1,187 @@
+//! Reverse-mode autograd over the recorded graph, and the no-grad mode.
+//!
+//! `backward` orders the graph by an iterative DFS (no recursion, so depth is unbounded), then
+//! walks it consumers-first. Each node's gradient is taken out of the store when the node is
+//! processed (so intermediate gradients are freed as early as possible) and its op's backward
+//! accumulates (`+=`) into its inputs' gradients. Only trainable leaves keep theirs.
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{EngineError, Result};
+use crate::tensor::{Tensor, TensorId};
+
+thread_local! {
+    static NO_GRAD_DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// While alive, ops on this thread record nothing (inference); nests.
+#[must_use = "no-grad mode ends when the guard is dropped"]
+pub struct NoGradGuard(());
+
+/// Enter no-grad mode until the returned guard drops: `let _g = no_grad();`
+pub fn no_grad() -> NoGradGuard {
+    NO_GRAD_DEPTH.with(|d| d.set(d.get() + 1));
+    NoGradGuard(())
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        NO_GRAD_DEPTH.with(|d| d.set(d.get() - 1));
+    }
+}
+
+pub fn is_grad_enabled() -> bool {
+    NO_GRAD_DEPTH.with(|d| d.get() == 0)
+}
+
+/// Whether an op on these inputs should be recorded.
+pub(crate) fn should_record(inputs: &[&Tensor]) -> bool {
+    is_grad_enabled() && inputs.iter().any(|t| t.requires_grad())
+}
+
+/// Gradient buffers during a backward pass, keyed by tensor id.
+pub(crate) struct GradStore {
+    bufs: HashMap<TensorId, Vec<f32>>,
+}
+
+impl GradStore {
+    /// The gradient buffer of `t`, zero-filled on first use; `None` when `t` needs no gradient.
+    pub(crate) fn slot(&mut self, t: &Tensor) -> Option<&mut [f32]> {
+        if !t.requires_grad() {
+            return None;
+        }
+        Some(self.bufs.entry(t.id()).or_insert_with(|| vec![0.0; t.numel()]))
+    }
+
+    /// Take `t`'s buffer out (zeros if absent), for a kernel that writes several gradients at
+    /// once; hand it back with `put`.
+    pub(crate) fn take(&mut self, t: &Tensor) -> Vec<f32> {
+        self.bufs.remove(&t.id()).unwrap_or_else(|| vec![0.0; t.numel()])
+    }
+
+    /// Return a buffer from `take`; adds to any gradient that arrived meanwhile (the same tensor
+    /// passed twice to one op).
+    pub(crate) fn put(&mut self, t: &Tensor, buf: Vec<f32>) {
+        if !t.requires_grad() {
+            return;
+        }
+        match self.bufs.get_mut(&t.id()) {
+            Some(g) => g.iter_mut().zip(&buf).for_each(|(g, &b)| *g += b),
+            None => {
+                self.bufs.insert(t.id(), buf);
+            }
+        }
+    }
+}
+
+/// Gradients of the trainable leaves reached by a backward pass.
+#[derive(Default, Debug)]
+pub struct Grads {
+    map: HashMap<TensorId, Tensor>,
+}
+
+impl Grads {
+    /// d loss / d `t`, shaped like `t`; `None` if `t` is not a trainable leaf of the graph.
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.map.get(&t.id())
+    }
+
+    pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> {
+        self.map.remove(&t.id())
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Add another pass's gradients into these (gradient accumulation over micro-batches).
+    pub fn accumulate(&mut self, other: Grads) {
+        for (id, g) in other.map {
+            match self.map.get(&id) {
+                Some(mine) => {
+                    let sum: Vec<f32> =
+                        mine.data().iter().zip(g.data().iter()).map(|(a, b)| a + b).collect();
+                    let t = Tensor::from_vec(sum, mine.shape()).unwrap_or(g.clone());
+                    self.map.insert(id, t);
+                }
+                None => {
+                    self.map.insert(id, g);
+                }
+            }
+        }
+    }
+}
+
+impl Tensor {
+    /// Back-propagate from this single-element tensor (d self / d self = 1); returns the
+    /// gradients of every trainable leaf it depends on.
+    pub fn backward(&self) -> Result<Grads> {
+        if self.numel() != 1 {
+            return Err(EngineError::NotScalar { op: "backward", shape: self.shape().to_vec() });
+        }
+        if !self.requires_grad() {
+            return Err(EngineError::Invalid {
+                op: "backward",
+                msg: "the loss does not depend on any trainable tensor (or was built in \
+                      no-grad mode)"
+                    .into(),
+            });
+        }
+        let order = topo_order(self);
+        let mut store = GradStore { bufs: HashMap::new() };
+        store.bufs.insert(self.id(), vec![1.0]);
+        let mut leaves: HashMap<TensorId, Tensor> = HashMap::new();
+        for t in order.iter().rev() {
+            let Some(op) = t.op() else { continue };
+            let Some(dout) = store.bufs.remove(&t.id()) else { continue };
+            for inp in op.inputs() {
+                if inp.is_leaf() && inp.requires_grad() {
+                    leaves.entry(inp.id()).or_insert_with(|| inp.clone());
+                }
+            }
+            op.backward(t, &dout, &mut store);
+        }
+        if self.is_leaf() {
+            leaves.insert(self.id(), self.clone());
+        }
+        let mut map = HashMap::new();
+        for (id, buf) in store.bufs {
+            if let Some(leaf) = leaves.get(&id) {
+                map.insert(id, Tensor::from_op(buf, leaf.shape().to_vec(), None));
+            }
+        }
+        Ok(Grads { map })
+    }
+}
+
+/// Tracked nodes reachable from `root`, every node after all of its inputs.
+fn topo_order(root: &Tensor) -> Vec<Tensor> {
+    let mut order = Vec::new();
+    let mut seen: HashSet<TensorId> = HashSet::new();
+    // (node, expanded): a node is emitted when popped the second time, after its inputs.
+    let mut stack = vec![(root.clone(), false)];
+    while let Some((t, expanded)) = stack.pop() {
+        if expanded {
+            order.push(t);
+            continue;
+        }
+        if !seen.insert(t.id()) {
+            continue;
+        }
+        let inputs: Vec<Tensor> = t
+            .op()
+            .map(|op| op.inputs().into_iter().filter(|i| !i.is_leaf()).cloned().collect())
+            .unwrap_or_default();
+        stack.push((t, true));
+        for i in inputs {
+            if !seen.contains(&i.id()) {
+                stack.push((i, false));
+            }
+        }
+    }
+    order
+}

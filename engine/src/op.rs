@@ -1,0 +1,732 @@
+//! Every differentiable op: the closed `Op` enum (what a result remembers), each op's forward
+//! (a `Tensor` method that validates shapes and calls a kernel) and its backward rule.
+//!
+//! Backward rules accumulate into their inputs' gradient buffers (`GradStore::slot`, zero-filled
+//! on first use), so an input used twice simply receives two contributions.
+use std::sync::Arc;
+
+use femtochat_kernels::cpu::attention::{self, AttnShape};
+use femtochat_kernels::cpu::elementwise::{self as ew, Broadcast};
+use femtochat_kernels::cpu::matmul::{MatmulShape, matmul};
+use femtochat_kernels::cpu::slice::{BlockView, copy_block};
+use femtochat_kernels::cpu::{embedding, reduce, rmsnorm, rope, softmax};
+
+use crate::autograd::{GradStore, should_record};
+use crate::error::{EngineError, Result};
+use crate::tensor::{Ids, Tensor};
+
+pub use femtochat_kernels::cpu::rmsnorm::RMSNORM_EPS;
+pub use femtochat_kernels::cpu::softmax::IGNORE_INDEX;
+
+/// How `cross_entropy` reduces per-token losses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    /// Mean over non-ignored targets: shape (). NaN when every target is ignored (as PyTorch).
+    Mean,
+    /// Per-token losses, 0 at ignored targets: shape (N).
+    None,
+}
+
+/// Precomputed RoPE cos/sin tables (T_max, D/2); build once per model, share by clone.
+#[derive(Clone, Debug)]
+pub struct RopeTable {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    t_max: usize,
+    head_dim: usize,
+}
+
+impl RopeTable {
+    /// nanochat uses base 100000.
+    pub fn new(t_max: usize, head_dim: usize, base: f32) -> Result<RopeTable> {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(EngineError::Invalid {
+                op: "RopeTable::new",
+                msg: format!("head_dim must be even and positive, got {head_dim}"),
+            });
+        }
+        let n = t_max * head_dim / 2;
+        let (mut cos, mut sin) = (vec![0.0; n], vec![0.0; n]);
+        rope::rope_tables(&mut cos, &mut sin, t_max, head_dim, base);
+        Ok(RopeTable { cos: Arc::new(cos), sin: Arc::new(sin), t_max, head_dim })
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.t_max
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+}
+
+/// What an op result remembers for backward: its inputs and any saved buffers.
+pub(crate) enum Op {
+    Add(Tensor, Tensor),            // a, b broadcast -> out
+    Sub(Tensor, Tensor),            // a, b broadcast -> out
+    Mul(Tensor, Tensor),            // a, b broadcast -> out
+    Scale(Tensor, f32),             // x (..) -> (..)
+    Linear(Tensor, Tensor),         // x (.., K), w (N, K) -> (.., N)
+    Relu2(Tensor),                  // x (..) -> (..)
+    Sigmoid(Tensor),                // x (..) -> (..); backward reads the output
+    Tanh(Tensor),                   // x (..) -> (..); backward reads the output
+    Softcap(Tensor, f32),           // x (..) -> (..); backward reads the output
+    Softmax(Tensor),                // x (.., V) -> (.., V); backward reads the output
+    LogSoftmax(Tensor),             // x (.., V) -> (.., V); backward reads the output
+    RmsNorm(Tensor, Vec<f32>),      // x (.., C) -> (.., C), saves rstd (rows)
+    Rope(Tensor, RopeTable, usize), // x (B, T, H, D) at positions pos0.. -> (B, T, H, D)
+    Narrow(Tensor, usize, usize),   // x (.., n, ..), dim, start -> (.., len, ..)
+    Cat(Vec<Tensor>, usize),        // xs (.., n_i, ..) along dim -> (.., sum n_i, ..)
+    Reshape(Tensor),                // x (..) -> same numel
+    Embedding(Tensor, Ids),         // w (V, C), ids (..) -> (.., C)
+    Attention { q: Tensor, k: Tensor, v: Tensor, lse: Vec<f32>, s: AttnShape }, // -> (B, Tq, H, D)
+    CrossEntropy { logits: Tensor, targets: Vec<i32>, lse: Vec<f32>, mean_count: Option<usize> },
+    Sum(Tensor),           // x (..) -> ()
+    Mean(Tensor),          // x (..) -> ()
+    SumDim(Tensor, usize), // x (.., n, ..) -> (.., [1,] ..)
+}
+
+/// Sizes around a dim: (outer, n, inner).
+fn split_at_dim(shape: &[usize], dim: usize) -> (usize, usize, usize) {
+    (shape[..dim].iter().product(), shape[dim], shape[dim + 1..].iter().product())
+}
+
+fn norm_dim(op: &'static str, dim: isize, rank: usize) -> Result<usize> {
+    let d = if dim < 0 { dim + rank as isize } else { dim };
+    if d < 0 || d as usize >= rank {
+        return Err(EngineError::BadDim { op, dim, rank });
+    }
+    Ok(d as usize)
+}
+
+fn last_dim(op: &'static str, t: &Tensor) -> Result<(usize, usize)> {
+    let Some(&c) = t.shape().last() else {
+        return Err(EngineError::BadRank { op, expected: 1, shape: t.shape().to_vec() });
+    };
+    Ok((t.numel() / c.max(1), c))
+}
+
+/// Run `kernel(out, x)` into a fresh buffer shaped like `x`; record `op` if tracked.
+fn unary(x: &Tensor, kernel: impl FnOnce(&mut [f32], &[f32]), op: impl FnOnce() -> Op) -> Tensor {
+    let mut out = vec![0.0; x.numel()];
+    kernel(&mut out, &x.data());
+    Tensor::from_op(out, x.shape().to_vec(), should_record(&[x]).then(op))
+}
+
+impl Tensor {
+    fn binary(&self, other: &Tensor, name: &'static str) -> Result<(Broadcast, Vec<f32>)> {
+        let bc = Broadcast::new(self.shape(), other.shape()).ok_or_else(|| {
+            EngineError::ShapeMismatch {
+                op: name,
+                lhs: self.shape().to_vec(),
+                rhs: other.shape().to_vec(),
+            }
+        })?;
+        let out = vec![0.0; bc.numel()];
+        Ok((bc, out))
+    }
+
+    /// self + other, numpy broadcasting.
+    pub fn add(&self, other: &Tensor) -> Result<Tensor> {
+        let (bc, mut out) = self.binary(other, "add")?;
+        ew::add_forward(&mut out, &self.data(), &other.data(), &bc, false);
+        let op = should_record(&[self, other]).then(|| Op::Add(self.clone(), other.clone()));
+        Ok(Tensor::from_op(out, bc.out_shape, op))
+    }
+
+    /// self - other, numpy broadcasting.
+    pub fn sub(&self, other: &Tensor) -> Result<Tensor> {
+        let (bc, mut out) = self.binary(other, "sub")?;
+        ew::sub_forward(&mut out, &self.data(), &other.data(), &bc, false);
+        let op = should_record(&[self, other]).then(|| Op::Sub(self.clone(), other.clone()));
+        Ok(Tensor::from_op(out, bc.out_shape, op))
+    }
+
+    /// self * other, numpy broadcasting (e.g. (1) * (B, T, C), or (B, T, H, 1) * (B, T, H, D)).
+    pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
+        let (bc, mut out) = self.binary(other, "mul")?;
+        ew::mul_forward(&mut out, &self.data(), &other.data(), &bc, false);
+        let op = should_record(&[self, other]).then(|| Op::Mul(self.clone(), other.clone()));
+        Ok(Tensor::from_op(out, bc.out_shape, op))
+    }
+
+    /// s * self
+    pub fn scale(&self, s: f32) -> Tensor {
+        unary(self, |o, x| ew::scale_forward(o, x, s), || Op::Scale(self.clone(), s))
+    }
+
+    /// relu(self)^2
+    pub fn relu2(&self) -> Tensor {
+        unary(self, ew::relu2_forward, || Op::Relu2(self.clone()))
+    }
+
+    pub fn sigmoid(&self) -> Tensor {
+        unary(self, ew::sigmoid_forward, || Op::Sigmoid(self.clone()))
+    }
+
+    pub fn tanh(&self) -> Tensor {
+        unary(self, ew::tanh_forward, || Op::Tanh(self.clone()))
+    }
+
+    /// c * tanh(self / c)
+    pub fn softcap(&self, c: f32) -> Tensor {
+        unary(self, |o, x| ew::softcap_forward(o, x, c), || Op::Softcap(self.clone(), c))
+    }
+
+    /// Softmax over the last dim.
+    pub fn softmax(&self) -> Result<Tensor> {
+        let (n, v) = last_dim("softmax", self)?;
+        Ok(unary(self, |o, x| softmax::softmax_forward(o, x, n, v), || Op::Softmax(self.clone())))
+    }
+
+    /// Log-softmax over the last dim.
+    pub fn log_softmax(&self) -> Result<Tensor> {
+        let (n, v) = last_dim("log_softmax", self)?;
+        Ok(unary(
+            self,
+            |o, x| softmax::log_softmax_forward(o, x, n, v),
+            || Op::LogSoftmax(self.clone()),
+        ))
+    }
+
+    /// x (.., K) W^T with w (N, K) -> (.., N), no bias.
+    pub fn linear(&self, w: &Tensor) -> Result<Tensor> {
+        let (m, k) = last_dim("linear", self)?;
+        if w.rank() != 2 || w.shape()[1] != k {
+            return Err(EngineError::ShapeMismatch {
+                op: "linear",
+                lhs: self.shape().to_vec(),
+                rhs: w.shape().to_vec(),
+            });
+        }
+        let n = w.shape()[0];
+        let mut out = vec![0.0; m * n];
+        matmul(&mut out, &self.data(), &w.data(), MatmulShape::new(m, k, n, false, true), false);
+        let mut shape = self.shape().to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = n;
+        let op = should_record(&[self, w]).then(|| Op::Linear(self.clone(), w.clone()));
+        Ok(Tensor::from_op(out, shape, op))
+    }
+
+    /// RMSNorm over the last dim, no weight: x / sqrt(mean(x^2) + eps).
+    pub fn rmsnorm(&self, eps: f32) -> Result<Tensor> {
+        let (n, c) = last_dim("rmsnorm", self)?;
+        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+        rmsnorm::rmsnorm_forward(&mut out, &mut rstd, &self.data(), n, c, eps);
+        let op = should_record(&[self]).then(|| Op::RmsNorm(self.clone(), rstd));
+        Ok(Tensor::from_op(out, self.shape().to_vec(), op))
+    }
+
+    /// RoPE on x (B, T, H, D) at absolute positions pos0..pos0+T.
+    pub fn rope(&self, table: &RopeTable, pos0: usize) -> Result<Tensor> {
+        let s = self.shape();
+        if s.len() != 4 {
+            return Err(EngineError::BadRank { op: "rope", expected: 4, shape: s.to_vec() });
+        }
+        if s[3] != table.head_dim {
+            return Err(EngineError::Invalid {
+                op: "rope",
+                msg: format!("head dim {} but the table was built for {}", s[3], table.head_dim),
+            });
+        }
+        if pos0 + s[1] > table.t_max {
+            return Err(EngineError::OutOfBounds {
+                op: "rope",
+                start: pos0,
+                end: pos0 + s[1],
+                size: table.t_max,
+            });
+        }
+        let rs = rope::RopeShape { b: s[0], t: s[1], h: s[2], d: s[3], pos0 };
+        let mut out = vec![0.0; self.numel()];
+        rope::rope_forward(&mut out, &self.data(), &table.cos, &table.sin, rs);
+        let op = should_record(&[self]).then(|| Op::Rope(self.clone(), table.clone(), pos0));
+        Ok(Tensor::from_op(out, s.to_vec(), op))
+    }
+
+    /// x.narrow(dim, start, len): indices start..start+len of `dim` (negative dims count from
+    /// the end), e.g. x[..., :24] = narrow(-1, 0, 24), x[:, 1:] = narrow(1, 1, T - 1).
+    pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Tensor> {
+        let d = norm_dim("narrow", dim, self.rank())?;
+        let size = self.shape()[d];
+        if start + len > size {
+            return Err(EngineError::OutOfBounds { op: "narrow", start, end: start + len, size });
+        }
+        let (outer, n, inner) = split_at_dim(self.shape(), d);
+        let mut shape = self.shape().to_vec();
+        shape[d] = len;
+        let mut out = vec![0.0; outer * len * inner];
+        let (dv, sv) = (BlockView { n: len, off: 0 }, BlockView { n, off: start });
+        copy_block(&mut out, dv, &self.data(), sv, outer, len, inner, false);
+        let op = should_record(&[self]).then(|| Op::Narrow(self.clone(), d, start));
+        Ok(Tensor::from_op(out, shape, op))
+    }
+
+    /// Element `index` of `dim`, with that dim removed (resid_lambdas[i] -> shape ()).
+    pub fn select(&self, dim: isize, index: usize) -> Result<Tensor> {
+        let d = norm_dim("select", dim, self.rank())?;
+        let mut shape = self.shape().to_vec();
+        shape.remove(d);
+        self.narrow(dim, index, 1)?.reshape(&shape)
+    }
+
+    /// Concatenate along `dim`; all other dims must match.
+    pub fn cat(xs: &[Tensor], dim: isize) -> Result<Tensor> {
+        let Some(first) = xs.first() else {
+            return Err(EngineError::Invalid {
+                op: "cat",
+                msg: "no tensors to concatenate".into(),
+            });
+        };
+        let d = norm_dim("cat", dim, first.rank())?;
+        let mut shape = first.shape().to_vec();
+        shape[d] = 0;
+        for x in xs {
+            let same = x.rank() == first.rank()
+                && x.shape()
+                    .iter()
+                    .zip(first.shape())
+                    .enumerate()
+                    .all(|(i, (a, b))| i == d || a == b);
+            if !same {
+                return Err(EngineError::ShapeMismatch {
+                    op: "cat",
+                    lhs: first.shape().to_vec(),
+                    rhs: x.shape().to_vec(),
+                });
+            }
+            shape[d] += x.shape()[d];
+        }
+        let (outer, total, inner) = split_at_dim(&shape, d);
+        let mut out = vec![0.0; outer * total * inner];
+        let mut off = 0;
+        for x in xs {
+            let n = x.shape()[d];
+            let (dv, sv) = (BlockView { n: total, off }, BlockView { n, off: 0 });
+            copy_block(&mut out, dv, &x.data(), sv, outer, n, inner, false);
+            off += n;
+        }
+        let refs: Vec<&Tensor> = xs.iter().collect();
+        let op = should_record(&refs).then(|| Op::Cat(xs.to_vec(), d));
+        Ok(Tensor::from_op(out, shape, op))
+    }
+
+    /// Same elements under a new shape (no copy).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(EngineError::ShapeMismatch {
+                op: "reshape",
+                lhs: self.shape().to_vec(),
+                rhs: shape.to_vec(),
+            });
+        }
+        let op = should_record(&[self]).then(|| Op::Reshape(self.clone()));
+        Ok(self.view_as(shape.to_vec(), op))
+    }
+
+    /// Rows of `weight` (V, C) gathered by `ids` (..) -> (.., C).
+    pub fn embedding(weight: &Tensor, ids: &Ids) -> Result<Tensor> {
+        if weight.rank() != 2 {
+            return Err(EngineError::BadRank {
+                op: "embedding",
+                expected: 2,
+                shape: weight.shape().to_vec(),
+            });
+        }
+        let (v, c) = (weight.shape()[0], weight.shape()[1]);
+        if let Some((pos, &id)) = ids.data().iter().enumerate().find(|(_, id)| **id as usize >= v) {
+            return Err(EngineError::IdOutOfRange {
+                op: "embedding",
+                id: id as i64,
+                pos,
+                bound: v,
+            });
+        }
+        let mut out = vec![0.0; ids.len() * c];
+        embedding::embedding_forward(&mut out, &weight.data(), ids.data(), c);
+        let mut shape = ids.shape().to_vec();
+        shape.push(c);
+        let op = should_record(&[weight]).then(|| Op::Embedding(weight.clone(), ids.clone()));
+        Ok(Tensor::from_op(out, shape, op))
+    }
+
+    /// Causal attention, q (B, Tq, H, D), k, v (B, Tk, Hkv, D) -> (B, Tq, H, D). Query row i is
+    /// at absolute position pos0 + i and sees keys j <= pos0 + i within `window` (use
+    /// `usize::MAX` for full causal); Tk >= pos0 + Tq. GQA: query head h reads kv head
+    /// h / (H / Hkv). Scale 1/sqrt(D).
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: usize,
+        pos0: usize,
+    ) -> Result<Tensor> {
+        let (qs, ks) = (q.shape(), k.shape());
+        for t in [q, k, v] {
+            if t.rank() != 4 {
+                return Err(EngineError::BadRank {
+                    op: "attention",
+                    expected: 4,
+                    shape: t.shape().to_vec(),
+                });
+            }
+        }
+        let mismatch =
+            || EngineError::ShapeMismatch { op: "attention", lhs: qs.to_vec(), rhs: ks.to_vec() };
+        if ks != v.shape() || ks[0] != qs[0] || ks[3] != qs[3] || ks[2] == 0 {
+            return Err(mismatch());
+        }
+        if !qs[2].is_multiple_of(ks[2]) {
+            return Err(EngineError::Invalid {
+                op: "attention",
+                msg: format!("{} query heads are not a multiple of {} kv heads", qs[2], ks[2]),
+            });
+        }
+        if ks[1] < pos0 + qs[1] {
+            return Err(EngineError::Invalid {
+                op: "attention",
+                msg: format!("{} keys but queries reach position {}", ks[1], pos0 + qs[1]),
+            });
+        }
+        let s = AttnShape {
+            b: qs[0],
+            tq: qs[1],
+            tk: ks[1],
+            h: qs[2],
+            hkv: ks[2],
+            d: qs[3],
+            window,
+            pos0,
+        };
+        let mut out = vec![0.0; q.numel()];
+        let mut lse = vec![0.0; s.b * s.tq * s.h];
+        attention::attention_forward(&mut out, &mut lse, &q.data(), &k.data(), &v.data(), s);
+        let op = should_record(&[q, k, v]).then(|| Op::Attention {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            lse,
+            s,
+        });
+        Ok(Tensor::from_op(out, qs.to_vec(), op))
+    }
+
+    /// Cross-entropy of logits (N, V) against targets (N) in 0..V or `IGNORE_INDEX`.
+    pub fn cross_entropy(&self, targets: &[i32], reduction: Reduction) -> Result<Tensor> {
+        if self.rank() != 2 {
+            return Err(EngineError::BadRank {
+                op: "cross_entropy",
+                expected: 2,
+                shape: self.shape().to_vec(),
+            });
+        }
+        let (n, v) = (self.shape()[0], self.shape()[1]);
+        if targets.len() != n {
+            return Err(EngineError::ShapeMismatch {
+                op: "cross_entropy",
+                lhs: self.shape().to_vec(),
+                rhs: vec![targets.len()],
+            });
+        }
+        let bad = targets
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t != IGNORE_INDEX && (**t < 0 || **t as usize >= v));
+        if let Some((pos, &t)) = bad {
+            return Err(EngineError::IdOutOfRange {
+                op: "cross_entropy",
+                id: t as i64,
+                pos,
+                bound: v,
+            });
+        }
+        let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        softmax::cross_entropy_forward(&mut losses, &mut lse, &self.data(), targets, n, v);
+        let (out, shape, mean_count) = match reduction {
+            Reduction::None => (losses, vec![n], None),
+            Reduction::Mean => {
+                let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+                let mean = (reduce::sum_all(&losses) / count as f64) as f32;
+                (vec![mean], vec![], Some(count))
+            }
+        };
+        let op = should_record(&[self]).then(|| Op::CrossEntropy {
+            logits: self.clone(),
+            targets: targets.to_vec(),
+            lse,
+            mean_count,
+        });
+        Ok(Tensor::from_op(out, shape, op))
+    }
+
+    /// Sum of all elements -> shape ().
+    pub fn sum(&self) -> Tensor {
+        let out = vec![reduce::sum_all(&self.data()) as f32];
+        Tensor::from_op(out, vec![], should_record(&[self]).then(|| Op::Sum(self.clone())))
+    }
+
+    /// Mean of all elements -> shape ().
+    pub fn mean(&self) -> Tensor {
+        let out = vec![(reduce::sum_all(&self.data()) / self.numel() as f64) as f32];
+        Tensor::from_op(out, vec![], should_record(&[self]).then(|| Op::Mean(self.clone())))
+    }
+
+    /// Sum over `dim`, kept as size 1 when `keepdim`.
+    pub fn sum_dim(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        let d = norm_dim("sum_dim", dim, self.rank())?;
+        let (outer, n, inner) = split_at_dim(self.shape(), d);
+        let mut out = vec![0.0; outer * inner];
+        reduce::sum_dim_forward(&mut out, &self.data(), outer, n, inner);
+        let mut shape = self.shape().to_vec();
+        if keepdim {
+            shape[d] = 1;
+        } else {
+            shape.remove(d);
+        }
+        Ok(Tensor::from_op(out, shape, should_record(&[self]).then(|| Op::SumDim(self.clone(), d))))
+    }
+
+    /// Mean over `dim`, kept as size 1 when `keepdim`.
+    pub fn mean_dim(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
+        let d = norm_dim("mean_dim", dim, self.rank())?;
+        let n = self.shape()[d];
+        Ok(self.sum_dim(dim, keepdim)?.scale(1.0 / n as f32))
+    }
+}
+
+impl Op {
+    pub(crate) fn inputs(&self) -> Vec<&Tensor> {
+        match self {
+            Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Linear(a, b) => vec![a, b],
+            Op::Scale(x, _)
+            | Op::Relu2(x)
+            | Op::Sigmoid(x)
+            | Op::Tanh(x)
+            | Op::Softcap(x, _)
+            | Op::Softmax(x)
+            | Op::LogSoftmax(x)
+            | Op::RmsNorm(x, _)
+            | Op::Rope(x, _, _)
+            | Op::Narrow(x, _, _)
+            | Op::Reshape(x)
+            | Op::Embedding(x, _)
+            | Op::Sum(x)
+            | Op::Mean(x)
+            | Op::SumDim(x, _) => vec![x],
+            Op::CrossEntropy { logits, .. } => vec![logits],
+            Op::Cat(xs, _) => xs.iter().collect(),
+            Op::Attention { q, k, v, .. } => vec![q, k, v],
+        }
+    }
+
+    /// The inputs, by value (for the iterative drop of a graph).
+    pub(crate) fn into_inputs(self) -> Vec<Tensor> {
+        match self {
+            Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Linear(a, b) => vec![a, b],
+            Op::Scale(x, _)
+            | Op::Relu2(x)
+            | Op::Sigmoid(x)
+            | Op::Tanh(x)
+            | Op::Softcap(x, _)
+            | Op::Softmax(x)
+            | Op::LogSoftmax(x)
+            | Op::RmsNorm(x, _)
+            | Op::Rope(x, _, _)
+            | Op::Narrow(x, _, _)
+            | Op::Reshape(x)
+            | Op::Embedding(x, _)
+            | Op::Sum(x)
+            | Op::Mean(x)
+            | Op::SumDim(x, _) => vec![x],
+            Op::CrossEntropy { logits, .. } => vec![logits],
+            Op::Cat(xs, _) => xs,
+            Op::Attention { q, k, v, .. } => vec![q, k, v],
+        }
+    }
+
+    /// Accumulate d loss / d input for every input that requires grad, given
+    /// `dout` = d loss / d `out` (shaped like `out`).
+    pub(crate) fn backward(&self, out: &Tensor, dout: &[f32], g: &mut GradStore) {
+        let oshape = out.shape();
+        match self {
+            // d(a ± b) = da ± db, summed over broadcast dims
+            Op::Add(a, b) | Op::Sub(a, b) => {
+                let sign = if matches!(self, Op::Sub(..)) { -1.0 } else { 1.0 };
+                if let Some(da) = g.slot(a) {
+                    reduce::sum_to_shape(da, a.shape(), dout, oshape, 1.0);
+                }
+                if let Some(db) = g.slot(b) {
+                    reduce::sum_to_shape(db, b.shape(), dout, oshape, sign);
+                }
+            }
+            // d(a b) = b da + a db, summed over broadcast dims
+            Op::Mul(a, b) => {
+                mul_grad(g, a, b, dout, oshape);
+                mul_grad(g, b, a, dout, oshape);
+            }
+            // d(s x) = s dx
+            Op::Scale(x, s) => {
+                if let Some(dx) = g.slot(x) {
+                    ew::scale_backward(dx, dout, *s);
+                }
+            }
+            // y = x W^T: dx = dy W, dW = dy^T x
+            Op::Linear(x, w) => {
+                let (m, k) = (x.numel() / w.shape()[1].max(1), w.shape()[1]);
+                let n = w.shape()[0];
+                if let Some(dx) = g.slot(x) {
+                    matmul(dx, dout, &w.data(), MatmulShape::new(m, n, k, false, false), true);
+                }
+                if let Some(dw) = g.slot(w) {
+                    matmul(dw, dout, &x.data(), MatmulShape::new(n, m, k, true, false), true);
+                }
+            }
+            // d relu(x)^2 = 2 relu(x)
+            Op::Relu2(x) => {
+                if let Some(dx) = g.slot(x) {
+                    ew::relu2_backward(dx, dout, &x.data());
+                }
+            }
+            // d sigmoid = y (1 - y)
+            Op::Sigmoid(x) => {
+                if let Some(dx) = g.slot(x) {
+                    ew::sigmoid_backward(dx, dout, &out.data());
+                }
+            }
+            // d tanh = 1 - y^2
+            Op::Tanh(x) => {
+                if let Some(dx) = g.slot(x) {
+                    ew::tanh_backward(dx, dout, &out.data());
+                }
+            }
+            // d c tanh(x/c) = 1 - (y/c)^2
+            Op::Softcap(x, c) => {
+                if let Some(dx) = g.slot(x) {
+                    ew::softcap_backward(dx, dout, &out.data(), *c);
+                }
+            }
+            // d softmax: dx = y (dy - sum(dy y))
+            Op::Softmax(x) => {
+                let v = oshape.last().copied().unwrap_or(1).max(1);
+                if let Some(dx) = g.slot(x) {
+                    softmax::softmax_backward(dx, dout, &out.data(), dout.len() / v, v);
+                }
+            }
+            // d log_softmax: dx = dy - exp(y) sum(dy)
+            Op::LogSoftmax(x) => {
+                let v = oshape.last().copied().unwrap_or(1).max(1);
+                if let Some(dx) = g.slot(x) {
+                    softmax::log_softmax_backward(dx, dout, &out.data(), dout.len() / v, v);
+                }
+            }
+            // dx = r (dy - x r^2 mean(dy x))
+            Op::RmsNorm(x, rstd) => {
+                let c = oshape.last().copied().unwrap_or(1).max(1);
+                if let Some(dx) = g.slot(x) {
+                    rmsnorm::rmsnorm_backward(dx, dout, &x.data(), rstd, dout.len() / c, c);
+                }
+            }
+            // rotation is orthogonal: dx = R^T dy
+            Op::Rope(x, table, pos0) => {
+                let s = oshape;
+                let rs = rope::RopeShape { b: s[0], t: s[1], h: s[2], d: s[3], pos0: *pos0 };
+                if let Some(dx) = g.slot(x) {
+                    rope::rope_backward(dx, dout, &table.cos, &table.sin, rs);
+                }
+            }
+            // dx[.., start..start+len, ..] += dy
+            Op::Narrow(x, dim, start) => {
+                let (outer, n, inner) = split_at_dim(x.shape(), *dim);
+                let len = oshape[*dim];
+                if let Some(dx) = g.slot(x) {
+                    let (dv, sv) = (BlockView { n, off: *start }, BlockView { n: len, off: 0 });
+                    copy_block(dx, dv, dout, sv, outer, len, inner, true);
+                }
+            }
+            // each input gets its block of dy back
+            Op::Cat(xs, dim) => {
+                let (outer, total, inner) = split_at_dim(oshape, *dim);
+                let mut off = 0;
+                for x in xs {
+                    let n = x.shape()[*dim];
+                    if let Some(dx) = g.slot(x) {
+                        let (dv, sv) = (BlockView { n, off: 0 }, BlockView { n: total, off });
+                        copy_block(dx, dv, dout, sv, outer, n, inner, true);
+                    }
+                    off += n;
+                }
+            }
+            // same elements, same order
+            Op::Reshape(x) => {
+                if let Some(dx) = g.slot(x) {
+                    dx.iter_mut().zip(dout).for_each(|(d, &g)| *d += g);
+                }
+            }
+            // dW[id] += dy at every position holding id
+            Op::Embedding(w, ids) => {
+                let c = w.shape()[1];
+                if let Some(dw) = g.slot(w) {
+                    embedding::embedding_backward(dw, dout, ids.data(), c);
+                }
+            }
+            // see attention_backward in the kernel
+            Op::Attention { q, k, v, lse, s } => {
+                let (mut dq, mut dk, mut dv) = (g.take(q), g.take(k), g.take(v));
+                let (qd, kd, vd, od) = (q.data(), k.data(), v.data(), out.data());
+                attention::attention_backward(
+                    &mut dq, &mut dk, &mut dv, dout, &qd, &kd, &vd, &od, lse, *s,
+                );
+                g.put(q, dq);
+                g.put(k, dk);
+                g.put(v, dv);
+            }
+            // d loss_i / d logits_i = softmax_i - onehot(t_i); Mean scales by 1/count
+            Op::CrossEntropy { logits, targets, lse, mean_count } => {
+                let (n, vocab) = (logits.shape()[0], logits.shape()[1]);
+                let dlosses = match mean_count {
+                    Some(count) => vec![dout[0] / *count as f32; n],
+                    None => dout.to_vec(),
+                };
+                if let Some(dl) = g.slot(logits) {
+                    softmax::cross_entropy_backward(
+                        dl,
+                        &dlosses,
+                        &logits.data(),
+                        lse,
+                        targets,
+                        n,
+                        vocab,
+                    );
+                }
+            }
+            // d sum = 1 everywhere; d mean = 1/n
+            Op::Sum(x) | Op::Mean(x) => {
+                let n = x.numel().max(1) as f32;
+                let v = if matches!(self, Op::Mean(_)) { dout[0] / n } else { dout[0] };
+                if let Some(dx) = g.slot(x) {
+                    dx.iter_mut().for_each(|d| *d += v);
+                }
+            }
+            // dy repeated along the summed dim
+            Op::SumDim(x, dim) => {
+                let (outer, n, inner) = split_at_dim(x.shape(), *dim);
+                if let Some(dx) = g.slot(x) {
+                    reduce::sum_dim_backward(dx, dout, outer, n, inner);
+                }
+            }
+        }
+    }
+}
+
+/// da += sum_to_shape(dout * b) for a broadcasting product out = a * b.
+fn mul_grad(g: &mut GradStore, a: &Tensor, b: &Tensor, dout: &[f32], oshape: &[usize]) {
+    let Some(da) = g.slot(a) else { return };
+    let Some(bc) = Broadcast::new(oshape, b.shape()) else { return };
+    if a.numel() == dout.len() {
+        ew::mul_forward(da, dout, &b.data(), &bc, true);
+    } else {
+        let mut full = vec![0.0; dout.len()];
+        ew::mul_forward(&mut full, dout, &b.data(), &bc, false);
+        reduce::sum_to_shape(da, a.shape(), &full, oshape, 1.0);
+    }
+}
