@@ -14,6 +14,8 @@
 //! Forward writes `out =`, `lse =`; backward accumulates `dq +=`, `dk +=`, `dv +=`.
 use rayon::prelude::*;
 
+use super::simd::{Lanes, Portable, has_avx2_fma};
+
 /// Validated sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -69,25 +71,190 @@ impl AttnShape {
     }
 }
 
-/// Dot product with 8 independent accumulators, so the loop vectorises without fast-math.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
+/// Forward of one query row r = (b, i): every head's output (H*D) and logsumexp (H).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_row<L: Lanes>(
+    scores: &mut [f32],
+    r: usize,
+    o_row: &mut [f32],
+    l_row: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+) {
+    let (d, group, scale) = (s.d, s.h / s.hkv, s.scale());
+    let (b, i) = (r / s.tq, r % s.tq);
+    let (lo, hi) = s.key_range(i);
+    let sc = &mut scores[..hi + 1 - lo];
+    for h in 0..s.h {
+        let g = h / group;
+        let qi = &q[s.q_at(b, i, h)..][..d];
+        let mut m = f32::NEG_INFINITY;
+        for (jj, sj) in sc.iter_mut().enumerate() {
+            *sj = scale * L::dot(qi, &k[s.kv_at(b, lo + jj, g)..][..d]);
+            m = m.max(*sj);
         }
+        let o = &mut o_row[h * d..(h + 1) * d];
+        o.fill(0.0);
+        let mut sum = 0.0f32;
+        for (jj, sj) in sc.iter().enumerate() {
+            let p = (*sj - m).exp();
+            sum += p;
+            L::axpy(o, p, &v[s.kv_at(b, lo + jj, g)..][..d]);
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|x| *x *= inv);
+        l_row[h] = m + sum.ln();
     }
-    let s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
-    s + tail
 }
 
-/// y += a x
-#[inline]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
+/// Backward pass 1 for query row r = (b, i): delta (H) and dq (H*D).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_q_row<L: Lanes>(
+    r: usize,
+    dq_row: &mut [f32],
+    delta_row: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    s: AttnShape,
+) {
+    let (d, group, scale) = (s.d, s.h / s.hkv, s.scale());
+    let (b, i) = (r / s.tq, r % s.tq);
+    let (lo, hi) = s.key_range(i);
+    for h in 0..s.h {
+        let (g, at) = (h / group, s.q_at(b, i, h));
+        let (qi, doi) = (&q[at..at + d], &dout[at..at + d]);
+        let di = L::dot(doi, &out[at..at + d]);
+        delta_row[h] = di;
+        let l = lse[r * s.h + h];
+        let dqi = &mut dq_row[h * d..(h + 1) * d];
+        for j in lo..=hi {
+            let kv = s.kv_at(b, j, g);
+            let p = (scale * L::dot(qi, &k[kv..kv + d]) - l).exp();
+            let ds = p * (L::dot(doi, &v[kv..kv + d]) - di);
+            L::axpy(dqi, scale * ds, &k[kv..kv + d]);
+        }
+    }
+}
+
+/// Backward pass 2 for key row r = (b, j): dk, dv (Hkv*D) from every query head of each group.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_kv_row<L: Lanes>(
+    r: usize,
+    dk_row: &mut [f32],
+    dv_row: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    lse: &[f32],
+    delta: &[f32],
+    s: AttnShape,
+) {
+    let (d, group, scale) = (s.d, s.h / s.hkv, s.scale());
+    let (b, j) = (r / s.tk, r % s.tk);
+    let Some((lo, hi)) = s.query_range(j) else {
+        return;
+    };
+    for g in 0..s.hkv {
+        let kv = s.kv_at(b, j, g);
+        let (kj, vj) = (&k[kv..kv + d], &v[kv..kv + d]);
+        let dkj = &mut dk_row[g * d..(g + 1) * d];
+        let dvj = &mut dv_row[g * d..(g + 1) * d];
+        for h in g * group..(g + 1) * group {
+            for i in lo..=hi {
+                let at = s.q_at(b, i, h);
+                let (qi, doi) = (&q[at..at + d], &dout[at..at + d]);
+                let row = (b * s.tq + i) * s.h + h;
+                let p = (scale * L::dot(qi, kj) - lse[row]).exp();
+                let ds = p * (L::dot(doi, vj) - delta[row]);
+                L::axpy(dvj, p, doi);
+                L::axpy(dkj, scale * ds, qi);
+            }
+        }
+    }
+}
+
+/// AVX2 + FMA instances of the row functions; callers check `has_avx2_fma()` first.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use crate::cpu::simd::Avx2Fma;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_row(
+        scores: &mut [f32],
+        r: usize,
+        o_row: &mut [f32],
+        l_row: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: AttnShape,
+    ) {
+        super::forward_row::<Avx2Fma>(scores, r, o_row, l_row, q, k, v, s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_q_row(
+        r: usize,
+        dq_row: &mut [f32],
+        delta_row: &mut [f32],
+        dout: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        s: AttnShape,
+    ) {
+        super::backward_q_row::<Avx2Fma>(r, dq_row, delta_row, dout, q, k, v, out, lse, s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_kv_row(
+        r: usize,
+        dk_row: &mut [f32],
+        dv_row: &mut [f32],
+        dout: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        lse: &[f32],
+        delta: &[f32],
+        s: AttnShape,
+    ) {
+        super::backward_kv_row::<Avx2Fma>(r, dk_row, dv_row, dout, q, k, v, lse, delta, s)
+    }
+}
+
+/// Runs the AVX2 instance of a row function when the CPU has it, else the portable one.
+macro_rules! dispatch {
+    ($avx:expr, $f:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        if $avx {
+            // SAFETY: `$avx` is `has_avx2_fma()`.
+            unsafe { avx2::$f($($arg),*) }
+        } else {
+            $f::<Portable>($($arg),*)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = $avx;
+            $f::<Portable>($($arg),*)
+        }
+    }};
 }
 
 /// out (B, Tq, H, D), lse (B, Tq, H) = attention(q (B, Tq, H, D), k, v (B, Tk, Hkv, D))
@@ -99,40 +266,29 @@ pub fn attention_forward(
     v: &[f32],
     s: AttnShape,
 ) {
+    forward_with(has_avx2_fma(), out, lse, q, k, v, s)
+}
+
+fn forward_with(
+    avx: bool,
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+) {
     s.check();
-    let (d, hd) = (s.d, s.h * s.d);
+    let hd = s.h * s.d;
     debug_assert_eq!(out.len(), s.b * s.tq * hd);
     debug_assert_eq!(lse.len(), s.b * s.tq * s.h);
     if hd == 0 {
         return;
     }
-    let (group, scale) = (s.h / s.hkv, s.scale());
     out.par_chunks_mut(hd).zip(lse.par_chunks_mut(s.h)).enumerate().for_each_init(
         || vec![0.0f32; s.tk],
         |scores, (r, (o_row, l_row))| {
-            let (b, i) = (r / s.tq, r % s.tq);
-            let (lo, hi) = s.key_range(i);
-            let sc = &mut scores[..hi + 1 - lo];
-            for h in 0..s.h {
-                let g = h / group;
-                let qi = &q[s.q_at(b, i, h)..][..d];
-                let mut m = f32::NEG_INFINITY;
-                for (jj, sj) in sc.iter_mut().enumerate() {
-                    *sj = scale * dot(qi, &k[s.kv_at(b, lo + jj, g)..][..d]);
-                    m = m.max(*sj);
-                }
-                let o = &mut o_row[h * d..(h + 1) * d];
-                o.fill(0.0);
-                let mut sum = 0.0f32;
-                for (jj, sj) in sc.iter_mut().enumerate() {
-                    let p = (*sj - m).exp();
-                    sum += p;
-                    axpy(o, p, &v[s.kv_at(b, lo + jj, g)..][..d]);
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|x| *x *= inv);
-                l_row[h] = m + sum.ln();
-            }
+            dispatch!(avx, forward_row(scores, r, o_row, l_row, q, k, v, s))
         },
     );
 }
@@ -154,60 +310,38 @@ pub fn attention_backward(
     lse: &[f32],
     s: AttnShape,
 ) {
+    backward_with(has_avx2_fma(), dq, dk, dv, dout, q, k, v, out, lse, s)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_with(
+    avx: bool,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    s: AttnShape,
+) {
     s.check();
-    let (d, hd, kvd) = (s.d, s.h * s.d, s.hkv * s.d);
+    let (hd, kvd) = (s.h * s.d, s.hkv * s.d);
     if hd == 0 {
         return;
     }
-    let (group, scale) = (s.h / s.hkv, s.scale());
-
-    // Pass 1: delta and dq, one task per query row.
     let mut delta = vec![0.0f32; s.b * s.tq * s.h]; // (B, Tq, H)
     dq.par_chunks_mut(hd).zip(delta.par_chunks_mut(s.h)).enumerate().for_each(
         |(r, (dq_row, delta_row))| {
-            let (b, i) = (r / s.tq, r % s.tq);
-            let (lo, hi) = s.key_range(i);
-            for h in 0..s.h {
-                let (g, at) = (h / group, s.q_at(b, i, h));
-                let (qi, doi) = (&q[at..at + d], &dout[at..at + d]);
-                let di = dot(doi, &out[at..at + d]);
-                delta_row[h] = di;
-                let l = lse[r * s.h + h];
-                let dqi = &mut dq_row[h * d..(h + 1) * d];
-                for j in lo..=hi {
-                    let kv = s.kv_at(b, j, g);
-                    let p = (scale * dot(qi, &k[kv..kv + d]) - l).exp();
-                    let ds = p * (dot(doi, &v[kv..kv + d]) - di);
-                    axpy(dqi, scale * ds, &k[kv..kv + d]);
-                }
-            }
+            dispatch!(avx, backward_q_row(r, dq_row, delta_row, dout, q, k, v, out, lse, s))
         },
     );
-
-    // Pass 2: dk and dv, one task per key row; every query head of the group contributes.
+    let delta = &delta;
     dk.par_chunks_mut(kvd).zip(dv.par_chunks_mut(kvd)).enumerate().for_each(
         |(r, (dk_row, dv_row))| {
-            let (b, j) = (r / s.tk, r % s.tk);
-            let Some((lo, hi)) = s.query_range(j) else {
-                return;
-            };
-            for g in 0..s.hkv {
-                let kv = s.kv_at(b, j, g);
-                let (kj, vj) = (&k[kv..kv + d], &v[kv..kv + d]);
-                let dkj = &mut dk_row[g * d..(g + 1) * d];
-                let dvj = &mut dv_row[g * d..(g + 1) * d];
-                for h in g * group..(g + 1) * group {
-                    for i in lo..=hi {
-                        let at = s.q_at(b, i, h);
-                        let (qi, doi) = (&q[at..at + d], &dout[at..at + d]);
-                        let row = (b * s.tq + i) * s.h + h;
-                        let p = (scale * dot(qi, kj) - lse[row]).exp();
-                        let ds = p * (dot(doi, vj) - delta[row]);
-                        axpy(dvj, p, doi);
-                        axpy(dkj, scale * ds, qi);
-                    }
-                }
-            }
+            dispatch!(avx, backward_kv_row(r, dk_row, dv_row, dout, q, k, v, lse, delta, s))
         },
     );
 }
@@ -285,17 +419,19 @@ mod tests {
         fn forward_matches_reference(s in shapes(), seed: u64) {
             let (nq, nk) = (s.b * s.tq * s.h * s.d, s.b * s.tk * s.hkv * s.d);
             let (q, k, v) = (rand_vec(nq, seed), rand_vec(nk, seed ^ 1), rand_vec(nk, seed ^ 2));
-            let mut out = vec![0.0; nq];
-            let mut lse = vec![0.0; s.b * s.tq * s.h];
-            attention_forward(&mut out, &mut lse, &q, &k, &v, s);
             let want = attention_forward_naive(&q, &k, &v, s);
-            for (a, b) in out.iter().zip(&want) {
-                prop_assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
+            for avx in [false, has_avx2_fma()] {
+                let mut out = vec![0.0; nq];
+                let mut lse = vec![0.0; s.b * s.tq * s.h];
+                forward_with(avx, &mut out, &mut lse, &q, &k, &v, s);
+                for (a, b) in out.iter().zip(&want) {
+                    prop_assert!((*a as f64 - b).abs() < 1e-5, "avx {avx}: {a} vs {b}");
+                }
             }
         }
 
         #[test]
-        fn backward_matches_finite_differences(s in shapes(), seed: u64) {
+        fn backward_matches_finite_differences(s in shapes(), seed: u64, portable: bool) {
             // L = sum(out * w): check dq, dk, dv at a few coordinates against f64 central
             // differences of the reference forward.
             let (nq, nk) = (s.b * s.tq * s.h * s.d, s.b * s.tk * s.hkv * s.d);
@@ -305,7 +441,8 @@ mod tests {
             let mut lse = vec![0.0; s.b * s.tq * s.h];
             attention_forward(&mut out, &mut lse, &q, &k, &v, s);
             let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
-            attention_backward(&mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &out, &lse, s);
+            let avx = !portable && has_avx2_fma();
+            backward_with(avx, &mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &out, &lse, s);
             let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
                 let o = attention_forward_naive(q, k, v, s);
                 o.iter().zip(&w).map(|(o, &w)| o * w as f64).sum()

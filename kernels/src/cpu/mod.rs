@@ -6,5 +6,6 @@ pub mod matmul;
 pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;
+pub mod simd;
 pub mod slice;
 pub mod softmax;

@@ -1,0 +1,156 @@
+//! Dot and axpy, the hot loops of the attention kernels, in two flavours behind one trait:
+//! `Portable` (plain Rust the compiler vectorises for the build target) and, on x86_64 CPUs that
+//! have them, explicit AVX2 + FMA intrinsics. The default build target is baseline x86_64
+//! (SSE2, no FMA), so runtime dispatch is what makes the wide units available.
+//!
+//! Callers monomorphise their row function over `Lanes` and call the AVX2 instance from a
+//! `#[target_feature(enable = "avx2,fma")]` wrapper, so the intrinsics inline into it.
+
+pub trait Lanes: Copy + Send + Sync {
+    fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// y += a x
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]);
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Portable;
+
+impl Lanes for Portable {
+    /// 8 independent accumulators, so the loop vectorises without reassociation licence.
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in ca.zip(cb) {
+            for k in 0..8 {
+                acc[k] += x[k] * y[k];
+            }
+        }
+        let s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
+        s + tail
+    }
+
+    #[inline(always)]
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
+    }
+}
+
+/// True when `Avx2Fma` may be used on this CPU (checked once, then cached by std).
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Only meaningful after `has_avx2_fma()` returned true: its methods execute AVX2/FMA
+/// instructions.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2Fma;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx2Fma {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: an `Avx2Fma` instance is only used behind a `has_avx2_fma()` check.
+        unsafe { x86::dot(a, b) }
+    }
+
+    #[inline(always)]
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        // SAFETY: as above.
+        unsafe { x86::axpy(y, a, x) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads 8 floats at i < n - 7 (or < n - 31 for the unrolled loop).
+        unsafe {
+            while i + 32 <= n {
+                for (u, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm256_loadu_ps(pa.add(i + 8 * u));
+                    *acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(pb.add(i + 8 * u)), *acc);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+                i += 8;
+            }
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        let mut s = _mm_cvtss_f32(h);
+        for j in i..n {
+            s += a[j] * b[j];
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        let va = _mm256_set1_ps(a);
+        let mut i = 0;
+        // SAFETY: every access covers 8 floats at i <= n - 8.
+        unsafe {
+            while i + 8 <= n {
+                let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+                _mm256_storeu_ps(py.add(i), r);
+                i += 8;
+            }
+        }
+        for j in i..n {
+            y[j] += a * x[j];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flavours_agree() {
+        for n in [0usize, 1, 7, 8, 31, 32, 33, 64, 100, 128] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            assert!((Portable::dot(&a, &b) as f64 - want).abs() < 1e-4);
+            let mut y1 = b.clone();
+            Portable::axpy(&mut y1, 0.5, &a);
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                assert!((Avx2Fma::dot(&a, &b) as f64 - want).abs() < 1e-4);
+                let mut y2 = b.clone();
+                Avx2Fma::axpy(&mut y2, 0.5, &a);
+                for (p, q) in y1.iter().zip(&y2) {
+                    assert!((p - q).abs() < 1e-6);
+                }
+            }
+        }
+    }
+}
