@@ -14,7 +14,7 @@
 //! Forward writes `out =`, `lse =`; backward accumulates `dq +=`, `dk +=`, `dv +=`.
 use rayon::prelude::*;
 
-use super::simd::{Lanes, Portable, has_avx2_fma};
+use super::simd::{Lanes, Portable, fast_exp, has_avx2_fma};
 
 /// Validated sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,11 +96,12 @@ fn forward_row<L: Lanes>(
             *sj = scale * L::dot(qi, &k[s.kv_at(b, lo + jj, g)..][..d]);
             m = m.max(*sj);
         }
+        // A separate pass over the scores so the exps vectorise.
+        sc.iter_mut().for_each(|sj| *sj = fast_exp(*sj - m));
         let o = &mut o_row[h * d..(h + 1) * d];
         o.fill(0.0);
         let mut sum = 0.0f32;
-        for (jj, sj) in sc.iter().enumerate() {
-            let p = (*sj - m).exp();
+        for (jj, &p) in sc.iter().enumerate() {
             sum += p;
             L::axpy(o, p, &v[s.kv_at(b, lo + jj, g)..][..d]);
         }
@@ -137,7 +138,7 @@ fn backward_q_row<L: Lanes>(
         let dqi = &mut dq_row[h * d..(h + 1) * d];
         for j in lo..=hi {
             let kv = s.kv_at(b, j, g);
-            let p = (scale * L::dot(qi, &k[kv..kv + d]) - l).exp();
+            let p = fast_exp(scale * L::dot(qi, &k[kv..kv + d]) - l);
             let ds = p * (L::dot(doi, &v[kv..kv + d]) - di);
             L::axpy(dqi, scale * ds, &k[kv..kv + d]);
         }
@@ -174,7 +175,7 @@ fn backward_kv_row<L: Lanes>(
                 let at = s.q_at(b, i, h);
                 let (qi, doi) = (&q[at..at + d], &dout[at..at + d]);
                 let row = (b * s.tq + i) * s.h + h;
-                let p = (scale * L::dot(qi, kj) - lse[row]).exp();
+                let p = fast_exp(scale * L::dot(qi, kj) - lse[row]);
                 let ds = p * (L::dot(doi, vj) - delta[row]);
                 L::axpy(dvj, p, doi);
                 L::axpy(dkj, scale * ds, qi);

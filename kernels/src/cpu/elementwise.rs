@@ -7,6 +7,8 @@
 //! kernels accumulate `dinp +=`, so the caller zero-fills a gradient before its first use.
 use rayon::prelude::*;
 
+use super::simd::{fast_exp, fast_tanh};
+
 /// Elements per rayon task; a buffer shorter than this is processed on the calling thread.
 pub const CHUNK: usize = 1 << 14;
 
@@ -73,15 +75,10 @@ pub fn sigmoid_forward(out: &mut [f32], inp: &[f32]) {
     map_unary(out, inp, sigmoid);
 }
 
-#[inline]
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    // Both branches keep exp's argument <= 0, so neither overflows.
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
+    // fast_exp clamps its argument, so this neither overflows nor divides by inf.
+    1.0 / (1.0 + fast_exp(-x))
 }
 
 // d sigmoid = sigmoid (1 - sigmoid)
@@ -92,7 +89,7 @@ pub fn sigmoid_backward(dinp: &mut [f32], dout: &[f32], out: &[f32]) {
 
 /// out = tanh(inp)
 pub fn tanh_forward(out: &mut [f32], inp: &[f32]) {
-    map_unary(out, inp, f32::tanh);
+    map_unary(out, inp, fast_tanh);
 }
 
 // d tanh = 1 - tanh^2
@@ -103,7 +100,8 @@ pub fn tanh_backward(dinp: &mut [f32], dout: &[f32], out: &[f32]) {
 
 /// out = c tanh(inp / c)
 pub fn softcap_forward(out: &mut [f32], inp: &[f32], c: f32) {
-    map_unary(out, inp, |x| c * (x / c).tanh());
+    let inv_c = 1.0 / c;
+    map_unary(out, inp, |x| c * fast_tanh(x * inv_c));
 }
 
 // d c tanh(x/c) = 1 - tanh(x/c)^2 = 1 - (y/c)^2

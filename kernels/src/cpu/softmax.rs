@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use super::elementwise::CHUNK;
+use super::simd::fast_exp;
 
 /// Target id that contributes no loss and no gradient (PyTorch's `ignore_index=-1`).
 pub const IGNORE_INDEX: i32 = -1;
@@ -22,15 +23,56 @@ fn rows_mut<'a>(buf: &'a mut [f32], cols: usize, f: impl Fn(usize, &'a mut [f32]
     }
 }
 
+/// Max of a row, in 8 lanes so it vectorises.
+#[inline]
+fn row_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] = acc[k].max(c[k]);
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
+/// sum_j e^(x_j - m), in 8 lanes so it vectorises.
+#[inline]
+fn sum_exp(x: &[f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| fast_exp(v - m)).sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += fast_exp(c[k] - m);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// logsumexp of one row, max-shifted.
 #[inline]
 fn logsumexp(x: &[f32]) -> f32 {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m = row_max(x);
     if m == f32::NEG_INFINITY {
         return m;
     }
-    let s: f32 = x.iter().map(|&v| (v - m).exp()).sum();
-    m + s.ln()
+    m + sum_exp(x, m).ln()
+}
+
+/// Sum in 8 lanes so it vectorises.
+#[inline]
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// out (N, V) = softmax(inp) along V
@@ -39,13 +81,9 @@ pub fn softmax_forward(out: &mut [f32], inp: &[f32], n: usize, v: usize) {
     debug_assert_eq!(inp.len(), n * v);
     rows_mut(out, v, |r, o| {
         let x = &inp[r * v..(r + 1) * v];
-        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut s = 0.0f32;
-        for (o, &x) in o.iter_mut().zip(x) {
-            *o = (x - m).exp();
-            s += *o;
-        }
-        let inv = 1.0 / s;
+        let m = row_max(x);
+        o.iter_mut().zip(x).for_each(|(o, &x)| *o = fast_exp(x - m));
+        let inv = 1.0 / sum_lanes(o);
         o.iter_mut().for_each(|o| *o *= inv);
     });
 }
@@ -81,7 +119,7 @@ pub fn log_softmax_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], n: usiz
         let (g, y) = (&dout[r * v..(r + 1) * v], &out[r * v..(r + 1) * v]);
         let sum: f32 = g.iter().sum();
         for ((d, &g), &y) in d.iter_mut().zip(g).zip(y) {
-            *d += g - y.exp() * sum;
+            *d += g - fast_exp(y) * sum;
         }
     });
 }
@@ -130,7 +168,7 @@ pub fn cross_entropy_backward(
         }
         let (g, m) = (dlosses[r], lse[r]);
         let x = &logits[r * v..(r + 1) * v];
-        d.iter_mut().zip(x).for_each(|(d, &x)| *d += g * (x - m).exp());
+        d.iter_mut().zip(x).for_each(|(d, &x)| *d += g * fast_exp(x - m));
         d[t as usize] -= g;
     });
 }
