@@ -59,8 +59,9 @@ impl GradStore {
         self.bufs.remove(&t.id()).unwrap_or_else(|| vec![0.0; t.numel()])
     }
 
-    /// Return a buffer from `take`; adds to any gradient that arrived meanwhile (the same tensor
-    /// passed twice to one op).
+    /// Add a whole gradient for `t`, moved in when `t` has none yet (so pass-through rules like
+    /// reshape cost no copy); also returns a buffer from `take`, adding to any gradient that
+    /// arrived meanwhile (the same tensor passed twice to one op).
     pub(crate) fn put(&mut self, t: &Tensor, buf: Vec<f32>) {
         if !t.requires_grad() {
             return;
@@ -143,7 +144,7 @@ impl Tensor {
                     leaves.entry(inp.id()).or_insert_with(|| inp.clone());
                 }
             }
-            op.backward(t, &dout, &mut store);
+            op.backward(t, dout, &mut store);
         }
         if self.is_leaf() {
             leaves.insert(self.id(), self.clone());

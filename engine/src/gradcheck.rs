@@ -301,3 +301,12 @@ fn leaf_update_and_grad_accumulation() {
     assert_eq!(p.to_vec(), vec![10.0, 2.0, 3.0]);
     assert!(p.scale(1.0).with_data_mut(|_| ()).is_err());
 }
+
+#[test]
+fn tensors_cross_threads() {
+    // The server shares weights across request threads.
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tensor>();
+    assert_send_sync::<crate::ParamStore>();
+    assert_send_sync::<crate::Grads>();
+}

@@ -546,28 +546,30 @@ impl Op {
 
     /// Accumulate d loss / d input for every input that requires grad, given
     /// `dout` = d loss / d `out` (shaped like `out`).
-    pub(crate) fn backward(&self, out: &Tensor, dout: &[f32], g: &mut GradStore) {
+    pub(crate) fn backward(&self, out: &Tensor, dout: Vec<f32>, g: &mut GradStore) {
         let oshape = out.shape();
         match self {
             // d(a ± b) = da ± db, summed over broadcast dims
             Op::Add(a, b) | Op::Sub(a, b) => {
                 let sign = if matches!(self, Op::Sub(..)) { -1.0 } else { 1.0 };
-                if let Some(da) = g.slot(a) {
-                    reduce::sum_to_shape(da, a.shape(), dout, oshape, 1.0);
-                }
                 if let Some(db) = g.slot(b) {
-                    reduce::sum_to_shape(db, b.shape(), dout, oshape, sign);
+                    reduce::sum_to_shape(db, b.shape(), &dout, oshape, sign);
+                }
+                if a.numel() == dout.len() {
+                    g.put(a, dout); // the residual-stream case: no copy
+                } else if let Some(da) = g.slot(a) {
+                    reduce::sum_to_shape(da, a.shape(), &dout, oshape, 1.0);
                 }
             }
             // d(a b) = b da + a db, summed over broadcast dims
             Op::Mul(a, b) => {
-                mul_grad(g, a, b, dout, oshape);
-                mul_grad(g, b, a, dout, oshape);
+                mul_grad(g, a, b, &dout, oshape);
+                mul_grad(g, b, a, &dout, oshape);
             }
             // d(s x) = s dx
             Op::Scale(x, s) => {
                 if let Some(dx) = g.slot(x) {
-                    ew::scale_backward(dx, dout, *s);
+                    ew::scale_backward(dx, &dout, *s);
                 }
             }
             // y = x W^T: dx = dy W, dW = dy^T x
@@ -575,55 +577,55 @@ impl Op {
                 let (m, k) = (x.numel() / w.shape()[1].max(1), w.shape()[1]);
                 let n = w.shape()[0];
                 if let Some(dx) = g.slot(x) {
-                    matmul(dx, dout, &w.data(), MatmulShape::new(m, n, k, false, false), true);
+                    matmul(dx, &dout, &w.data(), MatmulShape::new(m, n, k, false, false), true);
                 }
                 if let Some(dw) = g.slot(w) {
-                    matmul(dw, dout, &x.data(), MatmulShape::new(n, m, k, true, false), true);
+                    matmul(dw, &dout, &x.data(), MatmulShape::new(n, m, k, true, false), true);
                 }
             }
             // d relu(x)^2 = 2 relu(x)
             Op::Relu2(x) => {
                 if let Some(dx) = g.slot(x) {
-                    ew::relu2_backward(dx, dout, &x.data());
+                    ew::relu2_backward(dx, &dout, &x.data());
                 }
             }
             // d sigmoid = y (1 - y)
             Op::Sigmoid(x) => {
                 if let Some(dx) = g.slot(x) {
-                    ew::sigmoid_backward(dx, dout, &out.data());
+                    ew::sigmoid_backward(dx, &dout, &out.data());
                 }
             }
             // d tanh = 1 - y^2
             Op::Tanh(x) => {
                 if let Some(dx) = g.slot(x) {
-                    ew::tanh_backward(dx, dout, &out.data());
+                    ew::tanh_backward(dx, &dout, &out.data());
                 }
             }
             // d c tanh(x/c) = 1 - (y/c)^2
             Op::Softcap(x, c) => {
                 if let Some(dx) = g.slot(x) {
-                    ew::softcap_backward(dx, dout, &out.data(), *c);
+                    ew::softcap_backward(dx, &dout, &out.data(), *c);
                 }
             }
             // d softmax: dx = y (dy - sum(dy y))
             Op::Softmax(x) => {
                 let v = oshape.last().copied().unwrap_or(1).max(1);
                 if let Some(dx) = g.slot(x) {
-                    softmax::softmax_backward(dx, dout, &out.data(), dout.len() / v, v);
+                    softmax::softmax_backward(dx, &dout, &out.data(), dout.len() / v, v);
                 }
             }
             // d log_softmax: dx = dy - exp(y) sum(dy)
             Op::LogSoftmax(x) => {
                 let v = oshape.last().copied().unwrap_or(1).max(1);
                 if let Some(dx) = g.slot(x) {
-                    softmax::log_softmax_backward(dx, dout, &out.data(), dout.len() / v, v);
+                    softmax::log_softmax_backward(dx, &dout, &out.data(), dout.len() / v, v);
                 }
             }
             // dx = r (dy - x r^2 mean(dy x))
             Op::RmsNorm(x, rstd) => {
                 let c = oshape.last().copied().unwrap_or(1).max(1);
                 if let Some(dx) = g.slot(x) {
-                    rmsnorm::rmsnorm_backward(dx, dout, &x.data(), rstd, dout.len() / c, c);
+                    rmsnorm::rmsnorm_backward(dx, &dout, &x.data(), rstd, dout.len() / c, c);
                 }
             }
             // rotation is orthogonal: dx = R^T dy
@@ -631,7 +633,7 @@ impl Op {
                 let s = oshape;
                 let rs = rope::RopeShape { b: s[0], t: s[1], h: s[2], d: s[3], pos0: *pos0 };
                 if let Some(dx) = g.slot(x) {
-                    rope::rope_backward(dx, dout, &table.cos, &table.sin, rs);
+                    rope::rope_backward(dx, &dout, &table.cos, &table.sin, rs);
                 }
             }
             // dx[.., start..start+len, ..] += dy
@@ -640,7 +642,7 @@ impl Op {
                 let len = oshape[*dim];
                 if let Some(dx) = g.slot(x) {
                     let (dv, sv) = (BlockView { n, off: *start }, BlockView { n: len, off: 0 });
-                    copy_block(dx, dv, dout, sv, outer, len, inner, true);
+                    copy_block(dx, dv, &dout, sv, outer, len, inner, true);
                 }
             }
             // each input gets its block of dy back
@@ -651,22 +653,18 @@ impl Op {
                     let n = x.shape()[*dim];
                     if let Some(dx) = g.slot(x) {
                         let (dv, sv) = (BlockView { n, off: 0 }, BlockView { n: total, off });
-                        copy_block(dx, dv, dout, sv, outer, n, inner, true);
+                        copy_block(dx, dv, &dout, sv, outer, n, inner, true);
                     }
                     off += n;
                 }
             }
             // same elements, same order
-            Op::Reshape(x) => {
-                if let Some(dx) = g.slot(x) {
-                    dx.iter_mut().zip(dout).for_each(|(d, &g)| *d += g);
-                }
-            }
+            Op::Reshape(x) => g.put(x, dout),
             // dW[id] += dy at every position holding id
             Op::Embedding(w, ids) => {
                 let c = w.shape()[1];
                 if let Some(dw) = g.slot(w) {
-                    embedding::embedding_backward(dw, dout, ids.data(), c);
+                    embedding::embedding_backward(dw, &dout, ids.data(), c);
                 }
             }
             // see attention_backward in the kernel
@@ -674,7 +672,7 @@ impl Op {
                 let (mut dq, mut dk, mut dv) = (g.take(q), g.take(k), g.take(v));
                 let (qd, kd, vd, od) = (q.data(), k.data(), v.data(), out.data());
                 attention::attention_backward(
-                    &mut dq, &mut dk, &mut dv, dout, &qd, &kd, &vd, &od, lse, *s,
+                    &mut dq, &mut dk, &mut dv, &dout, &qd, &kd, &vd, &od, lse, *s,
                 );
                 g.put(q, dq);
                 g.put(k, dk);
@@ -711,7 +709,7 @@ impl Op {
             Op::SumDim(x, dim) => {
                 let (outer, n, inner) = split_at_dim(x.shape(), *dim);
                 if let Some(dx) = g.slot(x) {
-                    reduce::sum_dim_backward(dx, dout, outer, n, inner);
+                    reduce::sum_dim_backward(dx, &dout, outer, n, inner);
                 }
             }
         }
