@@ -3,18 +3,20 @@
 //! position p = pos0 + i and attends keys j with j <= p and p - j <= window, scaled by 1/sqrt(D);
 //! so one kernel serves training (pos0 = 0, Tk = Tq), cache prefill, and one-token decode.
 //!
-//! Forward: parallel over (b, i) query rows, each owning out[b, i] (H*D) and lse[b, i] (H); the
-//! scores of one (row, head) live in a per-thread scratch. It saves the logsumexp per (b, i, h),
-//! so backward recomputes probabilities instead of storing (T, T) matrices.
+//! Work is cut into tiles of TILE consecutive rows of one batch element, so a register-tiled
+//! micro-kernel (`simd::Lanes::gemm_*_4`) reuses every loaded key/value row TILE times.
+//! Forward: parallel over query tiles, each owning out (TILE, H, D) and lse (TILE, H); scores
+//! of one (tile, head) live in a per-thread scratch. It saves the logsumexp per (b, i, h), so
+//! backward recomputes probabilities instead of storing (T, T) matrices.
 //! Backward, without float atomics, in two passes that each own what they write:
-//!   1. over (b, i) query rows: delta_i = dout_i . out_i and dq_i;
-//!   2. over (b, j) key rows: dk_j and dv_j for every query that sees key j.
+//!   1. over query tiles: delta_i = dout_i . out_i and dq_i;
+//!   2. over key tiles: dk_j and dv_j for every query that sees key j.
 //!
 //! Scores are recomputed in both passes (more FLOPs, no contention, deterministic).
 //! Forward writes `out =`, `lse =`; backward accumulates `dq +=`, `dk +=`, `dv +=`.
 use rayon::prelude::*;
 
-use super::simd::{Lanes, Portable, fast_exp, has_avx2_fma};
+use super::simd::{Lanes, Portable, TILE, fast_exp, has_avx2_fma, sum_lanes};
 
 /// Validated sizes of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,53 +73,91 @@ impl AttnShape {
     }
 }
 
-/// Forward of one query row r = (b, i): every head's output (H*D) and logsumexp (H).
+/// Per-thread buffers: two (TILE, keys) score tiles and two (TILE, D) output tiles.
+struct Scratch {
+    s: Vec<f32>,
+    dp: Vec<f32>,
+    o: Vec<f32>,
+    o2: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(s: AttnShape) -> Scratch {
+        let n = TILE * s.tk.max(s.tq);
+        let o = TILE * s.d;
+        Scratch { s: vec![0.0; n], dp: vec![0.0; n], o: vec![0.0; o], o2: vec![0.0; o] }
+    }
+}
+
+/// The TILE rows of `buf` (B, T, heads, D) at rows t0.., head h; rows past `nr` repeat the last
+/// real row so the micro-kernels always see a full tile (their results are discarded).
+#[inline(always)]
+fn tile_rows(buf: &[f32], at: impl Fn(usize) -> usize, nr: usize, d: usize) -> [&[f32]; TILE] {
+    std::array::from_fn(|r| &buf[at(r.min(nr - 1))..][..d])
+}
+
+/// Forward of query rows i0..i0+nr (nr <= TILE) of batch b, all heads: o_blk (nr, H, D),
+/// l_blk (nr, H). Scores of the tile against the union of its key ranges come from one
+/// register-tiled pass; keys outside a row's own range get probability 0.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn forward_row<L: Lanes>(
-    scores: &mut [f32],
-    r: usize,
-    o_row: &mut [f32],
-    l_row: &mut [f32],
+fn forward_block<L: Lanes>(
+    sc: &mut Scratch,
+    b: usize,
+    i0: usize,
+    o_blk: &mut [f32],
+    l_blk: &mut [f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
     s: AttnShape,
 ) {
-    let (d, group, scale) = (s.d, s.h / s.hkv, s.scale());
-    let (b, i) = (r / s.tq, r % s.tq);
-    let (lo, hi) = s.key_range(i);
-    let sc = &mut scores[..hi + 1 - lo];
+    let (d, group, scale, kvs) = (s.d, s.h / s.hkv, s.scale(), s.hkv * s.d);
+    let nr = l_blk.len() / s.h;
+    let (lo, _) = s.key_range(i0);
+    let (_, hi) = s.key_range(i0 + nr - 1);
+    let n = hi + 1 - lo;
+    let p = &mut sc.s[..TILE * n];
     for h in 0..s.h {
         let g = h / group;
-        let qi = &q[s.q_at(b, i, h)..][..d];
-        let mut m = f32::NEG_INFINITY;
-        for (jj, sj) in sc.iter_mut().enumerate() {
-            *sj = scale * L::dot(qi, &k[s.kv_at(b, lo + jj, g)..][..d]);
-            m = m.max(*sj);
+        let qa = tile_rows(q, |r| s.q_at(b, i0 + r, h), nr, d);
+        L::gemm_nt_4(p, qa, &k[s.kv_at(b, lo, g)..], kvs, n, d);
+        let mut inv = [0.0f32; TILE];
+        for (r, row) in p.chunks_exact_mut(n).enumerate() {
+            if r >= nr {
+                row.fill(0.0);
+                continue;
+            }
+            let (lo_r, hi_r) = s.key_range(i0 + r);
+            let (a, z) = (lo_r - lo, hi_r - lo);
+            let valid = &mut row[a..=z];
+            let m = scale * valid.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            valid.iter_mut().for_each(|x| *x = fast_exp(*x * scale - m));
+            let sum = sum_lanes(valid);
+            inv[r] = 1.0 / sum;
+            l_blk[r * s.h + h] = m + sum.ln();
+            row[..a].fill(0.0);
+            row[z + 1..].fill(0.0);
         }
-        // A separate pass over the scores so the exps vectorise.
-        sc.iter_mut().for_each(|sj| *sj = fast_exp(*sj - m));
-        let o = &mut o_row[h * d..(h + 1) * d];
-        o.fill(0.0);
-        let mut sum = 0.0f32;
-        for (jj, &p) in sc.iter().enumerate() {
-            sum += p;
-            L::axpy(o, p, &v[s.kv_at(b, lo + jj, g)..][..d]);
+        let ot = &mut sc.o[..TILE * d];
+        ot.fill(0.0);
+        L::gemm_nn_4(ot, p, &v[s.kv_at(b, lo, g)..], kvs, n, d);
+        for r in 0..nr {
+            let dst = &mut o_blk[(r * s.h + h) * d..][..d];
+            dst.iter_mut().zip(&ot[r * d..(r + 1) * d]).for_each(|(o, &x)| *o = x * inv[r]);
         }
-        let inv = 1.0 / sum;
-        o.iter_mut().for_each(|x| *x *= inv);
-        l_row[h] = m + sum.ln();
     }
 }
 
-/// Backward pass 1 for query row r = (b, i): delta (H) and dq (H*D).
+/// Backward pass 1 for query rows i0..i0+nr of batch b: delta (nr, H) and dq (nr, H, D) +=.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward_q_row<L: Lanes>(
-    r: usize,
-    dq_row: &mut [f32],
-    delta_row: &mut [f32],
+fn backward_q_block<L: Lanes>(
+    sc: &mut Scratch,
+    b: usize,
+    i0: usize,
+    dq_blk: &mut [f32],
+    delta_blk: &mut [f32],
     dout: &[f32],
     q: &[f32],
     k: &[f32],
@@ -126,32 +166,58 @@ fn backward_q_row<L: Lanes>(
     lse: &[f32],
     s: AttnShape,
 ) {
-    let (d, group, scale) = (s.d, s.h / s.hkv, s.scale());
-    let (b, i) = (r / s.tq, r % s.tq);
-    let (lo, hi) = s.key_range(i);
+    let (d, group, scale, kvs) = (s.d, s.h / s.hkv, s.scale(), s.hkv * s.d);
+    let nr = delta_blk.len() / s.h;
+    let (lo, _) = s.key_range(i0);
+    let (_, hi) = s.key_range(i0 + nr - 1);
+    let n = hi + 1 - lo;
+    let (p, dp) = (&mut sc.s[..TILE * n], &mut sc.dp[..TILE * n]);
     for h in 0..s.h {
-        let (g, at) = (h / group, s.q_at(b, i, h));
-        let (qi, doi) = (&q[at..at + d], &dout[at..at + d]);
-        let di = L::dot(doi, &out[at..at + d]);
-        delta_row[h] = di;
-        let l = lse[r * s.h + h];
-        let dqi = &mut dq_row[h * d..(h + 1) * d];
-        for j in lo..=hi {
-            let kv = s.kv_at(b, j, g);
-            let p = fast_exp(scale * L::dot(qi, &k[kv..kv + d]) - l);
-            let ds = p * (L::dot(doi, &v[kv..kv + d]) - di);
-            L::axpy(dqi, scale * ds, &k[kv..kv + d]);
+        let g = h / group;
+        let (kb, vb) = (&k[s.kv_at(b, lo, g)..], &v[s.kv_at(b, lo, g)..]);
+        let qa = tile_rows(q, |r| s.q_at(b, i0 + r, h), nr, d);
+        let da = tile_rows(dout, |r| s.q_at(b, i0 + r, h), nr, d);
+        L::gemm_nt_4(p, qa, kb, kvs, n, d);
+        L::gemm_nt_4(dp, da, vb, kvs, n, d);
+        for (r, (pr, dpr)) in p.chunks_exact_mut(n).zip(dp.chunks_exact(n)).enumerate() {
+            if r >= nr {
+                pr.fill(0.0);
+                continue;
+            }
+            let i = i0 + r;
+            let at = s.q_at(b, i, h);
+            let di = L::dot(da[r], &out[at..at + d]);
+            delta_blk[r * s.h + h] = di;
+            let l = lse[(b * s.tq + i) * s.h + h];
+            let (lo_r, hi_r) = s.key_range(i);
+            let (a, z) = (lo_r - lo, hi_r - lo);
+            // pr becomes scale * ds = scale * p (dp - delta).
+            for (x, &y) in pr[a..=z].iter_mut().zip(&dpr[a..=z]) {
+                *x = scale * fast_exp(*x * scale - l) * (y - di);
+            }
+            pr[..a].fill(0.0);
+            pr[z + 1..].fill(0.0);
+        }
+        let t = &mut sc.o[..TILE * d];
+        t.fill(0.0);
+        L::gemm_nn_4(t, p, kb, kvs, n, d);
+        for r in 0..nr {
+            let dst = &mut dq_blk[(r * s.h + h) * d..][..d];
+            dst.iter_mut().zip(&t[r * d..(r + 1) * d]).for_each(|(o, &x)| *o += x);
         }
     }
 }
 
-/// Backward pass 2 for key row r = (b, j): dk, dv (Hkv*D) from every query head of each group.
+/// Backward pass 2 for keys j0..j0+nk of batch b: dk, dv (nk, Hkv, D) +=, from every query
+/// head of each kv group over the union of the keys' query ranges.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward_kv_row<L: Lanes>(
-    r: usize,
-    dk_row: &mut [f32],
-    dv_row: &mut [f32],
+fn backward_kv_block<L: Lanes>(
+    sc: &mut Scratch,
+    b: usize,
+    j0: usize,
+    dk_blk: &mut [f32],
+    dv_blk: &mut [f32],
     dout: &[f32],
     q: &[f32],
     k: &[f32],
@@ -160,31 +226,58 @@ fn backward_kv_row<L: Lanes>(
     delta: &[f32],
     s: AttnShape,
 ) {
-    let (d, group, scale) = (s.d, s.h / s.hkv, s.scale());
-    let (b, j) = (r / s.tk, r % s.tk);
-    let Some((lo, hi)) = s.query_range(j) else {
+    let (d, group, scale, qs) = (s.d, s.h / s.hkv, s.scale(), s.h * s.d);
+    let nk = dk_blk.len() / (s.hkv * d);
+    let ranges: [Option<(usize, usize)>; TILE] =
+        std::array::from_fn(|c| if c < nk { s.query_range(j0 + c) } else { None });
+    let Some(qlo) = ranges.iter().flatten().map(|r| r.0).min() else {
         return;
     };
+    let qhi = ranges.iter().flatten().map(|r| r.1).max().unwrap_or(qlo);
+    let n = qhi + 1 - qlo;
+    let (p, dp) = (&mut sc.s[..TILE * n], &mut sc.dp[..TILE * n]);
     for g in 0..s.hkv {
-        let kv = s.kv_at(b, j, g);
-        let (kj, vj) = (&k[kv..kv + d], &v[kv..kv + d]);
-        let dkj = &mut dk_row[g * d..(g + 1) * d];
-        let dvj = &mut dv_row[g * d..(g + 1) * d];
+        let ka = tile_rows(k, |c| s.kv_at(b, j0 + c, g), nk, d);
+        let va = tile_rows(v, |c| s.kv_at(b, j0 + c, g), nk, d);
+        let (dk_t, dv_t) = (&mut sc.o[..TILE * d], &mut sc.o2[..TILE * d]);
+        dk_t.fill(0.0);
+        dv_t.fill(0.0);
         for h in g * group..(g + 1) * group {
-            for i in lo..=hi {
-                let at = s.q_at(b, i, h);
-                let (qi, doi) = (&q[at..at + d], &dout[at..at + d]);
-                let row = (b * s.tq + i) * s.h + h;
-                let p = fast_exp(scale * L::dot(qi, kj) - lse[row]);
-                let ds = p * (L::dot(doi, vj) - delta[row]);
-                L::axpy(dvj, p, doi);
-                L::axpy(dkj, scale * ds, qi);
+            let (qb, db) = (&q[s.q_at(b, qlo, h)..], &dout[s.q_at(b, qlo, h)..]);
+            L::gemm_nt_4(p, ka, qb, qs, n, d); // S^T (TILE, n)
+            L::gemm_nt_4(dp, va, db, qs, n, d); // dP^T (TILE, n)
+            for (c, (pc, dpc)) in p.chunks_exact_mut(n).zip(dp.chunks_exact_mut(n)).enumerate() {
+                let Some((lo_c, hi_c)) = ranges[c] else {
+                    pc.fill(0.0);
+                    dpc.fill(0.0);
+                    continue;
+                };
+                let (a, z) = (lo_c - qlo, hi_c - qlo);
+                for ii in a..=z {
+                    let row = (b * s.tq + qlo + ii) * s.h + h;
+                    let pv = fast_exp(pc[ii] * scale - lse[row]);
+                    pc[ii] = pv;
+                    dpc[ii] = scale * pv * (dpc[ii] - delta[row]);
+                }
+                pc[..a].fill(0.0);
+                pc[z + 1..].fill(0.0);
+                dpc[..a].fill(0.0);
+                dpc[z + 1..].fill(0.0);
             }
+            L::gemm_nn_4(dv_t, p, db, qs, n, d);
+            L::gemm_nn_4(dk_t, dp, qb, qs, n, d);
+        }
+        for c in 0..nk {
+            let at = (c * s.hkv + g) * d;
+            let dst = &mut dk_blk[at..at + d];
+            dst.iter_mut().zip(&dk_t[c * d..(c + 1) * d]).for_each(|(o, &x)| *o += x);
+            let dst = &mut dv_blk[at..at + d];
+            dst.iter_mut().zip(&dv_t[c * d..(c + 1) * d]).for_each(|(o, &x)| *o += x);
         }
     }
 }
 
-/// AVX2 + FMA instances of the row functions; callers check `has_avx2_fma()` first.
+/// AVX2 + FMA instances of the block functions; callers check `has_avx2_fma()` first.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
@@ -192,25 +285,28 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn forward_row(
-        scores: &mut [f32],
-        r: usize,
-        o_row: &mut [f32],
-        l_row: &mut [f32],
+    pub(super) fn forward_block(
+        sc: &mut Scratch,
+        b: usize,
+        i0: usize,
+        o_blk: &mut [f32],
+        l_blk: &mut [f32],
         q: &[f32],
         k: &[f32],
         v: &[f32],
         s: AttnShape,
     ) {
-        super::forward_row::<Avx2Fma>(scores, r, o_row, l_row, q, k, v, s)
+        super::forward_block::<Avx2Fma>(sc, b, i0, o_blk, l_blk, q, k, v, s)
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward_q_row(
-        r: usize,
-        dq_row: &mut [f32],
-        delta_row: &mut [f32],
+    pub(super) fn backward_q_block(
+        sc: &mut Scratch,
+        b: usize,
+        i0: usize,
+        dq_blk: &mut [f32],
+        delta_blk: &mut [f32],
         dout: &[f32],
         q: &[f32],
         k: &[f32],
@@ -219,15 +315,17 @@ mod avx2 {
         lse: &[f32],
         s: AttnShape,
     ) {
-        super::backward_q_row::<Avx2Fma>(r, dq_row, delta_row, dout, q, k, v, out, lse, s)
+        super::backward_q_block::<Avx2Fma>(sc, b, i0, dq_blk, delta_blk, dout, q, k, v, out, lse, s)
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward_kv_row(
-        r: usize,
-        dk_row: &mut [f32],
-        dv_row: &mut [f32],
+    pub(super) fn backward_kv_block(
+        sc: &mut Scratch,
+        b: usize,
+        j0: usize,
+        dk_blk: &mut [f32],
+        dv_blk: &mut [f32],
         dout: &[f32],
         q: &[f32],
         k: &[f32],
@@ -236,11 +334,11 @@ mod avx2 {
         delta: &[f32],
         s: AttnShape,
     ) {
-        super::backward_kv_row::<Avx2Fma>(r, dk_row, dv_row, dout, q, k, v, lse, delta, s)
+        super::backward_kv_block::<Avx2Fma>(sc, b, j0, dk_blk, dv_blk, dout, q, k, v, lse, delta, s)
     }
 }
 
-/// Runs the AVX2 instance of a row function when the CPU has it, else the portable one.
+/// Runs the AVX2 instance of a block function when the CPU has it, else the portable one.
 macro_rules! dispatch {
     ($avx:expr, $f:ident($($arg:expr),*)) => {{
         #[cfg(target_arch = "x86_64")]
@@ -283,15 +381,19 @@ fn forward_with(
     let hd = s.h * s.d;
     debug_assert_eq!(out.len(), s.b * s.tq * hd);
     debug_assert_eq!(lse.len(), s.b * s.tq * s.h);
-    if hd == 0 {
+    if hd == 0 || s.tq == 0 {
         return;
     }
-    out.par_chunks_mut(hd).zip(lse.par_chunks_mut(s.h)).enumerate().for_each_init(
-        || vec![0.0f32; s.tk],
-        |scores, (r, (o_row, l_row))| {
-            dispatch!(avx, forward_row(scores, r, o_row, l_row, q, k, v, s))
-        },
-    );
+    let per_b = out.par_chunks_mut(s.tq * hd).zip(lse.par_chunks_mut(s.tq * s.h));
+    per_b.enumerate().for_each(|(b, (ob, lb))| {
+        let tiles = ob.par_chunks_mut(TILE * hd).zip(lb.par_chunks_mut(TILE * s.h));
+        tiles.enumerate().for_each_init(
+            || Scratch::new(s),
+            |sc, (t, (o_blk, l_blk))| {
+                dispatch!(avx, forward_block(sc, b, t * TILE, o_blk, l_blk, q, k, v, s))
+            },
+        );
+    });
 }
 
 // With p_ij = exp(s_ij - lse_i), s_ij = scale q_i . k_j, o_i = sum_j p_ij v_j:
@@ -330,21 +432,39 @@ fn backward_with(
 ) {
     s.check();
     let (hd, kvd) = (s.h * s.d, s.hkv * s.d);
-    if hd == 0 {
+    if hd == 0 || s.tq == 0 {
         return;
     }
     let mut delta = vec![0.0f32; s.b * s.tq * s.h]; // (B, Tq, H)
-    dq.par_chunks_mut(hd).zip(delta.par_chunks_mut(s.h)).enumerate().for_each(
-        |(r, (dq_row, delta_row))| {
-            dispatch!(avx, backward_q_row(r, dq_row, delta_row, dout, q, k, v, out, lse, s))
-        },
-    );
+    let per_b = dq.par_chunks_mut(s.tq * hd).zip(delta.par_chunks_mut(s.tq * s.h));
+    per_b.enumerate().for_each(|(b, (dqb, deltab))| {
+        let tiles = dqb.par_chunks_mut(TILE * hd).zip(deltab.par_chunks_mut(TILE * s.h));
+        tiles.enumerate().for_each_init(
+            || Scratch::new(s),
+            |sc, (t, (dq_blk, delta_blk))| {
+                let i0 = t * TILE;
+                dispatch!(
+                    avx,
+                    backward_q_block(sc, b, i0, dq_blk, delta_blk, dout, q, k, v, out, lse, s)
+                )
+            },
+        );
+    });
     let delta = &delta;
-    dk.par_chunks_mut(kvd).zip(dv.par_chunks_mut(kvd)).enumerate().for_each(
-        |(r, (dk_row, dv_row))| {
-            dispatch!(avx, backward_kv_row(r, dk_row, dv_row, dout, q, k, v, lse, delta, s))
-        },
-    );
+    let per_b = dk.par_chunks_mut(s.tk * kvd).zip(dv.par_chunks_mut(s.tk * kvd));
+    per_b.enumerate().for_each(|(b, (dkb, dvb))| {
+        let tiles = dkb.par_chunks_mut(TILE * kvd).zip(dvb.par_chunks_mut(TILE * kvd));
+        tiles.enumerate().for_each_init(
+            || Scratch::new(s),
+            |sc, (t, (dk_blk, dv_blk))| {
+                let j0 = t * TILE;
+                dispatch!(
+                    avx,
+                    backward_kv_block(sc, b, j0, dk_blk, dv_blk, dout, q, k, v, lse, delta, s)
+                )
+            },
+        );
+    });
 }
 
 /// Reference forward in f64 with an explicit mask: out (B, Tq, H, D).

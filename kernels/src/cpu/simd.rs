@@ -6,10 +6,18 @@
 //! Callers monomorphise their row function over `Lanes` and call the AVX2 instance from a
 //! `#[target_feature(enable = "avx2,fma")]` wrapper, so the intrinsics inline into it.
 
+/// Rows per register tile of the `gemm_*_4` micro-kernels.
+pub const TILE: usize = 4;
+
 pub trait Lanes: Copy + Send + Sync {
     fn dot(a: &[f32], b: &[f32]) -> f32;
     /// y += a x
     fn axpy(y: &mut [f32], a: f32, x: &[f32]);
+    /// out (4, n) = A (4, d) B^T: out[r n + j] = a[r] . b[j stride..][..d]. B rows are strided
+    /// (a head inside a (T, H, D) buffer), so `b` only needs (n - 1) stride + d elements.
+    fn gemm_nt_4(out: &mut [f32], a: [&[f32]; TILE], b: &[f32], stride: usize, n: usize, d: usize);
+    /// out (4, d) += P (4, n) B: out[r d + c] += sum_j p[r n + j] b[j stride + c].
+    fn gemm_nn_4(out: &mut [f32], p: &[f32], b: &[f32], stride: usize, n: usize, d: usize);
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +43,40 @@ impl Lanes for Portable {
     fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
     }
+
+    #[inline(always)]
+    fn gemm_nt_4(out: &mut [f32], a: [&[f32]; TILE], b: &[f32], stride: usize, n: usize, d: usize) {
+        for j in 0..n {
+            let bj = &b[j * stride..][..d];
+            for (r, ar) in a.iter().enumerate() {
+                out[r * n + j] = Self::dot(&ar[..d], bj);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn gemm_nn_4(out: &mut [f32], p: &[f32], b: &[f32], stride: usize, n: usize, d: usize) {
+        for j in 0..n {
+            let bj = &b[j * stride..][..d];
+            for r in 0..TILE {
+                Self::axpy(&mut out[r * d..(r + 1) * d], p[r * n + j], bj);
+            }
+        }
+    }
+}
+
+/// Sum in 8 lanes so it vectorises.
+#[inline(always)]
+pub fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// e^x to ~2 ulp, branch-free so loops over it vectorise (libm's `expf` is an opaque call).
@@ -107,11 +149,153 @@ impl Lanes for Avx2Fma {
         // SAFETY: as above.
         unsafe { x86::axpy(y, a, x) }
     }
+
+    #[inline(always)]
+    fn gemm_nt_4(out: &mut [f32], a: [&[f32]; TILE], b: &[f32], stride: usize, n: usize, d: usize) {
+        assert!(out.len() >= TILE * n && a.iter().all(|r| r.len() >= d));
+        assert!(n == 0 || b.len() >= (n - 1) * stride + d);
+        // SAFETY: as above; the asserts bound every access.
+        unsafe { x86::gemm_nt_4(out, a, b, stride, n, d) }
+    }
+
+    #[inline(always)]
+    fn gemm_nn_4(out: &mut [f32], p: &[f32], b: &[f32], stride: usize, n: usize, d: usize) {
+        assert!(out.len() >= TILE * d && p.len() >= TILE * n);
+        assert!(n == 0 || b.len() >= (n - 1) * stride + d);
+        // SAFETY: as above; the asserts bound every access.
+        unsafe { x86::gemm_nn_4(out, p, b, stride, n, d) }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
+// Tile loops index several parallel arrays (accumulators, row pointers) by the same row.
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use std::arch::x86_64::*;
+
+    use super::TILE;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        _mm_cvtss_f32(h)
+    }
+
+    /// 4 query rows x 2 key rows per step: 6 loads feed 8 FMAs (vs 2 loads per FMA for dots
+    /// one pair at a time). Callers guarantee the bounds (see `Lanes::gemm_nt_4`).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn gemm_nt_4(
+        out: &mut [f32],
+        a: [&[f32]; TILE],
+        b: &[f32],
+        stride: usize,
+        n: usize,
+        d: usize,
+    ) {
+        let d8 = d & !7;
+        let pa: [*const f32; TILE] = std::array::from_fn(|r| a[r].as_ptr());
+        let mut j = 0;
+        // SAFETY: rows j, j+1 < n start at j * stride and extend d <= stride-bounded elements
+        // of `b`; column c + 8 <= d8 <= d of every `a` row.
+        unsafe {
+            while j + 2 <= n {
+                let (b0, b1) = (b.as_ptr().add(j * stride), b.as_ptr().add((j + 1) * stride));
+                let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+                let mut c = 0;
+                while c < d8 {
+                    let k0 = _mm256_loadu_ps(b0.add(c));
+                    let k1 = _mm256_loadu_ps(b1.add(c));
+                    for r in 0..TILE {
+                        let x = _mm256_loadu_ps(pa[r].add(c));
+                        acc[r][0] = _mm256_fmadd_ps(x, k0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(x, k1, acc[r][1]);
+                    }
+                    c += 8;
+                }
+                for r in 0..TILE {
+                    let (mut s0, mut s1) = (hsum(acc[r][0]), hsum(acc[r][1]));
+                    for cc in d8..d {
+                        s0 += *pa[r].add(cc) * *b0.add(cc);
+                        s1 += *pa[r].add(cc) * *b1.add(cc);
+                    }
+                    out[r * n + j] = s0;
+                    out[r * n + j + 1] = s1;
+                }
+                j += 2;
+            }
+            if j < n {
+                let bj = &b[j * stride..j * stride + d];
+                for r in 0..TILE {
+                    out[r * n + j] = dot(&a[r][..d], bj);
+                }
+            }
+        }
+    }
+
+    /// A 4 x 16 output tile stays in 8 registers while all n rows of B stream past it.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn gemm_nn_4(
+        out: &mut [f32],
+        p: &[f32],
+        b: &[f32],
+        stride: usize,
+        n: usize,
+        d: usize,
+    ) {
+        let (po, pp, pb) = (out.as_mut_ptr(), p.as_ptr(), b.as_ptr());
+        let mut c = 0;
+        // SAFETY: out has TILE * d elements, p has TILE * n, and row j of b covers
+        // j * stride + d; every access below is within those.
+        unsafe {
+            while c + 16 <= d {
+                let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+                for j in 0..n {
+                    let bj = pb.add(j * stride + c);
+                    let (b0, b1) = (_mm256_loadu_ps(bj), _mm256_loadu_ps(bj.add(8)));
+                    for r in 0..TILE {
+                        let pr = _mm256_broadcast_ss(&*pp.add(r * n + j));
+                        acc[r][0] = _mm256_fmadd_ps(pr, b0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(pr, b1, acc[r][1]);
+                    }
+                }
+                for r in 0..TILE {
+                    let o = po.add(r * d + c);
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r][0]));
+                    _mm256_storeu_ps(o.add(8), _mm256_add_ps(_mm256_loadu_ps(o.add(8)), acc[r][1]));
+                }
+                c += 16;
+            }
+            while c + 8 <= d {
+                let mut acc = [_mm256_setzero_ps(); TILE];
+                for j in 0..n {
+                    let b0 = _mm256_loadu_ps(pb.add(j * stride + c));
+                    for r in 0..TILE {
+                        let pr = _mm256_broadcast_ss(&*pp.add(r * n + j));
+                        acc[r] = _mm256_fmadd_ps(pr, b0, acc[r]);
+                    }
+                }
+                for r in 0..TILE {
+                    let o = po.add(r * d + c);
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r]));
+                }
+                c += 8;
+            }
+            for cc in c..d {
+                for r in 0..TILE {
+                    let mut acc = 0.0f32;
+                    for j in 0..n {
+                        acc += *pp.add(r * n + j) * *pb.add(j * stride + cc);
+                    }
+                    *po.add(r * d + cc) += acc;
+                }
+            }
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -187,6 +371,49 @@ mod tests {
         assert!(fast_exp(-1000.0) < 1e-37);
         assert_eq!(fast_tanh(50.0), 1.0);
         assert_eq!(fast_tanh(-50.0), -1.0);
+    }
+
+    #[test]
+    fn gemm_tiles_agree() {
+        for (n, d, stride) in
+            [(0usize, 8usize, 8usize), (1, 3, 5), (5, 17, 20), (8, 64, 64), (7, 40, 96)]
+        {
+            let a: Vec<Vec<f32>> = (0..TILE)
+                .map(|r| (0..d).map(|c| ((r * 31 + c * 7) % 13) as f32 - 6.0).collect())
+                .collect();
+            let b: Vec<f32> =
+                (0..n * stride + d).map(|i| ((i * 11) % 17) as f32 * 0.25 - 2.0).collect();
+            let rows: [&[f32]; TILE] = std::array::from_fn(|r| a[r].as_slice());
+            let mut want = vec![0.0; TILE * n];
+            for r in 0..TILE {
+                for j in 0..n {
+                    want[r * n + j] = (0..d).map(|c| a[r][c] * b[j * stride + c]).sum();
+                }
+            }
+            let p: Vec<f32> = (0..TILE * n).map(|i| (i % 5) as f32 - 2.0).collect();
+            let mut want_nn = vec![1.0; TILE * d];
+            for r in 0..TILE {
+                for c in 0..d {
+                    want_nn[r * d + c] +=
+                        (0..n).map(|j| p[r * n + j] * b[j * stride + c]).sum::<f32>();
+                }
+            }
+            let mut got = vec![0.0; TILE * n];
+            let mut got_nn = vec![1.0; TILE * d];
+            Portable::gemm_nt_4(&mut got, rows, &b, stride, n, d);
+            Portable::gemm_nn_4(&mut got_nn, &p, &b, stride, n, d);
+            assert_eq!(got, want);
+            assert_eq!(got_nn, want_nn);
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                Avx2Fma::gemm_nt_4(&mut got, rows, &b, stride, n, d);
+                let mut got_nn = vec![1.0; TILE * d];
+                Avx2Fma::gemm_nn_4(&mut got_nn, &p, &b, stride, n, d);
+                // Small integers: exact in any summation order.
+                assert_eq!(got, want);
+                assert_eq!(got_nn, want_nn);
+            }
+        }
     }
 
     #[test]
