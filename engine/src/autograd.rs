@@ -99,17 +99,24 @@ impl Grads {
         self.map.is_empty()
     }
 
+    /// (leaf id, gradient) pairs, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (TensorId, &Tensor)> {
+        self.map.iter().map(|(id, g)| (*id, g))
+    }
+
     /// Add another pass's gradients into these (gradient accumulation over micro-batches).
     pub fn accumulate(&mut self, other: Grads) {
         for (id, g) in other.map {
             match self.map.get(&id) {
-                Some(mine) => {
-                    let sum: Vec<f32> =
-                        mine.data().iter().zip(g.data().iter()).map(|(a, b)| a + b).collect();
-                    let t = Tensor::from_vec(sum, mine.shape()).unwrap_or(g.clone());
-                    self.map.insert(id, t);
+                // Gradients are leaves this store owns, so they are updated in place.
+                Some(mine) if mine.shape() == g.shape() => {
+                    let src = g.data();
+                    let added = mine.with_data_mut(|m| {
+                        m.iter_mut().zip(src.iter()).for_each(|(a, &b)| *a += b)
+                    });
+                    debug_assert!(added.is_ok(), "gradients are leaves");
                 }
-                None => {
+                _ => {
                     self.map.insert(id, g);
                 }
             }

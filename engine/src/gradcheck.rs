@@ -143,6 +143,7 @@ fn shape_ops() {
     gradcheck("narrow last", &[s], 50, |x| x[0].narrow(-1, 1, 2));
     gradcheck("narrow mid", &[s], 51, |x| x[0].narrow(1, 1, 4)); // x[:, 1:]
     gradcheck("narrow first", &[s], 52, |x| x[0].narrow(0, 1, 1));
+    gradcheck("narrow whole", &[s], 61, |x| x[0].narrow(-1, 0, 3));
     gradcheck("select", &[&[4]], 53, |x| x[0].select(0, 2));
     gradcheck("cat", &[&[2, 1, 3], &[2, 4, 3], &[2, 2, 3]], 54, |x| Tensor::cat(x, 1));
     gradcheck("cat last", &[&[3, 2], &[3, 5]], 55, |x| Tensor::cat(x, -1));

@@ -252,6 +252,10 @@ impl Tensor {
         if start + len > size {
             return Err(EngineError::OutOfBounds { op: "narrow", start, end: start + len, size });
         }
+        if start == 0 && len == size {
+            // The whole dim (e.g. logits[..., :V] when V is already a multiple of 64): no copy.
+            return self.reshape(self.shape());
+        }
         let (outer, n, inner) = split_at_dim(self.shape(), d);
         let mut shape = self.shape().to_vec();
         shape[d] = len;
@@ -719,6 +723,11 @@ impl Op {
 /// da += sum_to_shape(dout * b) for a broadcasting product out = a * b.
 fn mul_grad(g: &mut GradStore, a: &Tensor, b: &Tensor, dout: &[f32], oshape: &[usize]) {
     let Some(da) = g.slot(a) else { return };
+    if da.len() == 1 && b.numel() == dout.len() {
+        // A scalar parameter times a full tensor (resid_lambdas[i] * x): one fused dot.
+        da[0] += reduce::dot_all(dout, &b.data()) as f32;
+        return;
+    }
     let Some(bc) = Broadcast::new(oshape, b.shape()) else { return };
     if a.numel() == dout.len() {
         ew::mul_forward(da, dout, &b.data(), &bc, true);

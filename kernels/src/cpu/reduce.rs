@@ -9,9 +9,46 @@ use rayon::prelude::*;
 
 use super::elementwise::{Broadcast, CHUNK};
 
-/// Sum of all elements, accumulated in f64 per chunk.
+/// sum_k x_k (f64 lanes: vectorised, and exact enough for a loss over millions of tokens)
+#[inline]
+fn sum_f64(x: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// sum_k a_k b_k in f64 lanes, over fixed chunks in parallel (deterministic).
+pub fn dot_all(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let chunk = |(a, b): (&[f32], &[f32])| {
+        let mut acc = [0.0f64; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f64 =
+            ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| x as f64 * y as f64).sum();
+        for (x, y) in ca.zip(cb) {
+            for k in 0..8 {
+                acc[k] += x[k] as f64 * y[k] as f64;
+            }
+        }
+        acc.iter().sum::<f64>() + tail
+    };
+    if a.len() <= CHUNK {
+        chunk((a, b))
+    } else {
+        let partials: Vec<f64> = a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).map(chunk).collect();
+        partials.iter().sum()
+    }
+}
+
+/// Sum of all elements, accumulated in f64.
 pub fn sum_all(inp: &[f32]) -> f64 {
-    let chunk_sum = |c: &[f32]| c.iter().map(|&x| x as f64).sum::<f64>();
+    let chunk_sum = sum_f64;
     if inp.len() <= CHUNK {
         chunk_sum(inp)
     } else {
