@@ -8,6 +8,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{EngineError, Result};
+use crate::pool::{alloc_zeroed, recycle};
 use crate::tensor::{Tensor, TensorId};
 
 thread_local! {
@@ -50,13 +51,13 @@ impl GradStore {
         if !t.requires_grad() {
             return None;
         }
-        Some(self.bufs.entry(t.id()).or_insert_with(|| vec![0.0; t.numel()]))
+        Some(self.bufs.entry(t.id()).or_insert_with(|| alloc_zeroed(t.numel())))
     }
 
     /// Take `t`'s buffer out (zeros if absent), for a kernel that writes several gradients at
     /// once; hand it back with `put`.
     pub(crate) fn take(&mut self, t: &Tensor) -> Vec<f32> {
-        self.bufs.remove(&t.id()).unwrap_or_else(|| vec![0.0; t.numel()])
+        self.bufs.remove(&t.id()).unwrap_or_else(|| alloc_zeroed(t.numel()))
     }
 
     /// Add a whole gradient for `t`, moved in when `t` has none yet (so pass-through rules like
@@ -64,10 +65,14 @@ impl GradStore {
     /// arrived meanwhile (the same tensor passed twice to one op).
     pub(crate) fn put(&mut self, t: &Tensor, buf: Vec<f32>) {
         if !t.requires_grad() {
+            recycle(buf);
             return;
         }
         match self.bufs.get_mut(&t.id()) {
-            Some(g) => g.iter_mut().zip(&buf).for_each(|(g, &b)| *g += b),
+            Some(g) => {
+                g.iter_mut().zip(&buf).for_each(|(g, &b)| *g += b);
+                recycle(buf);
+            }
             None => {
                 self.bufs.insert(t.id(), buf);
             }
@@ -151,7 +156,9 @@ impl Tensor {
                     leaves.entry(inp.id()).or_insert_with(|| inp.clone());
                 }
             }
-            op.backward(t, dout, &mut store);
+            if let Some(spent) = op.backward(t, dout, &mut store) {
+                recycle(spent);
+            }
         }
         if self.is_leaf() {
             leaves.insert(self.id(), self.clone());

@@ -11,12 +11,14 @@
 //! - [`Tensor::backward`] on a single-element loss returns [`Grads`] for the trainable leaves.
 //! - [`ParamStore`] holds parameters by name in a stable order.
 //!
-//! Kernels run on rayon's global pool; binaries choose its size.
+//! Kernels run on rayon's global pool; binaries choose its size. Large buffers are recycled
+//! through [`pool`] (a caching allocator; cap it with [`set_pool_limit`]).
 pub mod autograd;
 pub mod device;
 pub mod error;
 pub mod op;
 pub mod param;
+pub mod pool;
 pub mod tensor;
 
 pub use autograd::{Grads, NoGradGuard, is_grad_enabled, no_grad};
@@ -24,6 +26,7 @@ pub use device::Device;
 pub use error::{EngineError, Result};
 pub use op::{IGNORE_INDEX, RMSNORM_EPS, Reduction, RopeTable};
 pub use param::ParamStore;
+pub use pool::{pooled_bytes, set_pool_limit};
 pub use tensor::{Data, Ids, Storage, Tensor, TensorId};
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use femtochat_kernels::cpu::{embedding, reduce, rmsnorm, rope, softmax};
 
 use crate::autograd::{GradStore, should_record};
 use crate::error::{EngineError, Result};
+use crate::pool::{alloc_uninit, recycle};
 use crate::tensor::{Ids, Tensor};
 
 pub use femtochat_kernels::cpu::rmsnorm::RMSNORM_EPS;
@@ -108,7 +109,7 @@ fn last_dim(op: &'static str, t: &Tensor) -> Result<(usize, usize)> {
 
 /// Run `kernel(out, x)` into a fresh buffer shaped like `x`; record `op` if tracked.
 fn unary(x: &Tensor, kernel: impl FnOnce(&mut [f32], &[f32]), op: impl FnOnce() -> Op) -> Tensor {
-    let mut out = vec![0.0; x.numel()];
+    let mut out = alloc_uninit(x.numel());
     kernel(&mut out, &x.data());
     Tensor::from_op(out, x.shape().to_vec(), should_record(&[x]).then(op))
 }
@@ -122,7 +123,7 @@ impl Tensor {
                 rhs: other.shape().to_vec(),
             }
         })?;
-        let out = vec![0.0; bc.numel()];
+        let out = alloc_uninit(bc.numel());
         Ok((bc, out))
     }
 
@@ -200,7 +201,10 @@ impl Tensor {
             });
         }
         let n = w.shape()[0];
-        let mut out = vec![0.0; m * n];
+        let mut out = alloc_uninit(m * n);
+        if k == 0 {
+            out.fill(0.0); // an empty sum; don't rely on the matmul kernel to write it
+        }
         matmul(&mut out, &self.data(), &w.data(), MatmulShape::new(m, k, n, false, true), false);
         let mut shape = self.shape().to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = n;
@@ -211,7 +215,7 @@ impl Tensor {
     /// RMSNorm over the last dim, no weight: x / sqrt(mean(x^2) + eps).
     pub fn rmsnorm(&self, eps: f32) -> Result<Tensor> {
         let (n, c) = last_dim("rmsnorm", self)?;
-        let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+        let (mut out, mut rstd) = (alloc_uninit(n * c), alloc_uninit(n));
         rmsnorm::rmsnorm_forward(&mut out, &mut rstd, &self.data(), n, c, eps);
         let op = should_record(&[self]).then(|| Op::RmsNorm(self.clone(), rstd));
         Ok(Tensor::from_op(out, self.shape().to_vec(), op))
@@ -238,7 +242,7 @@ impl Tensor {
             });
         }
         let rs = rope::RopeShape { b: s[0], t: s[1], h: s[2], d: s[3], pos0 };
-        let mut out = vec![0.0; self.numel()];
+        let mut out = alloc_uninit(self.numel());
         rope::rope_forward(&mut out, &self.data(), &table.cos, &table.sin, rs);
         let op = should_record(&[self]).then(|| Op::Rope(self.clone(), table.clone(), pos0));
         Ok(Tensor::from_op(out, s.to_vec(), op))
@@ -259,7 +263,7 @@ impl Tensor {
         let (outer, n, inner) = split_at_dim(self.shape(), d);
         let mut shape = self.shape().to_vec();
         shape[d] = len;
-        let mut out = vec![0.0; outer * len * inner];
+        let mut out = alloc_uninit(outer * len * inner);
         let (dv, sv) = (BlockView { n: len, off: 0 }, BlockView { n, off: start });
         copy_block(&mut out, dv, &self.data(), sv, outer, len, inner, false);
         let op = should_record(&[self]).then(|| Op::Narrow(self.clone(), d, start));
@@ -302,7 +306,7 @@ impl Tensor {
             shape[d] += x.shape()[d];
         }
         let (outer, total, inner) = split_at_dim(&shape, d);
-        let mut out = vec![0.0; outer * total * inner];
+        let mut out = alloc_uninit(outer * total * inner);
         let mut off = 0;
         for x in xs {
             let n = x.shape()[d];
@@ -346,7 +350,7 @@ impl Tensor {
                 bound: v,
             });
         }
-        let mut out = vec![0.0; ids.len() * c];
+        let mut out = alloc_uninit(ids.len() * c);
         embedding::embedding_forward(&mut out, &weight.data(), ids.data(), c);
         let mut shape = ids.shape().to_vec();
         shape.push(c);
@@ -402,8 +406,8 @@ impl Tensor {
             window,
             pos0,
         };
-        let mut out = vec![0.0; q.numel()];
-        let mut lse = vec![0.0; s.b * s.tq * s.h];
+        let mut out = alloc_uninit(q.numel());
+        let mut lse = alloc_uninit(s.b * s.tq * s.h);
         attention::attention_forward(&mut out, &mut lse, &q.data(), &k.data(), &v.data(), s);
         let op = should_record(&[q, k, v]).then(|| Op::Attention {
             q: q.clone(),
@@ -444,7 +448,7 @@ impl Tensor {
                 bound: v,
             });
         }
-        let (mut losses, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        let (mut losses, mut lse) = (alloc_uninit(n), alloc_uninit(n));
         softmax::cross_entropy_forward(&mut losses, &mut lse, &self.data(), targets, n, v);
         let (out, shape, mean_count) = match reduction {
             Reduction::None => (losses, vec![n], None),
@@ -479,7 +483,7 @@ impl Tensor {
     pub fn sum_dim(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
         let d = norm_dim("sum_dim", dim, self.rank())?;
         let (outer, n, inner) = split_at_dim(self.shape(), d);
-        let mut out = vec![0.0; outer * inner];
+        let mut out = alloc_uninit(outer * inner);
         reduce::sum_dim_forward(&mut out, &self.data(), outer, n, inner);
         let mut shape = self.shape().to_vec();
         if keepdim {
@@ -550,7 +554,13 @@ impl Op {
 
     /// Accumulate d loss / d input for every input that requires grad, given
     /// `dout` = d loss / d `out` (shaped like `out`).
-    pub(crate) fn backward(&self, out: &Tensor, dout: Vec<f32>, g: &mut GradStore) {
+    /// Returns `dout` when the rule did not keep it, for recycling.
+    pub(crate) fn backward(
+        &self,
+        out: &Tensor,
+        dout: Vec<f32>,
+        g: &mut GradStore,
+    ) -> Option<Vec<f32>> {
         let oshape = out.shape();
         match self {
             // d(a ± b) = da ± db, summed over broadcast dims
@@ -559,8 +569,9 @@ impl Op {
                 if let Some(db) = g.slot(b) {
                     reduce::sum_to_shape(db, b.shape(), &dout, oshape, sign);
                 }
-                if a.numel() == dout.len() {
+                if a.numel() == dout.len() && a.requires_grad() {
                     g.put(a, dout); // the residual-stream case: no copy
+                    return None;
                 } else if let Some(da) = g.slot(a) {
                     reduce::sum_to_shape(da, a.shape(), &dout, oshape, 1.0);
                 }
@@ -663,7 +674,11 @@ impl Op {
                 }
             }
             // same elements, same order
-            Op::Reshape(x) => g.put(x, dout),
+            Op::Reshape(x) if x.requires_grad() => {
+                g.put(x, dout);
+                return None;
+            }
+            Op::Reshape(_) => {}
             // dW[id] += dy at every position holding id
             Op::Embedding(w, ids) => {
                 let c = w.shape()[1];
@@ -717,6 +732,7 @@ impl Op {
                 }
             }
         }
+        Some(dout)
     }
 }
 
@@ -732,8 +748,9 @@ fn mul_grad(g: &mut GradStore, a: &Tensor, b: &Tensor, dout: &[f32], oshape: &[u
     if a.numel() == dout.len() {
         ew::mul_forward(da, dout, &b.data(), &bc, true);
     } else {
-        let mut full = vec![0.0; dout.len()];
+        let mut full = alloc_uninit(dout.len());
         ew::mul_forward(&mut full, dout, &b.data(), &bc, false);
         reduce::sum_to_shape(da, a.shape(), &full, oshape, 1.0);
+        recycle(full);
     }
 }

@@ -18,6 +18,14 @@ pub enum Storage {
     Cpu(Vec<f32>),
 }
 
+impl Drop for Storage {
+    fn drop(&mut self) {
+        match self {
+            Storage::Cpu(v) => crate::pool::recycle(std::mem::take(v)),
+        }
+    }
+}
+
 impl Storage {
     fn as_slice(&self) -> &[f32] {
         match self {

@@ -7,7 +7,7 @@
 //! kernels accumulate `dinp +=`, so the caller zero-fills a gradient before its first use.
 use rayon::prelude::*;
 
-use super::simd::{fast_exp, fast_tanh};
+use super::simd::{fast_exp, fast_tanh, vectorized};
 
 /// Elements per rayon task; a buffer shorter than this is processed on the calling thread.
 pub const CHUNK: usize = 1 << 14;
@@ -15,7 +15,8 @@ pub const CHUNK: usize = 1 << 14;
 /// out = f(inp)
 fn map_unary(out: &mut [f32], inp: &[f32], f: impl Fn(f32) -> f32 + Sync) {
     debug_assert_eq!(out.len(), inp.len());
-    let run = |o: &mut [f32], x: &[f32]| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    let run =
+        |o: &mut [f32], x: &[f32]| vectorized(|| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
     if out.len() <= CHUNK {
         run(out, inp);
     } else {
@@ -28,7 +29,7 @@ fn acc_binary(dinp: &mut [f32], dout: &[f32], x: &[f32], f: impl Fn(f32, f32) ->
     debug_assert_eq!(dinp.len(), dout.len());
     debug_assert_eq!(dinp.len(), x.len());
     let run = |d: &mut [f32], g: &[f32], x: &[f32]| {
-        d.iter_mut().zip(g).zip(x).for_each(|((d, &g), &x)| *d += f(g, x))
+        vectorized(|| d.iter_mut().zip(g).zip(x).for_each(|((d, &g), &x)| *d += f(g, x)))
     };
     if dinp.len() <= CHUNK {
         run(dinp, dout, x);
@@ -260,9 +261,11 @@ fn binary(
         out.chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
     } else {
         out.par_chunks_mut(inner * rows_per_task).enumerate().for_each(|(t, block)| {
-            for (i, o) in block.chunks_mut(inner).enumerate() {
-                row(t * rows_per_task + i, o);
-            }
+            vectorized(|| {
+                for (i, o) in block.chunks_mut(inner).enumerate() {
+                    row(t * rows_per_task + i, o);
+                }
+            })
         });
     }
 }

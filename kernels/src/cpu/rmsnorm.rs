@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::elementwise::CHUNK;
+use super::simd::vectorized;
 
 /// PyTorch's default eps for `F.rms_norm` on float32: the float32 machine epsilon.
 pub const RMSNORM_EPS: f32 = 1.1920929e-07;
@@ -34,7 +35,8 @@ pub fn rmsnorm_forward(
     if out.len() <= CHUNK {
         out.chunks_mut(c).zip(rstd.iter_mut()).enumerate().for_each(|(r, p)| row(r, p));
     } else {
-        out.par_chunks_mut(c).zip(rstd.par_iter_mut()).enumerate().for_each(|(r, p)| row(r, p));
+        let rows = out.par_chunks_mut(c).zip(rstd.par_iter_mut()).enumerate();
+        rows.for_each(|(r, p)| vectorized(|| row(r, p)));
     }
 }
 
@@ -64,7 +66,7 @@ pub fn rmsnorm_backward(
     if dinp.len() <= CHUNK {
         dinp.chunks_mut(c).enumerate().for_each(|(r, d)| row(r, d));
     } else {
-        dinp.par_chunks_mut(c).enumerate().for_each(|(r, d)| row(r, d));
+        dinp.par_chunks_mut(c).enumerate().for_each(|(r, d)| vectorized(|| row(r, d)));
     }
 }
 

@@ -91,7 +91,8 @@ pub fn fast_exp(x: f32) -> f32 {
     // Adding then subtracting 1.5 * 2^23 rounds to nearest without SSE4.1's roundps.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let f = (x - n * LN2_HI) - n * LN2_LO; // |f| <= ln2 / 2
     // Taylor to degree 7: truncation error f^8 / 8! < 6e-9 on that interval.
     let p = 1.0 / 5040.0;
@@ -102,7 +103,11 @@ pub fn fast_exp(x: f32) -> f32 {
     let p = p * f + 0.5;
     let p = p * f + 1.0;
     let p = p * f + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // t's low mantissa bits hold n itself (t = 1.5 * 2^23 + n), which spares a saturating
+    // float-to-int cast that would block vectorisation; wrapping ops keep it branch-free under
+    // overflow checks too.
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let scale = f32::from_bits((ni.wrapping_add(127) << 23) as u32);
     p * scale
 }
 
@@ -115,6 +120,25 @@ pub fn fast_tanh(x: f32) -> f32 {
     let x2 = x * x;
     let small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))));
     if x.abs() < 0.2 { small } else { big }
+}
+
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them (else as built). For a chunk of a
+/// plain loop (an elementwise map, a row of a softmax): `f` is inlined into a
+/// `#[target_feature]` caller, so the compiler vectorises it 8 wide instead of SSE2's 4.
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn call<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports the features `call` was compiled for.
+            return unsafe { call(f) };
+        }
+    }
+    f()
 }
 
 /// True when `Avx2Fma` may be used on this CPU (checked once, then cached by std).

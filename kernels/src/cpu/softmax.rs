@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::elementwise::CHUNK;
-use super::simd::fast_exp;
+use super::simd::{fast_exp, vectorized};
 
 /// Target id that contributes no loss and no gradient (PyTorch's `ignore_index=-1`).
 pub const IGNORE_INDEX: i32 = -1;
@@ -17,9 +17,9 @@ fn rows_mut<'a>(buf: &'a mut [f32], cols: usize, f: impl Fn(usize, &'a mut [f32]
         return;
     }
     if buf.len() <= CHUNK {
-        buf.chunks_mut(cols).enumerate().for_each(|(r, row)| f(r, row));
+        buf.chunks_mut(cols).enumerate().for_each(|(r, row)| vectorized(|| f(r, row)));
     } else {
-        buf.par_chunks_mut(cols).enumerate().for_each(|(r, row)| f(r, row));
+        buf.par_chunks_mut(cols).enumerate().for_each(|(r, row)| vectorized(|| f(r, row)));
     }
 }
 
@@ -145,7 +145,8 @@ pub fn cross_entropy_forward(
     if logits.len() <= CHUNK {
         losses.iter_mut().zip(lse.iter_mut()).enumerate().for_each(|(r, p)| row(r, p));
     } else {
-        losses.par_iter_mut().zip(lse.par_iter_mut()).enumerate().for_each(|(r, p)| row(r, p));
+        let rows = losses.par_iter_mut().zip(lse.par_iter_mut()).enumerate();
+        rows.for_each(|(r, p)| vectorized(|| row(r, p)));
     }
 }
 
