@@ -721,7 +721,8 @@ impl Op {
                 let n = x.numel().max(1) as f32;
                 let v = if matches!(self, Op::Mean(_)) { dout[0] / n } else { dout[0] };
                 if let Some(dx) = g.slot(x) {
-                    dx.iter_mut().for_each(|d| *d += v);
+                    // d(sum) is dout broadcast from shape ().
+                    reduce::sum_dim_backward(dx, &[v], 1, dx.len(), 1);
                 }
             }
             // dy repeated along the summed dim

@@ -114,6 +114,10 @@ fn forward_block<L: Lanes>(
 ) {
     let (d, group, scale, kvs) = (s.d, s.h / s.hkv, s.scale(), s.hkv * s.d);
     let nr = l_blk.len() / s.h;
+    if nr == 1 {
+        // One-token decode (or a ragged last tile): a full tile would compute TILE rows.
+        return forward_row::<L>(&mut sc.s, b, i0, o_blk, l_blk, q, k, v, s);
+    }
     let (lo, _) = s.key_range(i0);
     let (_, hi) = s.key_range(i0 + nr - 1);
     let n = hi + 1 - lo;
@@ -146,6 +150,43 @@ fn forward_block<L: Lanes>(
             let dst = &mut o_blk[(r * s.h + h) * d..][..d];
             dst.iter_mut().zip(&ot[r * d..(r + 1) * d]).for_each(|(o, &x)| *o = x * inv[r]);
         }
+    }
+}
+
+/// Forward of the single query row i of batch b, one dot / axpy per key.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_row<L: Lanes>(
+    scores: &mut [f32],
+    b: usize,
+    i: usize,
+    o_row: &mut [f32],
+    l_row: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+) {
+    let (d, group, scale) = (s.d, s.h / s.hkv, s.scale());
+    let (lo, hi) = s.key_range(i);
+    let sc = &mut scores[..hi + 1 - lo];
+    for h in 0..s.h {
+        let g = h / group;
+        let qi = &q[s.q_at(b, i, h)..][..d];
+        for (jj, sj) in sc.iter_mut().enumerate() {
+            *sj = scale * L::dot(qi, &k[s.kv_at(b, lo + jj, g)..][..d]);
+        }
+        let m = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        sc.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+        let sum = sum_lanes(sc);
+        let o = &mut o_row[h * d..(h + 1) * d];
+        o.fill(0.0);
+        for (jj, &p) in sc.iter().enumerate() {
+            L::axpy(o, p, &v[s.kv_at(b, lo + jj, g)..][..d]);
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|x| *x *= inv);
+        l_row[h] = m + sum.ln();
     }
 }
 

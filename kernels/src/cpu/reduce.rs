@@ -91,15 +91,19 @@ pub fn sum_dim_backward(dinp: &mut [f32], dout: &[f32], outer: usize, n: usize, 
     if inner == 0 || n == 0 {
         return;
     }
-    let row = |r: usize, d: &mut [f32]| {
-        let o = r / n;
-        let g = &dout[o * inner..(o + 1) * inner];
-        d.iter_mut().zip(g).for_each(|(d, &g)| *d += g);
+    // Tasks take whole rows of `inner`, about CHUNK elements each (inner may be 1: a full sum).
+    let rows_per_task = (CHUNK / inner).max(1);
+    let task = |t: usize, block: &mut [f32]| {
+        for (k, d) in block.chunks_mut(inner).enumerate() {
+            let o = (t * rows_per_task + k) / n;
+            let g = &dout[o * inner..(o + 1) * inner];
+            d.iter_mut().zip(g).for_each(|(d, &g)| *d += g);
+        }
     };
     if dinp.len() <= CHUNK {
-        dinp.chunks_mut(inner).enumerate().for_each(|(r, d)| row(r, d));
+        task(0, dinp);
     } else {
-        dinp.par_chunks_mut(inner).enumerate().for_each(|(r, d)| row(r, d));
+        dinp.par_chunks_mut(rows_per_task * inner).enumerate().for_each(|(t, b)| task(t, b));
     }
 }
 
@@ -226,6 +230,20 @@ mod tests {
             sum_to_shape_naive(&mut naive, &dst_shape, &src, &src_shape, -0.5);
             for (f, n) in fast.iter().zip(&naive) {
                 prop_assert!((f - n).abs() <= 1e-3 * n.abs().max(1.0), "{f} vs {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn sum_dim_backward_parallel_path() {
+        for inner in [1usize, 7] {
+            let (outer, n) = (3, CHUNK / 2 + 5);
+            let dout: Vec<f32> = (0..outer * inner).map(|i| i as f32).collect();
+            let mut d = vec![0.5; outer * n * inner];
+            sum_dim_backward(&mut d, &dout, outer, n, inner);
+            for (idx, &x) in d.iter().enumerate() {
+                let (o, c) = (idx / (n * inner), idx % inner);
+                assert_eq!(x, 0.5 + dout[o * inner + c], "inner {inner} idx {idx}");
             }
         }
     }
