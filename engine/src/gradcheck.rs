@@ -311,3 +311,34 @@ fn tensors_cross_threads() {
     assert_send_sync::<crate::ParamStore>();
     assert_send_sync::<crate::Grads>();
 }
+
+#[test]
+fn kv_cache_decode_matches_full_attention() {
+    // Decode one token at a time against (1, T_max, Hkv, D) caches filled in place: each row
+    // must equal the same row of one full causal pass.
+    let (t, t_max, h, hkv, d, window) = (6, 10, 4, 2, 8, 3);
+    let mut rng = Rng(7);
+    let q = Tensor::from_vec(rng.vec(t * h * d), &[1, t, h, d]).unwrap();
+    let k = Tensor::from_vec(rng.vec(t * hkv * d), &[1, t, hkv, d]).unwrap();
+    let v = Tensor::from_vec(rng.vec(t * hkv * d), &[1, t, hkv, d]).unwrap();
+    let full = Tensor::attention(&q, &k, &v, window, 0).unwrap().to_vec();
+    let _g = no_grad();
+    let (kc, vc) = (Tensor::zeros(&[1, t_max, hkv, d]), Tensor::zeros(&[1, t_max, hkv, d]));
+    let row = hkv * d;
+    for pos in 0..t {
+        let (kd, vd) = (k.to_vec(), v.to_vec());
+        kc.with_data_mut(|c| {
+            c[pos * row..(pos + 1) * row].copy_from_slice(&kd[pos * row..][..row])
+        })
+        .unwrap();
+        vc.with_data_mut(|c| {
+            c[pos * row..(pos + 1) * row].copy_from_slice(&vd[pos * row..][..row])
+        })
+        .unwrap();
+        let qt = q.narrow(1, pos, 1).unwrap();
+        let y = Tensor::attention(&qt, &kc, &vc, window, pos).unwrap().to_vec();
+        for (a, b) in y.iter().zip(&full[pos * h * d..(pos + 1) * h * d]) {
+            assert!((a - b).abs() < 1e-5, "pos {pos}: {a} vs {b}");
+        }
+    }
+}

@@ -80,7 +80,9 @@ pub(crate) enum Op {
     Cat(Vec<Tensor>, usize),        // xs (.., n_i, ..) along dim -> (.., sum n_i, ..)
     Reshape(Tensor),                // x (..) -> same numel
     Embedding(Tensor, Ids),         // w (V, C), ids (..) -> (.., C)
-    Attention { q: Tensor, k: Tensor, v: Tensor, lse: Vec<f32>, s: AttnShape }, // -> (B, Tq, H, D)
+    // q (B, Tq, H, D), k, v (B, Tk, Hkv, D) -> (B, Tq, H, D); saves lse (B, Tq, H)
+    Attention { q: Tensor, k: Tensor, v: Tensor, lse: Vec<f32>, s: AttnShape },
+    // logits (N, V) -> () (Mean, over `mean_count` targets) or (N); saves lse (N)
     CrossEntropy { logits: Tensor, targets: Vec<i32>, lse: Vec<f32>, mean_count: Option<usize> },
     Sum(Tensor),           // x (..) -> ()
     Mean(Tensor),          // x (..) -> ()
@@ -362,6 +364,10 @@ impl Tensor {
     /// at absolute position pos0 + i and sees keys j <= pos0 + i within `window` (use
     /// `usize::MAX` for full causal); Tk >= pos0 + Tq. GQA: query head h reads kv head
     /// h / (H / Hkv). Scale 1/sqrt(D).
+    ///
+    /// For KV-cache decoding, keep the caches as constant (B, T_max, Hkv, D) tensors, write new
+    /// rows with `with_data_mut`, and pass them whole: keys past pos0 + Tq are never read, so
+    /// nothing is copied per token.
     pub fn attention(
         q: &Tensor,
         k: &Tensor,
