@@ -249,6 +249,12 @@ fn errors_not_panics() {
     assert!(a.narrow(2, 0, 1).is_err());
     assert!(a.narrow(-3, 0, 1).is_err());
     assert!(a.narrow(1, 2, 2).is_err());
+    assert!(a.narrow(1, 2, usize::MAX).is_err());
+    assert!(a.reshape(&[usize::MAX, 3]).is_err());
+    assert!(Tensor::from_vec(vec![], &[usize::MAX, 2]).is_err());
+    let table = RopeTable::new(4, 2, 100000.0).unwrap();
+    assert!(Tensor::zeros(&[1, 2, 1, 2]).rope(&table, usize::MAX).is_err());
+    assert!(RopeTable::new(4, 3, 100000.0).is_err());
     assert!(a.reshape(&[4]).is_err());
     assert!(a.linear(&Tensor::zeros(&[4, 2])).is_err());
     assert!(a.item().is_err());

@@ -14,7 +14,7 @@ use femtochat_kernels::cpu::{embedding, reduce, rmsnorm, rope, softmax};
 use crate::autograd::{GradStore, should_record};
 use crate::error::{EngineError, Result};
 use crate::pool::{alloc_uninit, recycle};
-use crate::tensor::{Ids, Tensor};
+use crate::tensor::{Ids, Tensor, checked_numel};
 
 pub use femtochat_kernels::cpu::rmsnorm::RMSNORM_EPS;
 pub use femtochat_kernels::cpu::softmax::IGNORE_INDEX;
@@ -46,7 +46,10 @@ impl RopeTable {
                 msg: format!("head_dim must be even and positive, got {head_dim}"),
             });
         }
-        let n = t_max * head_dim / 2;
+        let n = t_max.checked_mul(head_dim / 2).ok_or_else(|| EngineError::Invalid {
+            op: "RopeTable::new",
+            msg: format!("table of {t_max} positions is too large"),
+        })?;
         let (mut cos, mut sin) = (vec![0.0; n], vec![0.0; n]);
         rope::rope_tables(&mut cos, &mut sin, t_max, head_dim, base);
         Ok(RopeTable { cos: Arc::new(cos), sin: Arc::new(sin), t_max, head_dim })
@@ -235,11 +238,11 @@ impl Tensor {
                 msg: format!("head dim {} but the table was built for {}", s[3], table.head_dim),
             });
         }
-        if pos0 + s[1] > table.t_max {
+        if pos0.saturating_add(s[1]) > table.t_max {
             return Err(EngineError::OutOfBounds {
                 op: "rope",
                 start: pos0,
-                end: pos0 + s[1],
+                end: pos0.saturating_add(s[1]),
                 size: table.t_max,
             });
         }
@@ -255,8 +258,9 @@ impl Tensor {
     pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Tensor> {
         let d = norm_dim("narrow", dim, self.rank())?;
         let size = self.shape()[d];
-        if start + len > size {
-            return Err(EngineError::OutOfBounds { op: "narrow", start, end: start + len, size });
+        let end = start.saturating_add(len);
+        if end > size {
+            return Err(EngineError::OutOfBounds { op: "narrow", start, end, size });
         }
         if start == 0 && len == size {
             // The whole dim (e.g. logits[..., :V] when V is already a multiple of 64): no copy.
@@ -323,7 +327,7 @@ impl Tensor {
 
     /// Same elements under a new shape (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        if shape.iter().product::<usize>() != self.numel() {
+        if checked_numel(shape) != Some(self.numel()) {
             return Err(EngineError::ShapeMismatch {
                 op: "reshape",
                 lhs: self.shape().to_vec(),
@@ -396,10 +400,10 @@ impl Tensor {
                 msg: format!("{} query heads are not a multiple of {} kv heads", qs[2], ks[2]),
             });
         }
-        if ks[1] < pos0 + qs[1] {
+        if ks[1] < pos0.saturating_add(qs[1]) {
             return Err(EngineError::Invalid {
                 op: "attention",
-                msg: format!("{} keys but queries reach position {}", ks[1], pos0 + qs[1]),
+                msg: format!("{} keys but queries end at position {pos0} + {}", ks[1], qs[1]),
             });
         }
         let s = AttnShape {

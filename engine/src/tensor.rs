@@ -256,8 +256,13 @@ impl fmt::Debug for Tensor {
     }
 }
 
+/// The element count of `shape`, `None` if it overflows usize.
+pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 fn check_len(op: &'static str, data: &[f32], shape: &[usize]) -> Result<()> {
-    let expected: usize = shape.iter().product();
+    let expected = checked_numel(shape).unwrap_or(usize::MAX);
     if data.len() != expected {
         return Err(EngineError::DataLength {
             op,
@@ -278,7 +283,7 @@ pub struct Ids {
 
 impl Ids {
     pub fn new(data: Vec<u32>, shape: &[usize]) -> Result<Ids> {
-        let expected: usize = shape.iter().product();
+        let expected = checked_numel(shape).unwrap_or(usize::MAX);
         if data.len() != expected {
             return Err(EngineError::DataLength {
                 op: "Ids::new",
