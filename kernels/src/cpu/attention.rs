@@ -79,13 +79,17 @@ struct Scratch {
     dp: Vec<f32>,
     o: Vec<f32>,
     o2: Vec<f32>,
+    /// lse and delta of one head's query rows, gathered contiguous (backward pass 2).
+    lse: Vec<f32>,
+    delta: Vec<f32>,
 }
 
 impl Scratch {
     fn new(s: AttnShape) -> Scratch {
         let n = TILE * s.tk.max(s.tq);
         let o = TILE * s.d;
-        Scratch { s: vec![0.0; n], dp: vec![0.0; n], o: vec![0.0; o], o2: vec![0.0; o] }
+        let (s, dp, lse, delta) = (vec![0.0; n], vec![0.0; n], vec![0.0; s.tq], vec![0.0; s.tq]);
+        Scratch { s, dp, o: vec![0.0; o], o2: vec![0.0; o], lse, delta }
     }
 }
 
@@ -277,6 +281,7 @@ fn backward_kv_block<L: Lanes>(
     let qhi = ranges.iter().flatten().map(|r| r.1).max().unwrap_or(qlo);
     let n = qhi + 1 - qlo;
     let (p, dp) = (&mut sc.s[..TILE * n], &mut sc.dp[..TILE * n]);
+    let (lse_h, delta_h) = (&mut sc.lse[..n], &mut sc.delta[..n]);
     for g in 0..s.hkv {
         let ka = tile_rows(k, |c| s.kv_at(b, j0 + c, g), nk, d);
         let va = tile_rows(v, |c| s.kv_at(b, j0 + c, g), nk, d);
@@ -287,6 +292,10 @@ fn backward_kv_block<L: Lanes>(
             let (qb, db) = (&q[s.q_at(b, qlo, h)..], &dout[s.q_at(b, qlo, h)..]);
             L::gemm_nt_4(p, ka, qb, qs, n, d); // S^T (TILE, n)
             L::gemm_nt_4(dp, va, db, qs, n, d); // dP^T (TILE, n)
+            for (ii, (l, dl)) in lse_h.iter_mut().zip(delta_h.iter_mut()).enumerate() {
+                let row = (b * s.tq + qlo + ii) * s.h + h;
+                (*l, *dl) = (lse[row], delta[row]);
+            }
             for (c, (pc, dpc)) in p.chunks_exact_mut(n).zip(dp.chunks_exact_mut(n)).enumerate() {
                 let Some((lo_c, hi_c)) = ranges[c] else {
                     pc.fill(0.0);
@@ -294,11 +303,11 @@ fn backward_kv_block<L: Lanes>(
                     continue;
                 };
                 let (a, z) = (lo_c - qlo, hi_c - qlo);
-                for ii in a..=z {
-                    let row = (b * s.tq + qlo + ii) * s.h + h;
-                    let pv = fast_exp(pc[ii] * scale - lse[row]);
-                    pc[ii] = pv;
-                    dpc[ii] = scale * pv * (dpc[ii] - delta[row]);
+                let rows = pc[a..=z].iter_mut().zip(&mut dpc[a..=z]);
+                for ((x, y), (&l, &dl)) in rows.zip(lse_h[a..=z].iter().zip(&delta_h[a..=z])) {
+                    let pv = fast_exp(*x * scale - l);
+                    *x = pv;
+                    *y = scale * pv * (*y - dl);
                 }
                 pc[..a].fill(0.0);
                 pc[z + 1..].fill(0.0);
