@@ -131,7 +131,8 @@ impl Grads {
 
 impl Tensor {
     /// Back-propagate from this single-element tensor (d self / d self = 1); returns the
-    /// gradients of every trainable leaf it depends on.
+    /// gradients of every trainable leaf it depends on. The graph (and every activation it
+    /// saved) lives as long as `self`: drop the loss after this to free them.
     pub fn backward(&self) -> Result<Grads> {
         if self.numel() != 1 {
             return Err(EngineError::NotScalar { op: "backward", shape: self.shape().to_vec() });
