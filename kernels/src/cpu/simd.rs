@@ -1,10 +1,15 @@
-//! Dot and axpy, the hot loops of the attention kernels, in two flavours behind one trait:
-//! `Portable` (plain Rust the compiler vectorises for the build target) and, on x86_64 CPUs that
-//! have them, explicit AVX2 + FMA intrinsics. The default build target is baseline x86_64
-//! (SSE2, no FMA), so runtime dispatch is what makes the wide units available.
+//! Shared SIMD building blocks for the CPU kernels.
 //!
-//! Callers monomorphise their row function over `Lanes` and call the AVX2 instance from a
-//! `#[target_feature(enable = "avx2,fma")]` wrapper, so the intrinsics inline into it.
+//! - `Lanes`: dot, axpy and two 4-row register-tiled micro-kernels (the hot loops of
+//!   attention), in two flavours: `Portable` (plain Rust the compiler vectorises for the build
+//!   target) and, on x86_64 CPUs that have them, explicit AVX2 + FMA intrinsics (`Avx2Fma`).
+//!   Callers monomorphise their block function over `Lanes` and call the AVX2 instance from a
+//!   `#[target_feature(enable = "avx2,fma")]` wrapper, so the intrinsics inline into it.
+//! - `vectorized`: runs a plain loop compiled for AVX2 + FMA when available.
+//! - `fast_exp`, `fast_tanh`: branch-free approximations (a few ulp) that vectorise.
+//!
+//! The default build target is baseline x86_64 (SSE2, no FMA), so runtime dispatch is what makes
+//! the wide units available without `-C target-cpu`.
 
 /// Rows per register tile of the `gemm_*_4` micro-kernels.
 pub const TILE: usize = 4;
