@@ -3,8 +3,8 @@
 //! Why: a training step allocates the same activation and gradient sizes every step, and the
 //! first touch of fresh memory costs a page fault per 4 KiB page (two when a `+=` kernel reads a
 //! zero page before writing it). On a (B*T, V) logits buffer that is 5-20x the kernel itself.
-//! Freed buffers of at least `MIN_LEN` elements are kept by exact length, up to a byte limit,
-//! and handed back to the next allocation of that length.
+//! Freed buffers of at least `MIN_LEN` elements are kept by exact length, up to a byte limit
+//! (reaching it empties the pool), and handed back to the next allocation of that length.
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -85,7 +85,13 @@ pub(crate) fn recycle(v: Vec<f32>) {
     }
     let mut p = pool();
     if p.bytes + n * 4 > p.limit {
-        return;
+        // Shapes changed (a new sequence length, say): drop the stale set rather than pinning
+        // memory that may never be asked for again.
+        p.free.clear();
+        p.bytes = 0;
+        if n * 4 > p.limit {
+            return;
+        }
     }
     p.bytes += n * 4;
     p.free.entry(n).or_default().push(v);
