@@ -273,6 +273,24 @@ fn errors_not_panics() {
 }
 
 #[test]
+fn empty_tensors_flow_through() {
+    let e = Tensor::param(vec![], &[2, 0]).unwrap();
+    let y = e.add(&e).unwrap().mul(&e).unwrap().relu2().sigmoid().softcap(3.0);
+    let y = y.rmsnorm(RMSNORM_EPS).unwrap().softmax().unwrap().log_softmax().unwrap();
+    let y = Tensor::cat(&[y.clone(), y], 1).unwrap().narrow(1, 0, 0).unwrap();
+    assert_eq!(y.shape(), &[2, 0]);
+    let grads = y.sum().backward().unwrap();
+    assert_eq!(grads.get(&e).unwrap().numel(), 0);
+    let w = Tensor::param(vec![1.0; 6], &[3, 2]).unwrap();
+    assert_eq!(Tensor::zeros(&[0, 2]).linear(&w).unwrap().shape(), &[0, 3]);
+    let ids = Ids::new(vec![], &[1, 0]).unwrap();
+    assert_eq!(Tensor::embedding(&w, &ids).unwrap().shape(), &[1, 0, 2]);
+    let q = Tensor::param(vec![], &[1, 0, 2, 4]).unwrap();
+    let y = Tensor::attention(&q, &q, &q, usize::MAX, 0).unwrap();
+    assert!(y.sum().backward().is_ok());
+}
+
+#[test]
 fn no_grad_records_nothing() {
     let p = Tensor::param(vec![1.0, 2.0], &[2]).unwrap();
     {

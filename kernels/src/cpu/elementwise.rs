@@ -218,6 +218,9 @@ fn binary(
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) {
     debug_assert_eq!(out.len(), bc.numel());
+    if out.is_empty() {
+        return;
+    }
     let inner = *bc.dims.last().unwrap_or(&1);
     let (ia, ib) = (*bc.stride_a.last().unwrap_or(&0), *bc.stride_b.last().unwrap_or(&0));
     // The innermost collapsed dim is contiguous or broadcast for each operand; specialising on
