@@ -1,1 +1,10 @@
 //! The nanochat GPT, tokenizer, checkpoints, KV-cache inference and sampling.
+pub mod config;
+pub mod error;
+pub mod gpt;
+pub mod kv_cache;
+
+pub use config::GPTConfig;
+pub use error::{ModelError, Result};
+pub use gpt::Gpt;
+pub use kv_cache::KvCache;

@@ -1,0 +1,25 @@
+//! The model crate's one error type.
+use femtochat_engine::EngineError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("parameter `{name}`: expected shape {expected:?}, got {got:?}")]
+    ParamShape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("parameter `{name}` is missing")]
+    MissingParam { name: String },
+    #[error("unexpected parameter `{name}`")]
+    UnexpectedParam { name: String },
+    #[error("token id {id} out of range for vocab size {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("context full: position {pos} + {len} new tokens exceeds the cache's {capacity}")]
+    ContextFull { pos: usize, len: usize, capacity: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,145 @@
+//! Per-row KV caches for inference (SPEC.md §5).
+//!
+//! Each row (one sequence) owns, per layer, k and v buffers (1, capacity, Hkv, D) holding keys
+//! after rope + QK-norm + scale and values after the value embedding, its position, and the
+//! previous token's post-norm embedding for smear. Rows are independent, so a scheduler can add
+//! and drop rows between decode steps (continuous batching) while every row keeps its position.
+use femtochat_engine::Tensor;
+
+use crate::config::GPTConfig;
+use crate::error::{ModelError, Result};
+
+struct Row {
+    pos: usize,
+    k: Vec<Tensor>, // per layer (1, capacity, Hkv, D)
+    v: Vec<Tensor>, // per layer (1, capacity, Hkv, D)
+    prev: Vec<f32>, // (C) post-norm embedding of the last token; zeros before the first
+}
+
+pub struct KvCache {
+    rows: Vec<Row>,
+    capacity: usize,
+    n_layer: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    n_embd: usize,
+}
+
+impl KvCache {
+    /// An empty cache (no rows) whose rows will hold up to `capacity` positions each.
+    pub fn new(config: &GPTConfig, capacity: usize) -> KvCache {
+        KvCache {
+            rows: Vec::new(),
+            capacity,
+            n_layer: config.n_layer,
+            n_kv_head: config.n_kv_head,
+            head_dim: config.head_dim(),
+            n_embd: config.n_embd,
+        }
+    }
+
+    /// A cache with `rows` empty rows.
+    pub fn with_rows(config: &GPTConfig, rows: usize, capacity: usize) -> KvCache {
+        let mut c = KvCache::new(config, capacity);
+        for _ in 0..rows {
+            c.push_row();
+        }
+        c
+    }
+
+    /// Add an empty row at the end; returns its index.
+    pub fn push_row(&mut self) -> usize {
+        let shape = [1, self.capacity, self.n_kv_head, self.head_dim];
+        self.rows.push(Row {
+            pos: 0,
+            k: (0..self.n_layer).map(|_| Tensor::zeros(&shape)).collect(),
+            v: (0..self.n_layer).map(|_| Tensor::zeros(&shape)).collect(),
+            prev: vec![0.0; self.n_embd],
+        });
+        self.rows.len() - 1
+    }
+
+    /// Move every row of `other` to the end of this cache (a prefilled request joins the batch).
+    pub fn absorb(&mut self, other: KvCache) -> Result<()> {
+        let dims = |c: &KvCache| (c.capacity, c.n_layer, c.n_kv_head, c.head_dim, c.n_embd);
+        if dims(self) != dims(&other) {
+            return Err(ModelError::Invalid(format!(
+                "cannot merge KV caches of different shapes: {:?} and {:?}",
+                dims(self),
+                dims(&other)
+            )));
+        }
+        self.rows.extend(other.rows);
+        Ok(())
+    }
+
+    /// Remove row `r` and return it as a one-row cache; later rows shift down by one.
+    pub fn take_row(&mut self, r: usize) -> Result<KvCache> {
+        if r >= self.rows.len() {
+            return Err(ModelError::Invalid(format!("no cache row {r} of {}", self.rows.len())));
+        }
+        let row = self.rows.remove(r);
+        Ok(KvCache { rows: vec![row], ..*self })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of tokens row `r` holds (the position of its next token).
+    pub fn position(&self, r: usize) -> usize {
+        self.rows[r].pos
+    }
+
+    /// Whether every row has room for `t` more tokens.
+    pub(crate) fn check_room(&self, t: usize) -> Result<()> {
+        match self.rows.iter().find(|row| row.pos + t > self.capacity) {
+            Some(row) => {
+                Err(ModelError::ContextFull { pos: row.pos, len: t, capacity: self.capacity })
+            }
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn advance(&mut self, t: usize) {
+        for row in &mut self.rows {
+            row.pos += t;
+        }
+    }
+
+    /// Previous embeddings of all rows, (B, C) flattened.
+    pub(crate) fn prev_embeddings(&self, c: usize) -> Vec<f32> {
+        debug_assert_eq!(c, self.n_embd);
+        self.rows.iter().flat_map(|row| row.prev.iter().copied()).collect()
+    }
+
+    /// Store each row's last embedding, `last` (B, C) flattened.
+    pub(crate) fn set_prev_embeddings(&mut self, last: &[f32], c: usize) {
+        for (row, e) in self.rows.iter_mut().zip(last.chunks_exact(c)) {
+            row.prev.copy_from_slice(e);
+        }
+    }
+
+    /// Write k, v (1, T, Hkv, D) of layer `layer` at row `r`'s position and return the whole
+    /// cache buffers (1, capacity, Hkv, D) for attention (positions past pos + T are not read).
+    pub(crate) fn write(
+        &mut self,
+        layer: usize,
+        r: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let row = &self.rows[r];
+        let stride = self.n_kv_head * self.head_dim;
+        let start = row.pos * stride;
+        for (cache, new) in [(&row.k[layer], k), (&row.v[layer], v)] {
+            let new = new.to_vec();
+            cache.with_data_mut(|d| d[start..start + new.len()].copy_from_slice(&new))?;
+        }
+        Ok((row.k[layer].clone(), row.v[layer].clone()))
+    }
+}
