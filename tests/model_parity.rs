@@ -191,3 +191,73 @@ fn gqa_window_decode() {
 fn odd_shapes_decode() {
     check_decode("odd_shapes");
 }
+
+/// One MuonAdamW step with setup_optimizer's defaults from param.* with grad.* gives step1.*,
+/// and our groups are the reference's (same members, hyper-parameters).
+fn check_step1(name: &'static str) {
+    use femtochat::engine::{GroupKind, MuonAdamW};
+    use femtochat::model::optim::{OptimizerConfig, param_groups};
+    let case = load(name);
+    let (gpt, _) = model(&case);
+    let groups = param_groups(gpt.config(), &OptimizerConfig::default());
+    let mut want_groups: Vec<(Vec<String>, f64)> = case.json["optimizer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let mut names: Vec<String> = g["params"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().into())
+                .collect();
+            names.sort();
+            (names, g["lr"].as_f64().unwrap())
+        })
+        .collect();
+    let mut got_groups: Vec<(Vec<String>, f64)> = groups
+        .iter()
+        .map(|g| {
+            let mut names = g.params.clone();
+            names.sort();
+            (names, g.lr as f64)
+        })
+        .collect();
+    want_groups.sort_by(|a, b| a.0.cmp(&b.0));
+    got_groups.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(got_groups.len(), want_groups.len(), "{name}: group count");
+    for (g, w) in got_groups.iter().zip(&want_groups) {
+        assert_eq!(g.0, w.0, "{name}: group members");
+        assert!((g.1 - w.1).abs() < 1e-6 * w.1.abs().max(1.0), "{name}: lr {} vs {}", g.1, w.1);
+    }
+    assert!(groups.iter().any(|g| matches!(g.kind, GroupKind::Muon { .. })));
+
+    let mut opt = MuonAdamW::new(groups, gpt.params()).unwrap();
+    opt.step_with(gpt.params(), |_, n| case.f32s.get(&format!("grad.{n}")).map(|g| g.1.clone()))
+        .unwrap();
+    let mut worst = (0.0f64, String::new());
+    for (pname, t) in gpt.params().iter() {
+        let want = &case.f32s[&format!("step1.{pname}")].1;
+        let e = rel_err(&t.to_vec(), want);
+        if e > worst.0 {
+            worst = (e, pname.to_string());
+        }
+        assert!(e < 1e-4, "{name}: step1 {pname} rel err {e:.3e}");
+    }
+    eprintln!("{name}: worst step1 rel err {:.2e} ({})", worst.0, worst.1);
+}
+
+#[test]
+fn tiny_mha_optimizer_step() {
+    check_step1("tiny_mha");
+}
+
+#[test]
+fn gqa_window_optimizer_step() {
+    check_step1("gqa_window");
+}
+
+#[test]
+fn odd_shapes_optimizer_step() {
+    check_step1("odd_shapes");
+}

@@ -3,6 +3,7 @@ pub mod config;
 pub mod error;
 pub mod gpt;
 pub mod kv_cache;
+pub mod optim;
 
 pub use config::GPTConfig;
 pub use error::{ModelError, Result};
