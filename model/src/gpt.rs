@@ -6,6 +6,7 @@ use femtochat_engine::{Ids, ParamStore, RMSNORM_EPS, Reduction, RopeTable, Tenso
 use crate::config::GPTConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::rng::Rng;
 
 /// RoPE base of nanochat.
 const ROPE_BASE: f32 = 100_000.0;
@@ -63,7 +64,7 @@ enum AttnMode<'a> {
 impl Gpt {
     /// Wrap named parameters, checking that exactly the expected names and shapes are present.
     pub fn from_params(config: GPTConfig, params: ParamStore) -> Result<Gpt> {
-        validate_config(&config)?;
+        config.validate()?;
         let expected = param_shapes(&config);
         for (name, shape) in &expected {
             let t =
@@ -83,6 +84,42 @@ impl Gpt {
             RopeTable::new(config.sequence_len * ROPE_LEN_FACTOR, config.head_dim(), ROPE_BASE)?;
         let windows = config.window_sizes();
         Ok(Gpt { config, params, rope, windows })
+    }
+
+    /// A freshly initialised model (SPEC.md §4), reproducible from `seed`.
+    pub fn init(config: GPTConfig, seed: u64) -> Result<Gpt> {
+        config.validate()?;
+        let mut rng = Rng::new(seed);
+        let n = config.n_layer;
+        let s = 3f32.sqrt() / (config.n_embd as f32).sqrt();
+        let mut params = ParamStore::new();
+        for (name, shape) in param_shapes(&config) {
+            let numel: usize = shape.iter().product();
+            let mut fill = |f: &mut dyn FnMut(&mut Rng) -> f32| -> Vec<f32> {
+                (0..numel).map(|_| f(&mut rng)).collect()
+            };
+            let data = match name.as_str() {
+                "transformer.wte.weight" => fill(&mut |r| 0.8 * r.normal()),
+                "lm_head.weight" => fill(&mut |r| 0.001 * r.normal()),
+                "resid_lambdas" => {
+                    (0..n).map(|i| 1.15 - 0.10 * i as f32 / (n - 1).max(1) as f32).collect()
+                }
+                "x0_lambdas" => {
+                    (0..n).map(|i| 0.20 - 0.15 * i as f32 / (n - 1).max(1) as f32).collect()
+                }
+                "smear_gate.weight" => fill(&mut |r| r.uniform(0.0, 0.02)),
+                "smear_lambda" => vec![0.0],
+                "backout_lambda" => vec![0.2],
+                n if n.starts_with("value_embeds.") => fill(&mut |r| r.uniform(-s, s)),
+                n if n.ends_with("attn.ve_gate.weight") => fill(&mut |r| r.uniform(0.0, 0.02)),
+                n if n.ends_with("c_proj.weight") => vec![0.0; numel],
+                n if n.ends_with("mlp.c_fc.weight") => fill(&mut |r| r.uniform(-0.4 * s, 0.4 * s)),
+                // c_q, c_k, c_v
+                _ => fill(&mut |r| r.uniform(-s, s)),
+            };
+            params.insert(name, Tensor::param(data, &shape)?);
+        }
+        Gpt::from_params(config, params)
     }
 
     pub fn config(&self) -> &GPTConfig {
@@ -262,30 +299,4 @@ impl Gpt {
         let m = norm(&x)?.linear(l("mlp.c_fc.weight")?)?.relu2();
         Ok(x.add(&m.linear(l("mlp.c_proj.weight")?)?)?)
     }
-}
-
-fn validate_config(c: &GPTConfig) -> Result<()> {
-    let bad = |m: String| Err(ModelError::Config(m));
-    if c.n_layer == 0 || c.n_head == 0 || c.n_kv_head == 0 || c.vocab_size == 0 {
-        return bad(format!("n_layer, n_head, n_kv_head and vocab_size must be positive: {c:?}"));
-    }
-    if !c.n_embd.is_multiple_of(c.n_head) || !c.head_dim().is_multiple_of(2) {
-        return bad(format!("n_embd {} must split into {} heads of even size", c.n_embd, c.n_head));
-    }
-    if !c.n_head.is_multiple_of(c.n_kv_head) {
-        return bad(format!("n_head {} is not a multiple of n_kv_head {}", c.n_head, c.n_kv_head));
-    }
-    if c.n_embd < SMEAR_CHANNELS {
-        return bad(format!(
-            "n_embd {} is below the smear gate's {SMEAR_CHANNELS} channels",
-            c.n_embd
-        ));
-    }
-    if c.window_pattern.is_empty() || c.window_pattern.chars().any(|ch| ch != 'L' && ch != 'S') {
-        return bad(format!(
-            "window_pattern {:?} must be a non-empty string of L and S",
-            c.window_pattern
-        ));
-    }
-    Ok(())
 }

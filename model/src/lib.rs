@@ -4,6 +4,7 @@ pub mod error;
 pub mod gpt;
 pub mod kv_cache;
 pub mod optim;
+pub mod rng;
 
 pub use config::GPTConfig;
 pub use error::{ModelError, Result};

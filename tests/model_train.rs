@@ -1,0 +1,70 @@
+//! Training-level checks of the GPT: initialisation statistics and memorising one batch.
+use femtochat::engine::{Ids, MuonAdamW, Reduction};
+use femtochat::model::optim::{OptimizerConfig, param_groups};
+use femtochat::model::rng::Rng;
+use femtochat::model::{GPTConfig, Gpt};
+
+fn tiny() -> GPTConfig {
+    GPTConfig {
+        sequence_len: 32,
+        vocab_size: 61,
+        n_layer: 2,
+        n_head: 2,
+        n_kv_head: 1,
+        n_embd: 64,
+        window_pattern: "SL".into(),
+    }
+}
+
+fn std_of(x: &[f32]) -> f32 {
+    let m = x.iter().sum::<f32>() / x.len() as f32;
+    (x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / x.len() as f32).sqrt()
+}
+
+#[test]
+fn init_follows_the_reference_recipe() {
+    let a = Gpt::init(tiny(), 3).unwrap();
+    let b = Gpt::init(tiny(), 3).unwrap();
+    let p = |g: &Gpt, n: &str| g.params().get(n).unwrap().to_vec();
+    assert_eq!(p(&a, "transformer.wte.weight"), p(&b, "transformer.wte.weight"), "seeded");
+    let wte = std_of(&p(&a, "transformer.wte.weight"));
+    assert!((wte - 0.8).abs() < 0.05, "wte std {wte}");
+    let s = 3f32.sqrt() / 8.0;
+    let cq = p(&a, "transformer.h.0.attn.c_q.weight");
+    assert!(cq.iter().all(|&v| v.abs() <= s) && (std_of(&cq) - s / 3f32.sqrt()).abs() < 0.01);
+    assert!(p(&a, "transformer.h.1.mlp.c_proj.weight").iter().all(|&v| v == 0.0));
+    assert_eq!(p(&a, "resid_lambdas"), vec![1.15, 1.05]);
+    assert_eq!(p(&a, "backout_lambda"), vec![0.2]);
+    assert_eq!(p(&a, "smear_lambda"), vec![0.0]);
+}
+
+/// A tiny model memorises one batch: the loss falls from ~ln(V) to near 0.
+#[test]
+fn overfits_one_batch() {
+    let config = tiny();
+    let gpt = Gpt::init(config.clone(), 0).unwrap();
+    let (b, t) = (2, 32);
+    let mut rng = Rng::new(1);
+    let tokens: Vec<u32> =
+        (0..b * (t + 1)).map(|_| (rng.next_u64() % config.vocab_size as u64) as u32).collect();
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    for row in tokens.chunks_exact(t + 1) {
+        inputs.extend_from_slice(&row[..t]);
+        targets.extend(row[1..].iter().map(|&x| x as i32));
+    }
+    let idx = Ids::new(inputs, &[b, t]).unwrap();
+    let o = OptimizerConfig { matrix_lr: 0.02, ..OptimizerConfig::default() };
+    let mut opt = MuonAdamW::new(param_groups(&config, &o), gpt.params()).unwrap();
+    let mut first = None;
+    let mut last = f32::NAN;
+    for _ in 0..40 {
+        let loss = gpt.loss(&idx, &targets, Reduction::Mean).unwrap();
+        last = loss.item().unwrap();
+        first.get_or_insert(last);
+        let grads = loss.backward().unwrap();
+        opt.step(gpt.params(), &grads).unwrap();
+    }
+    let first = first.unwrap();
+    assert!((first - (config.vocab_size as f32).ln()).abs() < 0.5, "initial loss {first}");
+    assert!(last < 0.05, "loss after 40 steps: {last} (started at {first})");
+}
