@@ -20,6 +20,12 @@ pub enum ModelError {
     ContextFull { pos: usize, len: usize, capacity: usize },
     #[error("{0}")]
     Invalid(String),
+    #[error("checkpoint {}: {msg}", path.display())]
+    Checkpoint { path: std::path::PathBuf, msg: String },
+    #[error("checkpoint {} is truncated: {got} bytes, the header needs {expected}", path.display())]
+    Truncated { path: std::path::PathBuf, expected: u64, got: usize },
+    #[error("checkpoint {}: tensor `{name}` has dtype {dtype}; only F32, BF16 and F16 load", path.display())]
+    Dtype { path: std::path::PathBuf, name: String, dtype: String },
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

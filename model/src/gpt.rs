@@ -55,6 +55,15 @@ pub struct Gpt {
     windows: Vec<usize>,
 }
 
+impl std::fmt::Debug for Gpt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpt")
+            .field("config", &self.config)
+            .field("params", &self.params.numel())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What attention reads in one forward: the whole sequence (training), or per-row KV caches.
 enum AttnMode<'a> {
     Full,

@@ -1,4 +1,5 @@
 //! The nanochat GPT, tokenizer, checkpoints, KV-cache inference and sampling.
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gpt;

@@ -1,0 +1,222 @@
+//! Checkpoints as safetensors with nanochat's parameter names, so a nanochat state dict exported
+//! to safetensors loads as-is and ours load in PyTorch.
+//!
+//! - model file: every parameter (f32), with `__metadata__` {"config": GPTConfig JSON, "meta":
+//!   free-form training metadata JSON};
+//! - optimizer file: every state buffer (1-D f32, named `<param>.<buffer>`), with the step count
+//!   in the metadata.
+//!
+//! Files are written atomically (temp file in the same directory, fsync, rename, fsync of the
+//! directory), so a crash leaves either the old checkpoint or the new one, never half of one.
+//! Loading refuses truncated, corrupt or mismatched files with an error naming the problem.
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use femtochat_engine::{MuonAdamW, ParamStore, Tensor};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::config::GPTConfig;
+use crate::error::{ModelError, Result};
+use crate::gpt::Gpt;
+
+/// What a model file holds besides the weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelMeta {
+    pub config: GPTConfig,
+    /// Free-form training metadata (step, losses, options...).
+    pub meta: serde_json::Value,
+}
+
+fn ck_err(path: &Path, msg: impl Into<String>) -> ModelError {
+    ModelError::Checkpoint { path: path.to_path_buf(), msg: msg.into() }
+}
+
+/// Write `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| ck_err(path, "not a file path"))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let io = |e: std::io::Error| ck_err(path, format!("writing: {e}"));
+    {
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    fs::rename(&tmp, path).map_err(io)?;
+    // Persist the rename itself; not every platform lets a directory be opened for this.
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Serialise named f32 tensors with string metadata.
+fn serialize(
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    meta: HashMap<String, String>,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(n, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ck_err(path, format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, Some(meta)).map_err(|e| ck_err(path, e.to_string()))
+}
+
+/// Save the model's parameters, config and metadata to `path`.
+pub fn save_model(path: &Path, gpt: &Gpt, meta: &serde_json::Value) -> Result<()> {
+    let tensors: Vec<_> = gpt
+        .params()
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.shape().to_vec(), f32_bytes(&t.data())))
+        .collect();
+    let config = serde_json::to_string(gpt.config()).map_err(|e| ck_err(path, e.to_string()))?;
+    let info =
+        HashMap::from([("config".to_string(), config), ("meta".to_string(), meta.to_string())]);
+    write_atomic(path, &serialize(&tensors, info, path)?)
+}
+
+/// Read a safetensors file, telling a truncated file from a corrupt one.
+fn read_checked(path: &Path) -> Result<Vec<u8>> {
+    let bytes = fs::read(path).map_err(|e| ck_err(path, format!("reading: {e}")))?;
+    if bytes.len() < 8 {
+        return Err(ModelError::Truncated {
+            path: path.to_path_buf(),
+            expected: 8,
+            got: bytes.len(),
+        });
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
+    let header_end = 8u64.saturating_add(n);
+    if header_end > bytes.len() as u64 {
+        // A header length past the end is either a cut file or garbage; a sane length says cut.
+        return Err(if n < 100 << 20 {
+            ModelError::Truncated {
+                path: path.to_path_buf(),
+                expected: header_end,
+                got: bytes.len(),
+            }
+        } else {
+            ck_err(path, format!("header length {n} is not plausible: not a safetensors file"))
+        });
+    }
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..header_end as usize])
+        .map_err(|e| ck_err(path, format!("header is not valid JSON: {e}")))?;
+    let data_end = header
+        .as_object()
+        .map(|o| {
+            o.values().filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64()).max().unwrap_or(0)
+        })
+        .ok_or_else(|| ck_err(path, "header is not a JSON object"))?;
+    let expected = header_end.saturating_add(data_end);
+    if expected > bytes.len() as u64 {
+        return Err(ModelError::Truncated { path: path.to_path_buf(), expected, got: bytes.len() });
+    }
+    Ok(bytes)
+}
+
+/// Tensors of a safetensors file as f32 (bf16/f16 are widened, other dtypes refused), with
+/// its metadata.
+fn read_f32_tensors(
+    path: &Path,
+) -> Result<(BTreeMap<String, (Vec<usize>, Vec<f32>)>, HashMap<String, String>)> {
+    let bytes = read_checked(path)?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| ck_err(path, e.to_string()))?;
+    let info = header.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| ck_err(path, e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => {
+                raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+            }
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::Dtype {
+                    path: path.to_path_buf(),
+                    name,
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        out.insert(name, (view.shape().to_vec(), data));
+    }
+    Ok((out, info))
+}
+
+/// Load a model file written by `save_model`.
+pub fn load_model(path: &Path) -> Result<(Gpt, ModelMeta)> {
+    let (tensors, info) = read_f32_tensors(path)?;
+    let config_json = info.get("config").ok_or_else(|| {
+        ck_err(path, "no `config` in the metadata; use load_state_dict with a config")
+    })?;
+    let config: GPTConfig =
+        serde_json::from_str(config_json).map_err(|e| ck_err(path, format!("config: {e}")))?;
+    let meta = match info.get("meta") {
+        Some(m) => serde_json::from_str(m).map_err(|e| ck_err(path, format!("meta: {e}")))?,
+        None => serde_json::Value::Null,
+    };
+    let gpt = build(config.clone(), tensors)?;
+    Ok((gpt, ModelMeta { config, meta }))
+}
+
+/// Load a bare state dict (e.g. nanochat's, exported to safetensors; names may carry a
+/// `_orig_mod.` prefix from torch.compile) for a known config.
+pub fn load_state_dict(path: &Path, config: GPTConfig) -> Result<Gpt> {
+    let (tensors, _) = read_f32_tensors(path)?;
+    let tensors = tensors
+        .into_iter()
+        .map(|(n, v)| (n.strip_prefix("_orig_mod.").map(str::to_string).unwrap_or(n), v))
+        .collect();
+    build(config, tensors)
+}
+
+fn build(config: GPTConfig, tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Gpt> {
+    let mut params = ParamStore::new();
+    for (name, (shape, data)) in tensors {
+        params.insert(name, Tensor::param(data, &shape)?);
+    }
+    Gpt::from_params(config, params)
+}
+
+/// Save the optimizer's state to `path`.
+pub fn save_optimizer(path: &Path, opt: &MuonAdamW) -> Result<()> {
+    let (step, bufs) = opt.state_dict();
+    let tensors: Vec<_> =
+        bufs.iter().map(|(n, v)| (n.clone(), vec![v.len()], f32_bytes(v))).collect();
+    let info = HashMap::from([("step".to_string(), step.to_string())]);
+    write_atomic(path, &serialize(&tensors, info, path)?)
+}
+
+/// Restore into `opt` (built for the same parameters) what `save_optimizer` wrote.
+pub fn load_optimizer(path: &Path, opt: &mut MuonAdamW) -> Result<()> {
+    let (tensors, info) = read_f32_tensors(path)?;
+    let step = info
+        .get("step")
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| ck_err(path, "no valid `step` in the metadata"))?;
+    let bufs = tensors.into_iter().map(|(n, (_, v))| (n, v)).collect();
+    opt.load_state_dict(step, &bufs).map_err(|e| ck_err(path, e.to_string()))
+}
