@@ -128,11 +128,12 @@ fn read_checked(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Named tensors as (shape, f32 data).
+type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Tensors of a safetensors file as f32 (bf16/f16 are widened, other dtypes refused), with
 /// its metadata.
-fn read_f32_tensors(
-    path: &Path,
-) -> Result<(BTreeMap<String, (Vec<usize>, Vec<f32>)>, HashMap<String, String>)> {
+fn read_f32_tensors(path: &Path) -> Result<(F32Tensors, HashMap<String, String>)> {
     let bytes = read_checked(path)?;
     let (_, header) =
         SafeTensors::read_metadata(&bytes).map_err(|e| ck_err(path, e.to_string()))?;
@@ -193,7 +194,7 @@ pub fn load_state_dict(path: &Path, config: GPTConfig) -> Result<Gpt> {
     build(config, tensors)
 }
 
-fn build(config: GPTConfig, tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Gpt> {
+fn build(config: GPTConfig, tensors: F32Tensors) -> Result<Gpt> {
     let mut params = ParamStore::new();
     for (name, (shape, data)) in tensors {
         params.insert(name, Tensor::param(data, &shape)?);
