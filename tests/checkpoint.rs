@@ -54,7 +54,7 @@ fn optimizer_round_trip_continues_identically() {
     let groups = param_groups(gpt.config(), &OptimizerConfig::default());
     let mut opt = MuonAdamW::new(groups.clone(), gpt.params()).unwrap();
     let idx = Ids::new((0..32).map(|i| i % 50).collect(), &[2, 16]).unwrap();
-    let targets: Vec<i32> = (0..32).map(|i| (i * 7 % 50) as i32).collect();
+    let targets: Vec<i32> = (0..32).map(|i| i * 7 % 50).collect();
     let step = |gpt: &Gpt, opt: &mut MuonAdamW| {
         let loss = gpt.loss(&idx, &targets, Reduction::Mean).unwrap();
         opt.step(gpt.params(), &loss.backward().unwrap()).unwrap();
