@@ -68,3 +68,30 @@ fn overfits_one_batch() {
     assert!((first - (config.vocab_size as f32).ln()).abs() < 0.5, "initial loss {first}");
     assert!(last < 0.05, "loss after 40 steps: {last} (started at {first})");
 }
+
+/// Greedy generation with the KV cache picks, at every step, the argmax of a full forward over
+/// everything so far; stop tokens and cancellation end it.
+#[test]
+fn cached_greedy_generation_matches_full_forward() {
+    use femtochat::model::generate::{Finish, generate};
+    use femtochat::model::sampler::{Sampler, SamplingParams, argmax};
+    let gpt = Gpt::init(tiny(), 5).unwrap();
+    let greedy =
+        || Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }, 0).unwrap();
+    let prompt = vec![3u32, 14, 15, 9, 26];
+    let (out, finish) = generate(&gpt, &prompt, &mut greedy(), 8, &[], |_| true).unwrap();
+    assert_eq!((out.len(), finish), (8, Finish::Length));
+    let mut seq = prompt.clone();
+    for &tok in &out {
+        let logits =
+            gpt.forward(&Ids::new(seq.clone(), &[1, seq.len()]).unwrap()).unwrap().to_vec();
+        let v = tiny().vocab_size;
+        assert_eq!(argmax(&logits[(seq.len() - 1) * v..]), tok);
+        seq.push(tok);
+    }
+    let (stopped, finish) = generate(&gpt, &prompt, &mut greedy(), 8, &[out[2]], |_| true).unwrap();
+    assert_eq!(finish, Finish::Stop);
+    assert_eq!(stopped.last(), Some(&out[2]));
+    let (cut, finish) = generate(&gpt, &prompt, &mut greedy(), 8, &[], |_| false).unwrap();
+    assert_eq!((cut.len(), finish), (1, Finish::Cancelled));
+}

@@ -2,10 +2,12 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod gpt;
 pub mod kv_cache;
 pub mod optim;
 pub mod rng;
+pub mod sampler;
 
 pub use config::GPTConfig;
 pub use error::{ModelError, Result};
