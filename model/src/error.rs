@@ -22,6 +22,8 @@ pub enum ModelError {
     Invalid(String),
     #[error("checkpoint {}: {msg}", path.display())]
     Checkpoint { path: std::path::PathBuf, msg: String },
+    #[error("fixture {}: {msg}", path.display())]
+    Fixture { path: std::path::PathBuf, msg: String },
     #[error("checkpoint {} is truncated: {got} bytes, the header needs {expected}", path.display())]
     Truncated { path: std::path::PathBuf, expected: u64, got: usize },
     #[error("checkpoint {}: tensor `{name}` has dtype {dtype}; only F32, BF16 and F16 load", path.display())]

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod gpt;
 pub mod kv_cache;
 pub mod optim;
+pub mod parity;
 pub mod rng;
 pub mod sampler;
 
