@@ -9,6 +9,7 @@ pub mod optim;
 pub mod parity;
 pub mod rng;
 pub mod sampler;
+pub mod schedule;
 
 pub use config::GPTConfig;
 pub use error::{ModelError, Result};
