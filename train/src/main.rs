@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod parity;
+mod trainer;
 
 #[derive(Parser)]
 #[command(name = "train", version, about = "femtochat: train and check nanochat models in Rust")]
