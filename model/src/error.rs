@@ -22,6 +22,8 @@ pub enum ModelError {
     Invalid(String),
     #[error("checkpoint {}: {msg}", path.display())]
     Checkpoint { path: std::path::PathBuf, msg: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error("fixture {}: {msg}", path.display())]
     Fixture { path: std::path::PathBuf, msg: String },
     #[error("checkpoint {} is truncated: {got} bytes, the header needs {expected}", path.display())]

@@ -10,6 +10,7 @@ pub mod parity;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;
+pub mod tokenizer;
 
 pub use config::GPTConfig;
 pub use error::{ModelError, Result};

@@ -1,0 +1,354 @@
+//! Byte-level BPE (SPEC.md §9): training with rustbpe's semantics (`train.rs`), encoding with
+//! tiktoken's (lowest-rank merge first), decoding, streaming decoding, chat rendering (`chat.rs`),
+//! and tiktoken's `.tiktoken` file format plus a small JSON for the pattern and specials.
+mod chat;
+mod train;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use fancy_regex::Regex;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use chat::{ChatMessage, Content, Conversation, DEFAULT_MAX_TOKENS, Part};
+pub use train::train_bpe;
+
+use crate::error::{ModelError, Result};
+
+/// GPT-4's split pattern with numbers of 1-2 digits, as nanochat.
+pub const SPLIT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+
+/// nanochat's special tokens, in id order after the mergeable ranks.
+pub const SPECIAL_TOKENS: [&str; 9] = [
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+];
+
+fn tok_err(msg: impl Into<String>) -> ModelError {
+    ModelError::Tokenizer(msg.into())
+}
+
+/// The JSON beside the ranks file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TokenizerJson {
+    pattern: String,
+    vocab_size: usize,
+    special_tokens: HashMap<String, u32>,
+}
+
+/// A trained tokenizer: mergeable ranks (token bytes -> id, ids 0..n) plus special tokens.
+#[derive(Clone, Debug)]
+pub struct Tokenizer {
+    ranks: HashMap<Vec<u8>, u32>,
+    /// id -> bytes for every id, specials included.
+    vocab: Vec<Vec<u8>>,
+    specials: HashMap<String, u32>,
+    pattern: String,
+    regex: Regex,
+}
+
+impl Tokenizer {
+    /// From mergeable ranks (must be exactly the ids 0..n) and special tokens (ids n..).
+    pub fn new(
+        ranks: HashMap<Vec<u8>, u32>,
+        specials: &[&str],
+        pattern: &str,
+    ) -> Result<Tokenizer> {
+        let n = ranks.len();
+        let mut vocab = vec![Vec::new(); n];
+        for (bytes, &id) in &ranks {
+            let slot = vocab
+                .get_mut(id as usize)
+                .ok_or_else(|| tok_err(format!("rank {id} >= {n} tokens")))?;
+            if !slot.is_empty() {
+                return Err(tok_err(format!("rank {id} is used twice")));
+            }
+            if bytes.is_empty() {
+                return Err(tok_err(format!("rank {id} has empty bytes")));
+            }
+            *slot = bytes.clone();
+        }
+        if let Some(b) = (0..=255u8).find(|b| !ranks.contains_key(&[*b][..])) {
+            return Err(tok_err(format!(
+                "byte {b:#04x} has no token: byte-level BPE needs all 256"
+            )));
+        }
+        let mut spec = HashMap::new();
+        for (i, s) in specials.iter().enumerate() {
+            spec.insert(s.to_string(), (n + i) as u32);
+            vocab.push(s.as_bytes().to_vec());
+        }
+        let regex = Regex::new(pattern).map_err(|e| tok_err(format!("bad split pattern: {e}")))?;
+        Ok(Tokenizer { ranks, vocab, specials: spec, pattern: pattern.to_string(), regex })
+    }
+
+    /// Train on documents (SPEC.md §9): `vocab_size` includes the 9 special tokens.
+    pub fn train<S: AsRef<str> + Sync>(docs: &[S], vocab_size: usize) -> Result<Tokenizer> {
+        let n_special = SPECIAL_TOKENS.len();
+        if vocab_size < 256 + n_special {
+            return Err(tok_err(format!(
+                "vocab size must be at least {}, got {vocab_size}",
+                256 + n_special
+            )));
+        }
+        let regex = Regex::new(SPLIT_PATTERN).map_err(|e| tok_err(e.to_string()))?;
+        let counts = train::count_chunks(docs, &regex)?;
+        let ranks = train_bpe(counts, vocab_size - n_special);
+        Tokenizer::new(ranks, &SPECIAL_TOKENS, SPLIT_PATTERN)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Id of a special token such as `<|bos|>`.
+    pub fn special(&self, name: &str) -> Result<u32> {
+        self.specials.get(name).copied().ok_or_else(|| tok_err(format!("no special token {name}")))
+    }
+
+    pub fn bos(&self) -> u32 {
+        // Every tokenizer this crate builds or loads has all of SPECIAL_TOKENS.
+        self.specials.get("<|bos|>").copied().unwrap_or(0)
+    }
+
+    /// Bytes of a token (specials give their text).
+    pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
+        self.vocab.get(id as usize).map(Vec::as_slice)
+    }
+
+    /// Whether `id` is a special token.
+    pub fn is_special(&self, id: u32) -> bool {
+        id as usize >= self.ranks.len() && (id as usize) < self.vocab.len()
+    }
+
+    /// Encode text without special tokens (their text is encoded as ordinary bytes).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len() / 3);
+        for m in self.regex.find_iter(text) {
+            // The pattern has no construct that can fail at run time on valid UTF-8 (no
+            // backtracking limit is reachable with these look-arounds), so a failed match would be
+            // a bug; skip nothing silently: fall back to encoding the rest as bytes.
+            match m {
+                Ok(m) => self.encode_chunk(m.as_str().as_bytes(), &mut out),
+                Err(_) => {
+                    out.extend(text.as_bytes().iter().map(|&b| self.ranks[&[b][..]]));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Encode many texts in parallel.
+    pub fn encode_batch<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Vec<Vec<u32>> {
+        texts.par_iter().map(|t| self.encode(t.as_ref())).collect()
+    }
+
+    /// tiktoken's byte-pair merge of one pre-split chunk: repeatedly merge the adjacent pair whose
+    /// concatenation has the lowest rank (leftmost on ties).
+    fn encode_chunk(&self, bytes: &[u8], out: &mut Vec<u32>) {
+        if let Some(&id) = self.ranks.get(bytes) {
+            out.push(id);
+            return;
+        }
+        // Part boundaries: part i is bytes[bounds[i]..bounds[i+1]].
+        let mut bounds: Vec<usize> = (0..=bytes.len()).collect();
+        let rank_of = |b: &[usize], i: usize| -> u32 {
+            if i + 2 < b.len() {
+                self.ranks.get(&bytes[b[i]..b[i + 2]]).copied().unwrap_or(u32::MAX)
+            } else {
+                u32::MAX
+            }
+        };
+        let mut pair_ranks: Vec<u32> = (0..bounds.len() - 1).map(|i| rank_of(&bounds, i)).collect();
+        loop {
+            let (mut best, mut at) = (u32::MAX, usize::MAX);
+            for (i, &r) in pair_ranks.iter().enumerate() {
+                if r < best {
+                    best = r;
+                    at = i;
+                }
+            }
+            if best == u32::MAX {
+                break;
+            }
+            bounds.remove(at + 1);
+            pair_ranks.remove(at + 1);
+            pair_ranks[at] = rank_of(&bounds, at);
+            if at > 0 {
+                pair_ranks[at - 1] = rank_of(&bounds, at - 1);
+            }
+        }
+        for w in bounds.windows(2) {
+            out.push(self.ranks[&bytes[w[0]..w[1]]]);
+        }
+    }
+
+    /// Bytes of a token sequence; unknown ids are an error.
+    pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for &id in ids {
+            out.extend_from_slice(
+                self.token_bytes(id).ok_or_else(|| tok_err(format!("unknown token id {id}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Text of a token sequence; invalid UTF-8 (a sequence cut inside a character) is replaced
+    /// with U+FFFD, as tiktoken's `decode`.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.decode_bytes(ids)?).into_owned())
+    }
+
+    /// Load `DIR/tokenizer.tiktoken` and `DIR/tokenizer.json`.
+    pub fn load(dir: &Path) -> Result<Tokenizer> {
+        let ranks_path = dir.join("tokenizer.tiktoken");
+        let json_path = dir.join("tokenizer.json");
+        let text = std::fs::read_to_string(&ranks_path)
+            .map_err(|e| tok_err(format!("{}: {e}", ranks_path.display())))?;
+        let ranks =
+            parse_tiktoken(&text).map_err(|e| tok_err(format!("{}: {e}", ranks_path.display())))?;
+        let meta: TokenizerJson = serde_json::from_slice(
+            &std::fs::read(&json_path)
+                .map_err(|e| tok_err(format!("{}: {e}", json_path.display())))?,
+        )
+        .map_err(|e| tok_err(format!("{}: {e}", json_path.display())))?;
+        let mut specials: Vec<(&String, &u32)> = meta.special_tokens.iter().collect();
+        specials.sort_by_key(|(_, id)| **id);
+        for (i, &(name, &id)) in specials.iter().enumerate() {
+            if id as usize != ranks.len() + i {
+                return Err(tok_err(format!(
+                    "special token {name} has id {id}, expected {}",
+                    ranks.len() + i
+                )));
+            }
+        }
+        let names: Vec<&str> = specials.iter().map(|(n, _)| n.as_str()).collect();
+        let tok = Tokenizer::new(ranks, &names, &meta.pattern)?;
+        if tok.vocab_size() != meta.vocab_size {
+            return Err(tok_err(format!(
+                "{} declares vocab size {} but holds {} tokens",
+                json_path.display(),
+                meta.vocab_size,
+                tok.vocab_size()
+            )));
+        }
+        for s in SPECIAL_TOKENS {
+            tok.special(s)?;
+        }
+        Ok(tok)
+    }
+
+    /// Write `DIR/tokenizer.tiktoken` (tiktoken's format: base64 bytes, space, rank) and
+    /// `DIR/tokenizer.json`, each atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| tok_err(format!("{}: {e}", dir.display())))?;
+        let mut lines = String::new();
+        for (id, bytes) in self.vocab[..self.ranks.len()].iter().enumerate() {
+            lines.push_str(&B64.encode(bytes));
+            lines.push(' ');
+            lines.push_str(&id.to_string());
+            lines.push('\n');
+        }
+        crate::checkpoint::write_atomic(&dir.join("tokenizer.tiktoken"), lines.as_bytes())?;
+        let meta = TokenizerJson {
+            pattern: self.pattern.clone(),
+            vocab_size: self.vocab_size(),
+            special_tokens: self.specials.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| tok_err(e.to_string()))?;
+        crate::checkpoint::write_atomic(&dir.join("tokenizer.json"), &json)
+    }
+}
+
+/// Parse tiktoken's ranks format; ranks must be exactly 0..n with no duplicates.
+pub fn parse_tiktoken(text: &str) -> std::result::Result<HashMap<Vec<u8>, u32>, String> {
+    let mut ranks = HashMap::new();
+    for (lineno, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let at = || format!("line {}", lineno + 1);
+        let (b64, rank) =
+            line.split_once(' ').ok_or_else(|| format!("{}: expected `<base64> <rank>`", at()))?;
+        let bytes = B64.decode(b64).map_err(|e| format!("{}: bad base64: {e}", at()))?;
+        let rank: u32 = rank.trim().parse().map_err(|_| format!("{}: bad rank {rank:?}", at()))?;
+        if ranks.insert(bytes, rank).is_some() {
+            return Err(format!("{}: token bytes listed twice", at()));
+        }
+    }
+    let mut seen = vec![false; ranks.len()];
+    for &r in ranks.values() {
+        match seen.get_mut(r as usize) {
+            Some(s) if !*s => *s = true,
+            _ => {
+                return Err(format!(
+                    "ranks must be exactly 0..{} with no gaps or repeats (saw {r})",
+                    ranks.len()
+                ));
+            }
+        }
+    }
+    Ok(ranks)
+}
+
+/// Incremental decoder for streaming: feed tokens, get text only once it is complete UTF-8.
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder {
+    /// Append a token's bytes; returns the text that is now complete (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.pending.extend_from_slice(
+            tok.token_bytes(id).ok_or_else(|| tok_err(format!("unknown token id {id}")))?,
+        );
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return Ok(out);
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    // Safe: the prefix was just validated.
+                    out.push_str(std::str::from_utf8(&self.pending[..valid]).unwrap_or_default());
+                    match e.error_len() {
+                        // Incomplete character at the end: wait for more bytes.
+                        None => {
+                            self.pending.drain(..valid);
+                            return Ok(out);
+                        }
+                        // Invalid bytes in the middle: emit a replacement and go on.
+                        Some(n) => {
+                            out.push('\u{FFFD}');
+                            self.pending.drain(..valid + n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whatever is left at the end of the stream (lossy).
+    pub fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}

@@ -1,0 +1,170 @@
+//! BPE training with rustbpe's semantics, so the same text gives the same ranks:
+//! 1. split every document with the pattern and count distinct chunks (parallel over documents;
+//!    memory holds counts, not text);
+//! 2. count adjacent pairs over the chunks, weighted by chunk count, remembering which chunks hold
+//!    each pair;
+//! 3. repeatedly merge the most frequent pair (ties: the smaller (left, right) id pair) into a new
+//!    id, with a lazily refreshed max-heap: a popped entry whose count is stale is re-pushed with
+//!    the current count; merging updates pair counts by local deltas and pushes the new pairs.
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+use fancy_regex::Regex;
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+
+type Pair = (u32, u32);
+
+/// Distinct pre-split chunks of `docs` with their counts.
+pub(crate) fn count_chunks<S: AsRef<str> + Sync>(
+    docs: &[S],
+    regex: &Regex,
+) -> Result<HashMap<Vec<u8>, i64>> {
+    docs.par_iter()
+        .try_fold(HashMap::new, |mut m: HashMap<Vec<u8>, i64>, doc| {
+            for piece in regex.find_iter(doc.as_ref()) {
+                let piece =
+                    piece.map_err(|e| ModelError::Tokenizer(format!("split failed: {e}")))?;
+                match m.get_mut(piece.as_str().as_bytes()) {
+                    Some(c) => *c += 1,
+                    None => {
+                        m.insert(piece.as_str().as_bytes().to_vec(), 1);
+                    }
+                }
+            }
+            Ok(m)
+        })
+        .try_reduce(HashMap::new, |mut a, b| {
+            let (mut big, small) =
+                if a.len() >= b.len() { (a, b) } else { (b, std::mem::take(&mut a)) };
+            for (k, v) in small {
+                *big.entry(k).or_default() += v;
+            }
+            Ok(big)
+        })
+}
+
+struct Job {
+    pair: Pair,
+    count: i64,
+    /// Chunks that held this pair when the entry was pushed.
+    pos: Vec<usize>,
+}
+
+impl PartialEq for Job {
+    fn eq(&self, other: &Self) -> bool {
+        self.count == other.count && self.pair == other.pair
+    }
+}
+impl Eq for Job {}
+impl PartialOrd for Job {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Job {
+    /// Max-heap on count; on equal counts the smaller pair is greater (pops first).
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.count.cmp(&other.count).then_with(|| other.pair.cmp(&self.pair))
+    }
+}
+
+/// Merge every occurrence of `pair` in `word` (left to right, non-overlapping) into `new`;
+/// push the pair-count changes this makes (per occurrence of the word) into `deltas`.
+fn merge_word(word: &mut Vec<u32>, pair: Pair, new: u32, deltas: &mut Vec<(Pair, i64)>) {
+    let (a, b) = pair;
+    let n = word.len();
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < n {
+        if i + 1 < n && word[i] == a && word[i + 1] == b {
+            // The left neighbour is what is already written (possibly a fresh `new`).
+            if let Some(&x) = out.last() {
+                deltas.push(((x, a), -1));
+                deltas.push(((x, new), 1));
+            }
+            deltas.push(((a, b), -1));
+            if let Some(&y) = word.get(i + 2) {
+                deltas.push(((b, y), -1));
+                deltas.push(((new, y), 1));
+            }
+            out.push(new);
+            i += 2;
+        } else {
+            out.push(word[i]);
+            i += 1;
+        }
+    }
+    *word = out;
+}
+
+/// Train `vocab_size - 256` merges over counted chunks; returns mergeable ranks (bytes -> id)
+/// for ids 0..vocab_size (fewer if the text runs out of pairs).
+pub fn train_bpe(chunks: HashMap<Vec<u8>, i64>, vocab_size: usize) -> HashMap<Vec<u8>, u32> {
+    let (mut words, counts): (Vec<Vec<u32>>, Vec<i64>) =
+        chunks.into_iter().map(|(bytes, c)| (bytes.iter().map(|&b| b as u32).collect(), c)).unzip();
+
+    let mut pair_counts: HashMap<Pair, i64> = HashMap::new();
+    let mut where_: HashMap<Pair, HashSet<usize>> = HashMap::new();
+    for (i, w) in words.iter().enumerate() {
+        for p in w.windows(2) {
+            *pair_counts.entry((p[0], p[1])).or_default() += counts[i];
+            where_.entry((p[0], p[1])).or_default().insert(i);
+        }
+    }
+    let mut heap: BinaryHeap<Job> = where_
+        .into_iter()
+        .filter_map(|(pair, pos)| {
+            let count = pair_counts[&pair];
+            (count > 0).then(|| Job { pair, count, pos: sorted(pos) })
+        })
+        .collect();
+
+    let mut vocab: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    let mut deltas = Vec::new();
+    while vocab.len() < vocab_size {
+        let Some(mut top) = heap.pop() else { break };
+        let current = pair_counts.get(&top.pair).copied().unwrap_or(0);
+        if top.count != current {
+            top.count = current;
+            if current > 0 {
+                heap.push(top);
+            }
+            continue;
+        }
+        if current <= 0 {
+            break;
+        }
+        let new = vocab.len() as u32;
+        let mut bytes = vocab[top.pair.0 as usize].clone();
+        bytes.extend_from_slice(&vocab[top.pair.1 as usize]);
+        vocab.push(bytes);
+
+        let mut fresh: HashMap<Pair, HashSet<usize>> = HashMap::new();
+        for &wi in &top.pos {
+            deltas.clear();
+            merge_word(&mut words[wi], top.pair, new, &mut deltas);
+            for &(pair, d) in &deltas {
+                *pair_counts.entry(pair).or_default() += d * counts[wi];
+                if d > 0 {
+                    fresh.entry(pair).or_default().insert(wi);
+                }
+            }
+        }
+        for (pair, pos) in fresh {
+            let count = pair_counts.get(&pair).copied().unwrap_or(0);
+            if count > 0 {
+                heap.push(Job { pair, count, pos: sorted(pos) });
+            }
+        }
+    }
+    vocab.into_iter().enumerate().map(|(id, bytes)| (bytes, id as u32)).collect()
+}
+
+/// Chunk indices in increasing order, so merges visit chunks deterministically.
+fn sorted(set: HashSet<usize>) -> Vec<usize> {
+    let mut v: Vec<usize> = set.into_iter().collect();
+    v.sort_unstable();
+    v
+}
