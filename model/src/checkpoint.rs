@@ -221,3 +221,52 @@ pub fn load_optimizer(path: &Path, opt: &mut MuonAdamW) -> Result<()> {
     let bufs = tensors.into_iter().map(|(n, (_, v))| (n, v)).collect();
     opt.load_state_dict(step, &bufs).map_err(|e| ck_err(path, e.to_string()))
 }
+
+/// `RUN_DIR/latest.json`: the newest complete checkpoint of a training run.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Latest {
+    pub step: usize,
+    /// Checkpoint directory, relative to the run directory.
+    pub dir: String,
+}
+
+/// The newest checkpoint of a run directory, if any: (its directory, its step).
+pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(PathBuf, usize)>> {
+    let path = run_dir.join("latest.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = fs::read(&path).map_err(|e| ck_err(&path, format!("reading: {e}")))?;
+    let latest: Latest =
+        serde_json::from_slice(&bytes).map_err(|e| ck_err(&path, e.to_string()))?;
+    Ok(Some((run_dir.join(latest.dir), latest.step)))
+}
+
+/// Load the newest model of a run directory written by `train` and its tokenizer
+/// (`RUN_DIR/tokenizer/`, or `tokenizer_dir` when given).
+pub fn load_run(
+    run_dir: &Path,
+    tokenizer_dir: Option<&Path>,
+) -> Result<(Gpt, crate::tokenizer::Tokenizer)> {
+    let (dir, _) = latest_checkpoint(run_dir)?.ok_or_else(|| {
+        ck_err(
+            run_dir,
+            "no latest.json: not a run directory written by `train`, or no checkpoint yet",
+        )
+    })?;
+    let (gpt, _) = load_model(&dir.join("model.safetensors"))?;
+    let tok_dir = tokenizer_dir.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("tokenizer"));
+    let tok = crate::tokenizer::Tokenizer::load(&tok_dir)?;
+    if tok.vocab_size() != gpt.config().vocab_size {
+        return Err(ck_err(
+            run_dir,
+            format!(
+                "the tokenizer in {} has {} tokens but the model expects {}",
+                tok_dir.display(),
+                tok.vocab_size(),
+                gpt.config().vocab_size
+            ),
+        ));
+    }
+    Ok((gpt, tok))
+}

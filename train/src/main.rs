@@ -1,20 +1,34 @@
-//! `train`: the researcher's entry point — tokenizer, base pretraining, evaluation, parity.
+//! `train`: the researcher's entry point — tokenizer, base pretraining, parity checks.
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod base;
+mod docs;
+mod loader;
 mod parity;
+mod plot;
+mod tokenizer_cmd;
 mod trainer;
 
 #[derive(Parser)]
 #[command(name = "train", version, about = "femtochat: train and check nanochat models in Rust")]
 struct Cli {
+    /// Worker threads for every kernel (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a byte-level BPE tokenizer (rustbpe-compatible) and write DIR/tokenizer.tiktoken.
+    Tokenizer(tokenizer_cmd::Args),
+    /// Report a tokenizer's compression (bytes per token) on text files.
+    TokenizerEval(tokenizer_cmd::EvalArgs),
+    /// Pretrain a GPT from scratch (resumable; metrics in RUN_DIR/metrics.jsonl).
+    Base(Box<base::Args>),
     /// Check the model and optimizer against PyTorch reference fixtures.
     ///
     /// Each FIXTURE is a `<case>.safetensors` with a `<case>.json` beside it (the format of
@@ -26,7 +40,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads
+        && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()
+    {
+        eprintln!("error: --threads: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
+        Command::Tokenizer(args) => tokenizer_cmd::main(args).map(|()| ExitCode::SUCCESS),
+        Command::TokenizerEval(args) => tokenizer_cmd::eval(args).map(|()| ExitCode::SUCCESS),
+        Command::Base(args) => base::main(*args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::main(args),
     };
     match result {

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use femtochat_engine::{GroupKind, Ids, MuonAdamW, Reduction};
 use femtochat_model::checkpoint::{
-    load_model, load_optimizer, save_model, save_optimizer, write_atomic,
+    Latest, latest_checkpoint, load_model, load_optimizer, save_model, save_optimizer, write_atomic,
 };
 use femtochat_model::optim::{OptimizerConfig, param_groups};
 use femtochat_model::schedule::Schedule;
@@ -100,12 +100,6 @@ struct CheckpointState {
     settings: Settings,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Latest {
-    step: usize,
-    dir: String,
-}
-
 /// What a finished run reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
@@ -142,13 +136,7 @@ impl Trainer {
 
     /// The newest checkpoint of `run_dir`, if any: (directory, step).
     pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, usize)>> {
-        let path = run_dir.join("latest.json");
-        if !path.exists() {
-            return Ok(None);
-        }
-        let latest: Latest = serde_json::from_slice(&fs::read(&path)?)
-            .with_context(|| format!("parsing {}", path.display()))?;
-        Ok(Some((run_dir.join(latest.dir), latest.step)))
+        Ok(latest_checkpoint(run_dir)?)
     }
 
     /// Continue the run in `run_dir` from its newest checkpoint; restores `source` to where it
@@ -248,18 +236,21 @@ impl Trainer {
         let mut val_bpb = None;
         while self.step < s.num_iterations {
             let it = self.step;
-            if s.eval_every > 0 && it % s.eval_every == 0 {
-                if let Some(v) = validator.as_deref_mut() {
-                    let bpb = v.val_bpb(&self.gpt)?;
-                    self.log(serde_json::json!({ "step": it, "val_bpb": bpb }))?;
-                    val_bpb = Some(bpb);
-                }
+            if s.eval_every > 0
+                && it.is_multiple_of(s.eval_every)
+                && let Some(v) = validator.as_deref_mut()
+            {
+                let bpb = v.val_bpb(&self.gpt)?;
+                self.log(serde_json::json!({ "step": it, "val_bpb": bpb }))?;
+                val_bpb = Some(bpb);
             }
-            if s.sample_every > 0 && it > 0 && it % s.sample_every == 0 {
-                if let Some(hook) = sample.as_deref_mut() {
-                    for line in hook(&self.gpt)? {
-                        eprintln!("[step {it}] {line}");
-                    }
+            if s.sample_every > 0
+                && it > 0
+                && it.is_multiple_of(s.sample_every)
+                && let Some(hook) = sample.as_deref_mut()
+            {
+                for line in hook(&self.gpt)? {
+                    eprintln!("[step {it}] {line}");
                 }
             }
             let t0 = Instant::now();
@@ -314,11 +305,14 @@ impl Trainer {
                 "dt_ms": dt * 1e3,
             }))?;
             progress(it, last_loss, tok_per_s);
-            if s.save_every > 0 && self.step % s.save_every == 0 && self.step < s.num_iterations {
+            if s.save_every > 0
+                && self.step.is_multiple_of(s.save_every)
+                && self.step < s.num_iterations
+            {
                 self.save(source)?;
             }
         }
-        if let Some(v) = validator.as_deref_mut() {
+        if let Some(v) = validator {
             let bpb = v.val_bpb(&self.gpt)?;
             self.log(serde_json::json!({ "step": self.step, "val_bpb": bpb }))?;
             val_bpb = Some(bpb);

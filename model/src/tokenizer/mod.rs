@@ -276,6 +276,45 @@ impl Tokenizer {
     }
 }
 
+/// Streaming tokenizer training: feed documents in batches (counted in parallel, only chunk
+/// counts are kept), then train.
+pub struct ChunkCounter {
+    regex: Regex,
+    counts: HashMap<Vec<u8>, i64>,
+}
+
+impl ChunkCounter {
+    pub fn new() -> Result<ChunkCounter> {
+        let regex = Regex::new(SPLIT_PATTERN).map_err(|e| tok_err(e.to_string()))?;
+        Ok(ChunkCounter { regex, counts: HashMap::new() })
+    }
+
+    pub fn add<S: AsRef<str> + Sync>(&mut self, docs: &[S]) -> Result<()> {
+        for (k, v) in train::count_chunks(docs, &self.regex)? {
+            *self.counts.entry(k).or_default() += v;
+        }
+        Ok(())
+    }
+
+    /// Distinct chunks so far.
+    pub fn distinct(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// `vocab_size` includes the 9 special tokens.
+    pub fn train(self, vocab_size: usize) -> Result<Tokenizer> {
+        let n_special = SPECIAL_TOKENS.len();
+        if vocab_size < 256 + n_special {
+            return Err(tok_err(format!(
+                "vocab size must be at least {}, got {vocab_size}",
+                256 + n_special
+            )));
+        }
+        let ranks = train_bpe(self.counts, vocab_size - n_special);
+        Tokenizer::new(ranks, &SPECIAL_TOKENS, SPLIT_PATTERN)
+    }
+}
+
 /// Parse tiktoken's ranks format; ranks must be exactly 0..n with no duplicates.
 pub fn parse_tiktoken(text: &str) -> std::result::Result<HashMap<Vec<u8>, u32>, String> {
     let mut ranks = HashMap::new();
