@@ -4,7 +4,7 @@
 mod chat;
 mod train;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::path::Path;
 
 use base64::Engine;
@@ -83,7 +83,7 @@ impl Tokenizer {
                 "byte {b:#04x} has no token: byte-level BPE needs all 256"
             )));
         }
-        let mut spec = HashMap::new();
+        let mut spec = HashMap::default();
         for (i, s) in specials.iter().enumerate() {
             spec.insert(s.to_string(), (n + i) as u32);
             vocab.push(s.as_bytes().to_vec());
@@ -286,7 +286,7 @@ pub struct ChunkCounter {
 impl ChunkCounter {
     pub fn new() -> Result<ChunkCounter> {
         let regex = Regex::new(SPLIT_PATTERN).map_err(|e| tok_err(e.to_string()))?;
-        Ok(ChunkCounter { regex, counts: HashMap::new() })
+        Ok(ChunkCounter { regex, counts: HashMap::default() })
     }
 
     pub fn add<S: AsRef<str> + Sync>(&mut self, docs: &[S]) -> Result<()> {
@@ -317,7 +317,7 @@ impl ChunkCounter {
 
 /// Parse tiktoken's ranks format; ranks must be exactly 0..n with no duplicates.
 pub fn parse_tiktoken(text: &str) -> std::result::Result<HashMap<Vec<u8>, u32>, String> {
-    let mut ranks = HashMap::new();
+    let mut ranks = HashMap::default();
     for (lineno, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
         let at = || format!("line {}", lineno + 1);
         let (b64, rank) =

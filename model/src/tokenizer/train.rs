@@ -7,7 +7,9 @@
 //!    id, with a lazily refreshed max-heap: a popped entry whose count is stale is re-pushed with
 //!    the current count; merging updates pair counts by local deltas and pushes the new pairs.
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::BinaryHeap;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use fancy_regex::Regex;
 use rayon::prelude::*;
@@ -22,7 +24,7 @@ pub(crate) fn count_chunks<S: AsRef<str> + Sync>(
     regex: &Regex,
 ) -> Result<HashMap<Vec<u8>, i64>> {
     docs.par_iter()
-        .try_fold(HashMap::new, |mut m: HashMap<Vec<u8>, i64>, doc| {
+        .try_fold(HashMap::default, |mut m: HashMap<Vec<u8>, i64>, doc| {
             for piece in regex.find_iter(doc.as_ref()) {
                 let piece =
                     piece.map_err(|e| ModelError::Tokenizer(format!("split failed: {e}")))?;
@@ -35,7 +37,7 @@ pub(crate) fn count_chunks<S: AsRef<str> + Sync>(
             }
             Ok(m)
         })
-        .try_reduce(HashMap::new, |mut a, b| {
+        .try_reduce(HashMap::default, |mut a, b| {
             let (mut big, small) =
                 if a.len() >= b.len() { (a, b) } else { (b, std::mem::take(&mut a)) };
             for (k, v) in small {
@@ -105,8 +107,8 @@ pub fn train_bpe(chunks: HashMap<Vec<u8>, i64>, vocab_size: usize) -> HashMap<Ve
     let (mut words, counts): (Vec<Vec<u32>>, Vec<i64>) =
         chunks.into_iter().map(|(bytes, c)| (bytes.iter().map(|&b| b as u32).collect(), c)).unzip();
 
-    let mut pair_counts: HashMap<Pair, i64> = HashMap::new();
-    let mut where_: HashMap<Pair, HashSet<usize>> = HashMap::new();
+    let mut pair_counts: HashMap<Pair, i64> = HashMap::default();
+    let mut where_: HashMap<Pair, HashSet<usize>> = HashMap::default();
     for (i, w) in words.iter().enumerate() {
         for p in w.windows(2) {
             *pair_counts.entry((p[0], p[1])).or_default() += counts[i];
@@ -141,7 +143,7 @@ pub fn train_bpe(chunks: HashMap<Vec<u8>, i64>, vocab_size: usize) -> HashMap<Ve
         bytes.extend_from_slice(&vocab[top.pair.1 as usize]);
         vocab.push(bytes);
 
-        let mut fresh: HashMap<Pair, HashSet<usize>> = HashMap::new();
+        let mut fresh: HashMap<Pair, HashSet<usize>> = HashMap::default();
         for &wi in &top.pos {
             deltas.clear();
             merge_word(&mut words[wi], top.pair, new, &mut deltas);
