@@ -63,10 +63,8 @@ pub fn main(args: Args) -> Result<()> {
             n_docs += 1;
             batch.push(doc);
             let done = chars >= max_chars;
-            if batch.len() == 256 || done {
-                if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
-                    break;
-                }
+            if (batch.len() == 256 || done) && tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                break;
             }
             if done {
                 break;
