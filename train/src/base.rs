@@ -24,7 +24,7 @@ pub struct Args {
     /// Tokenizer directory (from `train tokenizer`).
     #[arg(long)]
     tokenizer: PathBuf,
-    /// Training data: files or directories (.txt, .jsonl, .jsonl.gz); the last file is the
+    /// Training data: files or directories (.txt, .jsonl, .jsonl.gz, .parquet); the last file is the
     /// validation split unless --val is given. Default: the corpus bundled in data/.
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,

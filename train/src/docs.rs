@@ -1,6 +1,7 @@
 //! Documents from files, streamed (never loaded whole): plain text (`.txt`: documents are
-//! separated by blank lines), JSONL with a `text` field (`.jsonl`, `.jsonl.gz`), or directories
-//! of those (sorted by name). Each document carries its global index in the stream, so loaders
+//! separated by blank lines), JSONL with a `text` field (`.jsonl`, `.jsonl.gz`), parquet with a
+//! `text` column (`.parquet`: FineWeb-Edu / ClimbMix shards; only that column is read, row group
+//! by row group), or directories of those (sorted by name). Each document carries its global index in the stream, so loaders
 //! can record exactly where they are.
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -20,13 +21,13 @@ pub fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .collect();
             entries.sort();
             if entries.is_empty() {
-                bail!("{} holds no .txt, .jsonl or .jsonl.gz files", p.display());
+                bail!("{} holds no .txt, .jsonl, .jsonl.gz or .parquet files", p.display());
             }
             files.extend(entries);
         } else if !p.exists() {
             bail!("{} does not exist", p.display());
         } else if format_of(p).is_none() {
-            bail!("{}: unknown format (expected .txt, .jsonl or .jsonl.gz)", p.display());
+            bail!("{}: unknown format (expected .txt, .jsonl, .jsonl.gz or .parquet)", p.display());
         } else {
             files.push(p.clone());
         }
@@ -41,6 +42,7 @@ pub fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 enum Format {
     Text,
     Jsonl,
+    Parquet,
 }
 
 fn format_of(p: &Path) -> Option<Format> {
@@ -49,6 +51,8 @@ fn format_of(p: &Path) -> Option<Format> {
         Some(Format::Text)
     } else if name.ends_with(".jsonl") || name.ends_with(".jsonl.gz") {
         Some(Format::Jsonl)
+    } else if name.ends_with(".parquet") {
+        Some(Format::Parquet)
     } else {
         None
     }
@@ -84,6 +88,8 @@ impl Iterator for FileDocs {
 
     fn next(&mut self) -> Option<Result<String>> {
         match self.format {
+            // `open` refuses parquet files.
+            Format::Parquet => None,
             Format::Jsonl => loop {
                 let line = match self.lines.next()? {
                     Ok(l) => l,
@@ -140,11 +146,41 @@ impl Iterator for FileDocs {
 pub fn documents(files: &[PathBuf]) -> impl Iterator<Item = Result<String>> + Send + use<> {
     let files = files.to_vec();
     files.into_iter().flat_map(|f| -> Box<dyn Iterator<Item = Result<String>> + Send> {
-        match FileDocs::open(&f) {
-            Ok(d) => Box::new(d),
-            Err(e) => Box::new(std::iter::once(Err(e))),
-        }
+        let opened: Result<Box<dyn Iterator<Item = Result<String>> + Send>> = match format_of(&f) {
+            Some(Format::Parquet) => parquet_docs(&f).map(|d| Box::new(d) as _),
+            _ => FileDocs::open(&f).map(|d| Box::new(d) as _),
+        };
+        opened.unwrap_or_else(|e| Box::new(std::iter::once(Err(e))))
     })
+}
+
+/// The `text` column of a parquet file, row by row.
+fn parquet_docs(path: &Path) -> Result<impl Iterator<Item = Result<String>> + Send + use<>> {
+    use parquet::file::reader::FileReader;
+    use parquet::file::serialized_reader::SerializedFileReader;
+    use parquet::record::RowAccessor;
+    use parquet::schema::types::Type;
+
+    let at = path.display().to_string();
+    let file = File::open(path).with_context(|| format!("opening {at}"))?;
+    let reader =
+        SerializedFileReader::new(file).with_context(|| format!("{at}: not a parquet file"))?;
+    let root = reader.metadata().file_metadata().schema();
+    let field = root
+        .get_fields()
+        .iter()
+        .find(|f| f.name() == "text")
+        .cloned()
+        .with_context(|| format!("{at}: no `text` column"))?;
+    let projection = Type::group_type_builder(root.name()).with_fields(vec![field]).build()?;
+    let rows = reader
+        .into_iter()
+        .project(Some(projection))
+        .with_context(|| format!("{at}: reading `text`"))?;
+    Ok(rows.map(move |row| {
+        let row = row.with_context(|| format!("{at}: reading a row"))?;
+        Ok(row.get_string(0).with_context(|| format!("{at}: `text` is not a string"))?.clone())
+    }))
 }
 
 #[cfg(test)]
@@ -168,5 +204,22 @@ mod tests {
         assert!(err.contains("b.jsonl:1") && err.contains("`text`"), "{err}");
         assert!(expand(&[dir.path().join("missing.txt")]).is_err());
         assert!(expand(&[dir.path().join("x.csv")]).is_err());
+    }
+
+    /// Parquet shards (snappy with two row groups, zstd) made by pyarrow.
+    #[test]
+    fn parquet_text_column() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for f in ["docs_snappy.parquet", "docs_zstd.parquet"] {
+            let docs: Vec<String> = documents(&[dir.join(f)]).collect::<Result<_>>().unwrap();
+            assert_eq!(docs, ["First document.", "Second one, with ünïcode.", "Third."], "{f}");
+        }
+        let err = documents(&[dir.join("no_text.parquet")]).next().unwrap().unwrap_err();
+        assert!(err.to_string().contains("no `text` column"), "{err}");
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = tmp.path().join("fake.parquet");
+        std::fs::write(&fake, b"not parquet at all").unwrap();
+        let err = documents(&[fake]).next().unwrap().unwrap_err();
+        assert!(err.to_string().contains("not a parquet file"), "{err}");
     }
 }

@@ -11,7 +11,7 @@ use crate::docs;
 #[derive(clap::Args)]
 pub struct Args {
     /// Training text: .txt (documents separated by blank lines), .jsonl / .jsonl.gz with a `text`
-    /// field, or directories of those.
+    /// field, .parquet with a `text` column, or directories of those.
     #[arg(long, required = true, num_args = 1..)]
     input: Vec<PathBuf>,
     /// Vocabulary size, the 9 special tokens included (nanochat: 32768).
