@@ -95,38 +95,17 @@ fn bad_inputs_give_clear_errors() {
         assert!(e.contains(want), "expected {want:?} in: {e}");
     };
     err(train(&["base", "--tokenizer", t, "--out", r, "--data", "/nonexistent"]), "does not exist");
+    // Train and validate on one bad file.
+    let base_on = |data: &Path| {
+        let d = data.to_str().unwrap();
+        train(&["base", "--tokenizer", t, "--out", r, "--data", d, "--val", d])
+    };
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
-    err(
-        train(&[
-            "base",
-            "--tokenizer",
-            t,
-            "--out",
-            r,
-            "--data",
-            empty.to_str().unwrap(),
-            "--val",
-            empty.to_str().unwrap(),
-        ]),
-        "no documents",
-    );
+    err(base_on(&empty), "no documents");
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"body\": \"x\"}\n").unwrap();
-    err(
-        train(&[
-            "base",
-            "--tokenizer",
-            t,
-            "--out",
-            r,
-            "--data",
-            bad.to_str().unwrap(),
-            "--val",
-            bad.to_str().unwrap(),
-        ]),
-        "`text`",
-    );
+    err(base_on(&bad), "`text`");
     err(
         train(&[
             "base",
