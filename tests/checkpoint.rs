@@ -165,3 +165,74 @@ fn bad_files_each_get_their_own_error() {
     let missing = load_model(&dir.path().join("nope.safetensors")).unwrap_err();
     assert!(missing.to_string().contains("nope.safetensors"), "{missing}");
 }
+
+/// nanochat checkpoints are often bf16 (or f16): they load widened to f32 exactly, and a dtype
+/// that is not a float is refused with its own error naming the tensor.
+#[test]
+fn half_precision_state_dicts_load_widened() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("odd_shapes.json")).unwrap()).unwrap();
+    let config: GPTConfig = serde_json::from_value(json["config"].clone()).unwrap();
+    let bytes = std::fs::read(fixtures.join("odd_shapes.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    // (name, shape, f32 values)
+    let state: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .filter_map(|(n, v)| {
+            let name = n.strip_prefix("param.")?.to_string();
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Some((name, v.shape().to_vec(), data))
+        })
+        .collect();
+
+    type Narrow = fn(f32) -> ([u8; 2], f32);
+    let bf16: Narrow = |x| {
+        let h = half::bf16::from_f32(x);
+        (h.to_le_bytes(), h.to_f32())
+    };
+    let f16: Narrow = |x| {
+        let h = half::f16::from_f32(x);
+        (h.to_le_bytes(), h.to_f32())
+    };
+    for (dtype, narrow) in [(safetensors::Dtype::BF16, bf16), (safetensors::Dtype::F16, f16)] {
+        // (name, shape, encoded bytes, the f32 values those bytes decode to)
+        let encoded: Vec<_> = state
+            .iter()
+            .map(|(n, s, d)| {
+                let (raw, wide): (Vec<[u8; 2]>, Vec<f32>) = d.iter().map(|&x| narrow(x)).unzip();
+                (n.clone(), s.clone(), raw.concat::<u8>(), wide)
+            })
+            .collect();
+        let views = encoded.iter().map(|(n, s, raw, _)| {
+            (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), raw).unwrap())
+        });
+        let path = dir.path().join(format!("{dtype:?}.safetensors"));
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let gpt = load_state_dict(&path, config.clone()).unwrap();
+        let params = gpt.params();
+        assert_eq!(params.len(), encoded.len(), "{dtype:?}");
+        for (name, _, _, wide) in &encoded {
+            let got = params.iter().find(|(n, _)| n == name).map(|(_, t)| t.to_vec());
+            let got = got.unwrap_or_else(|| panic!("{dtype:?}: {name} not loaded"));
+            let same = got.iter().zip(wide).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype:?}: {name} differs from its widened {dtype:?} values");
+        }
+    }
+
+    // An integer tensor where a weight belongs.
+    let (name, shape, data) = &state[0];
+    let ints: Vec<u8> = data.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, shape.clone(), &ints)
+        .unwrap();
+    let path = dir.path().join("ints.safetensors");
+    safetensors::serialize_to_file([(name.clone(), view)], None, &path).unwrap();
+    let e = load_state_dict(&path, config).unwrap_err();
+    assert!(matches!(e, ModelError::Dtype { name: ref n, .. } if n == name), "{e}");
+}
