@@ -7,6 +7,7 @@ use femtochat::model::checkpoint::{
     load_model, load_optimizer, load_state_dict, save_model, save_optimizer,
 };
 use femtochat::model::optim::{OptimizerConfig, param_groups};
+use femtochat::model::parity::Fixture;
 use femtochat::model::{GPTConfig, Gpt, ModelError};
 
 fn config() -> GPTConfig {
@@ -74,23 +75,37 @@ fn optimizer_round_trip_continues_identically() {
     }
 }
 
+/// Named tensors as (name, shape, values).
+type State = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+/// The odd_shapes fixture's config and `param.*` tensors: a nanochat state dict.
+fn nanochat_state() -> (GPTConfig, State) {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model/odd_shapes.safetensors");
+    let fx = Fixture::load(&path).unwrap();
+    let gpt = fx.model().unwrap();
+    let state =
+        gpt.params().iter().map(|(n, t)| (n.to_string(), t.shape().to_vec(), t.to_vec())).collect();
+    (fx.config.clone(), state)
+}
+
 /// The fixture's `param.*` tensors are a nanochat state dict exported to safetensors.
 #[test]
 fn nanochat_state_dict_loads_as_is() {
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model");
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures.join("odd_shapes.json")).unwrap()).unwrap();
-    let config: GPTConfig = serde_json::from_value(json["config"].clone()).unwrap();
-    let bytes = std::fs::read(fixtures.join("odd_shapes.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let state: Vec<_> = st
-        .tensors()
+    let (config, state) = nanochat_state();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = state
         .into_iter()
-        .filter_map(|(n, v)| n.strip_prefix("param.").map(|s| (s.to_string(), v)))
+        .map(|(n, s, d)| (n, s, d.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
+    let views = bytes.iter().map(|(n, s, b)| {
+        (
+            n.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+        )
+    });
     let path = dir.path().join("state.safetensors");
-    safetensors::serialize_to_file(state, None, &path).unwrap();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
     let gpt = load_state_dict(&path, config).unwrap();
     assert_eq!(gpt.params().len(), 3 * 6 + 2 * 2 + 1 + 1 + 5);
 }
@@ -171,26 +186,7 @@ fn bad_files_each_get_their_own_error() {
 #[test]
 fn half_precision_state_dicts_load_widened() {
     let dir = tempfile::tempdir().unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model");
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures.join("odd_shapes.json")).unwrap()).unwrap();
-    let config: GPTConfig = serde_json::from_value(json["config"].clone()).unwrap();
-    let bytes = std::fs::read(fixtures.join("odd_shapes.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    // (name, shape, f32 values)
-    let state: Vec<(String, Vec<usize>, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .filter_map(|(n, v)| {
-            let name = n.strip_prefix("param.")?.to_string();
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            Some((name, v.shape().to_vec(), data))
-        })
-        .collect();
+    let (config, state) = nanochat_state();
 
     type Narrow = fn(f32) -> ([u8; 2], f32);
     let bf16: Narrow = |x| {

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::elementwise::CHUNK;
-use super::simd::{fast_exp, vectorized};
+use super::simd::{fast_exp, sum_lanes, vectorized};
 
 /// Target id that contributes no loss and no gradient (PyTorch's `ignore_index=-1`).
 pub const IGNORE_INDEX: i32 = -1;
@@ -59,20 +59,6 @@ fn logsumexp(x: &[f32]) -> f32 {
         return m;
     }
     m + sum_exp(x, m).ln()
-}
-
-/// Sum in 8 lanes so it vectorises.
-#[inline]
-fn sum_lanes(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for k in 0..8 {
-            acc[k] += c[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// out (N, V) = softmax(inp) along V
