@@ -4,3 +4,4 @@
 //! test oracle. Buffers are row-major `f32` slices; shapes are passed explicitly and checked with
 //! `debug_assert!` (callers validate user input before it reaches a kernel).
 pub mod cpu;
+pub mod gpu;

@@ -1,0 +1,250 @@
+//! The process-wide GPU context (adapter, device, queue), device buffers and command batches.
+use std::sync::OnceLock;
+
+use wgpu::util::DeviceExt;
+
+use super::pipelines::Pipelines;
+use super::pool::BufferPool;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GpuError {
+    #[error("no GPU adapter found (on Linux without a GPU, install lavapipe: mesa-vulkan-drivers)")]
+    NoAdapter,
+    #[error("GPU device request failed: {0}")]
+    Device(String),
+    #[error("buffer of {bytes} bytes exceeds the device limit of {limit} bytes")]
+    BufferTooLarge { bytes: u64, limit: u64 },
+    #[error("dispatch of {groups} workgroups exceeds the device limit of {limit} per dimension")]
+    DispatchTooLarge { groups: u64, limit: u32 },
+    #[error("buffer length mismatch: {what} has {got} elements, expected {expected}")]
+    Shape { what: &'static str, got: usize, expected: usize },
+    #[error("GPU readback failed: {0}")]
+    Readback(String),
+}
+
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub(crate) limits: wgpu::Limits,
+    pub(crate) pipelines: Pipelines,
+    pub(crate) pool: BufferPool,
+}
+
+static CONTEXT: OnceLock<Result<GpuContext, GpuError>> = OnceLock::new();
+
+impl GpuContext {
+    /// The process-wide context, created on first use; a failure is remembered, not retried.
+    pub fn get() -> Result<&'static GpuContext, GpuError> {
+        CONTEXT.get_or_init(|| pollster::block_on(Self::create())).as_ref().map_err(Clone::clone)
+    }
+
+    async fn create() -> Result<GpuContext, GpuError> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|_| GpuError::NoAdapter)?;
+        // Ask for everything the adapter offers so large weight/activation buffers fit.
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("femtochat"),
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| GpuError::Device(e.to_string()))?;
+        Ok(GpuContext {
+            info: adapter.get_info(),
+            limits,
+            pipelines: Pipelines::default(),
+            pool: BufferPool::default(),
+            device,
+            queue,
+        })
+    }
+
+    /// Largest storage buffer binding this device accepts, in bytes.
+    pub fn max_buffer_bytes(&self) -> u64 {
+        self.limits.max_buffer_size.min(self.limits.max_storage_buffer_binding_size)
+    }
+
+    /// A buffer of `len` 4-byte elements from the pool; its contents are unspecified.
+    pub fn alloc(&'static self, len: usize) -> Result<GpuBuffer, GpuError> {
+        // Zero-length bindings are invalid in WebGPU: keep at least one element.
+        let bytes = (len.max(1) * 4) as u64;
+        let limit = self.max_buffer_bytes();
+        if bytes > limit {
+            return Err(GpuError::BufferTooLarge { bytes, limit });
+        }
+        Ok(GpuBuffer { buf: Some(self.pool.take(&self.device, bytes, limit)), len, ctx: self })
+    }
+
+    /// Upload `data` (f32 or u32, any Pod of 4 bytes) into a new buffer.
+    pub fn upload<T: bytemuck::Pod>(&'static self, data: &[T]) -> Result<GpuBuffer, GpuError> {
+        debug_assert_eq!(std::mem::size_of::<T>(), 4);
+        let b = self.alloc(data.len())?;
+        if !data.is_empty() {
+            self.queue.write_buffer(b.raw(), 0, bytemuck::cast_slice(data));
+        }
+        Ok(b)
+    }
+
+    /// A buffer of `len` zeros.
+    pub fn zeros(&'static self, len: usize) -> Result<GpuBuffer, GpuError> {
+        self.upload(&vec![0u32; len])
+    }
+
+    pub fn batch(&'static self) -> Batch {
+        let encoder = self.device.create_command_encoder(&Default::default());
+        Batch { ctx: self, encoder }
+    }
+
+    /// Copy `buf` back to the host; waits for all submitted work.
+    pub fn download<T: bytemuck::Pod>(&self, buf: &GpuBuffer) -> Result<Vec<T>, GpuError> {
+        let bytes = (buf.len * 4) as u64;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf.raw(), 0, &staging, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        rx.recv()
+            .map_err(|e| GpuError::Readback(e.to_string()))?
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let view = slice.get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
+        let out = bytemuck::cast_slice(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+/// A device storage buffer of `len` 4-byte elements (f32 or u32). Returned to the pool on drop.
+pub struct GpuBuffer {
+    buf: Option<wgpu::Buffer>,
+    len: usize,
+    ctx: &'static GpuContext,
+}
+
+impl GpuBuffer {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn raw(&self) -> &wgpu::Buffer {
+        self.buf.as_ref().expect("buffer present until drop")
+    }
+
+    pub fn to_vec<T: bytemuck::Pod>(&self) -> Result<Vec<T>, GpuError> {
+        self.ctx.download(self)
+    }
+
+    pub(crate) fn check(&self, what: &'static str, expected: usize) -> Result<(), GpuError> {
+        if self.len != expected {
+            return Err(GpuError::Shape { what, got: self.len, expected });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.ctx.pool.give(b);
+        }
+    }
+}
+
+/// A sequence of kernel launches recorded into one command encoder and sent in one submit.
+pub struct Batch {
+    ctx: &'static GpuContext,
+    encoder: wgpu::CommandEncoder,
+}
+
+impl Batch {
+    /// Record one dispatch of `stem::entry` with `params` at binding 0 and `bufs` at 1.. in order.
+    pub(crate) fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        stem: &'static str,
+        entry: &'static str,
+        params: &P,
+        bufs: &[&GpuBuffer],
+        groups: [u32; 3],
+    ) -> Result<(), GpuError> {
+        let limit = self.ctx.limits.max_compute_workgroups_per_dimension;
+        if let Some(&g) = groups.iter().find(|&&g| g > limit) {
+            return Err(GpuError::DispatchTooLarge { groups: g as u64, limit });
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let dev = &self.ctx.device;
+        let pipeline = self.ctx.pipelines.get(dev, stem, entry);
+        // A fresh uniform per dispatch: queue writes would land before the whole batch runs.
+        let ubuf = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(entry),
+            contents: bytemuck::bytes_of(params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries =
+            vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
+        for (i, b) in bufs.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.raw(),
+                    offset: 0,
+                    size: wgpu::BufferSize::new((b.len.max(1) * 4) as u64),
+                }),
+            });
+        }
+        let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = self.encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        Ok(())
+    }
+
+    /// Send everything recorded in one submit; does not wait.
+    pub fn submit(self) {
+        self.ctx.queue.submit([self.encoder.finish()]);
+    }
+}
+
+/// Workgroup counts for `n` one-thread-per-element invocations of `wg` threads, folded into 2-D
+/// when x would pass the 65535 per-dimension limit.
+pub(crate) fn grid_1d(n: usize, wg: usize) -> [u32; 3] {
+    let groups = n.div_ceil(wg);
+    let x = groups.min(65535);
+    let y = if x == 0 { 0 } else { groups.div_ceil(x) };
+    [x as u32, y as u32, 1]
+}
