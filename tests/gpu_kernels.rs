@@ -140,3 +140,311 @@ fn rmsnorm_matches_cpu() {
         assert_close("rmsnorm dinp", &dinp.to_vec::<f32>().unwrap(), &wd, 1e-4);
     }
 }
+
+/// Upload, run `f` in one batch, submit.
+fn run(ctx: &'static GpuContext, f: impl FnOnce(&mut gpu::Batch)) {
+    let mut bt = ctx.batch();
+    f(&mut bt);
+    bt.submit();
+}
+
+fn get(b: &gpu::GpuBuffer) -> Vec<f32> {
+    b.to_vec().unwrap()
+}
+
+#[test]
+fn sigmoid_tanh_match_cpu() {
+    let Some(ctx) = ctx() else { return };
+    for n in [1usize, 300, 70_001] {
+        let x: Vec<f32> = rand(n, 10).iter().map(|v| v * 30.0).collect();
+        let (g, d0) = (rand(n, 11), rand(n, 12));
+        let (gx, gg) = (ctx.upload(&x).unwrap(), ctx.upload(&g).unwrap());
+        let (out, dinp) = (ctx.zeros(n).unwrap(), ctx.upload(&d0).unwrap());
+        run(ctx, |bt| {
+            gpu::elementwise::sigmoid_forward(bt, &out, &gx).unwrap();
+            gpu::elementwise::sigmoid_backward(bt, &dinp, &gg, &out).unwrap();
+        });
+        let (mut w, mut wd) = (vec![0.0; n], d0.clone());
+        cpu::elementwise::sigmoid_forward(&mut w, &x);
+        cpu::elementwise::sigmoid_backward(&mut wd, &g, &w);
+        assert_close("sigmoid fwd", &get(&out), &w, 1e-5);
+        assert_close("sigmoid bwd", &get(&dinp), &wd, 1e-5);
+        let dinp = ctx.upload(&d0).unwrap();
+        run(ctx, |bt| {
+            gpu::elementwise::tanh_forward(bt, &out, &gx).unwrap();
+            gpu::elementwise::tanh_backward(bt, &dinp, &gg, &out).unwrap();
+        });
+        let (mut w, mut wd) = (vec![0.0; n], d0.clone());
+        cpu::elementwise::tanh_forward(&mut w, &x);
+        cpu::elementwise::tanh_backward(&mut wd, &g, &w);
+        assert_close("tanh fwd", &get(&out), &w, 1e-5);
+        assert_close("tanh bwd", &get(&dinp), &wd, 1e-5);
+    }
+}
+
+#[test]
+fn broadcast_binary_and_sum_to_shape_match_cpu() {
+    use cpu::elementwise::Broadcast;
+    let Some(ctx) = ctx() else { return };
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[3, 5, 7], &[3, 5, 7]),
+        (&[3, 5, 7], &[7]),
+        (&[1], &[4, 9]),
+        (&[2, 3, 4, 5], &[2, 3, 4, 1]),
+        (&[2, 1, 4, 1], &[1, 3, 1, 5]),
+        (&[], &[6, 2]),
+    ];
+    for (i, &(sa, sb)) in cases.iter().enumerate() {
+        let bc = Broadcast::new(sa, sb).unwrap();
+        let (na, nb, n) = (sa.iter().product(), sb.iter().product(), bc.numel());
+        let (a, b, o0) = (rand(na, 20 + i as u64), rand(nb, 30), rand(n, 40));
+        let (ga, gb) = (ctx.upload(&a).unwrap(), ctx.upload(&b).unwrap());
+        type Cpu = fn(&mut [f32], &[f32], &[f32], &Broadcast, bool);
+        type Gpu = fn(
+            &mut gpu::Batch,
+            &gpu::GpuBuffer,
+            &gpu::GpuBuffer,
+            &gpu::GpuBuffer,
+            &Broadcast,
+            bool,
+        ) -> Result<(), gpu::GpuError>;
+        let ops: [(&str, Cpu, Gpu); 3] = [
+            ("add", cpu::elementwise::add_forward, gpu::elementwise::add_forward),
+            ("sub", cpu::elementwise::sub_forward, gpu::elementwise::sub_forward),
+            ("mul", cpu::elementwise::mul_forward, gpu::elementwise::mul_forward),
+        ];
+        for (name, c, g) in ops {
+            for acc in [false, true] {
+                let out = ctx.upload(&o0).unwrap();
+                run(ctx, |bt| g(bt, &out, &ga, &gb, &bc, acc).unwrap());
+                let mut want = o0.clone();
+                c(&mut want, &a, &b, &bc, acc);
+                assert_close(&format!("{name} {sa:?} {sb:?} {acc}"), &get(&out), &want, 1e-6);
+            }
+        }
+        // The gradient of a broadcast operand: sum the full-shape gradient back to its shape.
+        for (s, x0) in [(sa, rand(na, 50)), (sb, rand(nb, 51))] {
+            let (gsrc, dst) = (ctx.upload(&o0).unwrap(), ctx.upload(&x0).unwrap());
+            let out_shape = bc.out_shape.clone();
+            run(ctx, |bt| gpu::reduce::sum_to_shape(bt, &dst, s, &gsrc, &out_shape, 0.5).unwrap());
+            let mut want = x0.clone();
+            cpu::reduce::sum_to_shape(&mut want, s, &o0, &out_shape, 0.5);
+            assert_close(&format!("sum_to_shape {s:?} <- {out_shape:?}"), &get(&dst), &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn reductions_match_cpu() {
+    let Some(ctx) = ctx() else { return };
+    for &(outer, n, inner) in &[(1usize, 1usize, 1usize), (3, 5, 7), (2, 300, 1), (1, 4, 1000)] {
+        let x = rand(outer * n * inner, 60);
+        let gx = ctx.upload(&x).unwrap();
+        let out = ctx.zeros(outer * inner).unwrap();
+        let total = ctx.upload(&[1.0f32]).unwrap();
+        let d0 = rand(outer * n * inner, 61);
+        let dinp = ctx.upload(&d0).unwrap();
+        let dy = rand(outer * inner, 62);
+        let gdy = ctx.upload(&dy).unwrap();
+        run(ctx, |bt| {
+            gpu::reduce::sum_dim_forward(bt, &out, &gx, outer, n, inner).unwrap();
+            gpu::reduce::sum_all(bt, &total, &gx, 0.25, true).unwrap();
+            gpu::reduce::sum_dim_backward(bt, &dinp, &gdy, outer, n, inner).unwrap();
+        });
+        let mut want = vec![0.0; outer * inner];
+        cpu::reduce::sum_dim_forward(&mut want, &x, outer, n, inner);
+        assert_close("sum_dim fwd", &get(&out), &want, 1e-5);
+        let want_total = 1.0 + 0.25 * cpu::reduce::sum_all(&x) as f32;
+        assert_close("sum_all", &get(&total), &[want_total], 1e-5);
+        let mut wd = d0.clone();
+        cpu::reduce::sum_dim_backward(&mut wd, &dy, outer, n, inner);
+        assert_close("sum_dim bwd", &get(&dinp), &wd, 1e-6);
+    }
+}
+
+#[test]
+fn softmax_and_cross_entropy_match_cpu() {
+    let Some(ctx) = ctx() else { return };
+    for &(n, v) in &[(1usize, 1usize), (3, 7), (5, 300), (2, 5000)] {
+        let x: Vec<f32> = rand(n * v, 70).iter().map(|x| x * 8.0).collect();
+        let (g, d0) = (rand(n * v, 71), rand(n * v, 72));
+        let (gx, gg) = (ctx.upload(&x).unwrap(), ctx.upload(&g).unwrap());
+        type Fwd = fn(&mut [f32], &[f32], usize, usize);
+        type Bwd = fn(&mut [f32], &[f32], &[f32], usize, usize);
+        type GFwd = fn(
+            &mut gpu::Batch,
+            &gpu::GpuBuffer,
+            &gpu::GpuBuffer,
+            usize,
+            usize,
+        ) -> Result<(), gpu::GpuError>;
+        type GBwd = fn(
+            &mut gpu::Batch,
+            &gpu::GpuBuffer,
+            &gpu::GpuBuffer,
+            &gpu::GpuBuffer,
+            usize,
+            usize,
+        ) -> Result<(), gpu::GpuError>;
+        let ops: [(&str, Fwd, Bwd, GFwd, GBwd); 2] = [
+            (
+                "softmax",
+                cpu::softmax::softmax_forward,
+                cpu::softmax::softmax_backward,
+                gpu::softmax::softmax_forward,
+                gpu::softmax::softmax_backward,
+            ),
+            (
+                "log_softmax",
+                cpu::softmax::log_softmax_forward,
+                cpu::softmax::log_softmax_backward,
+                gpu::softmax::log_softmax_forward,
+                gpu::softmax::log_softmax_backward,
+            ),
+        ];
+        for (name, cf, cb, gf, gb) in ops {
+            let (out, dinp) = (ctx.zeros(n * v).unwrap(), ctx.upload(&d0).unwrap());
+            run(ctx, |bt| {
+                gf(bt, &out, &gx, n, v).unwrap();
+                gb(bt, &dinp, &gg, &out, n, v).unwrap();
+            });
+            let (mut w, mut wd) = (vec![0.0; n * v], d0.clone());
+            cf(&mut w, &x, n, v);
+            cb(&mut wd, &g, &w, n, v);
+            assert_close(&format!("{name} fwd {n}x{v}"), &get(&out), &w, 1e-4);
+            assert_close(&format!("{name} bwd {n}x{v}"), &get(&dinp), &wd, 1e-4);
+        }
+        // cross-entropy with one ignored row
+        let targets: Vec<i32> =
+            (0..n).map(|i| if i == 1 { -1 } else { ((i * 7919) % v) as i32 }).collect();
+        let dl = rand(n, 73);
+        let (gt, gdl) = (ctx.upload(&targets).unwrap(), ctx.upload(&dl).unwrap());
+        let (losses, lse, dlog) =
+            (ctx.zeros(n).unwrap(), ctx.zeros(n).unwrap(), ctx.upload(&d0).unwrap());
+        run(ctx, |bt| {
+            gpu::softmax::cross_entropy_forward(bt, &losses, &lse, &gx, &gt, n, v).unwrap();
+            gpu::softmax::cross_entropy_backward(bt, &dlog, &gdl, &gx, &lse, &gt, n, v).unwrap();
+        });
+        let (mut wl, mut wlse, mut wd) = (vec![0.0; n], vec![0.0; n], d0.clone());
+        cpu::softmax::cross_entropy_forward(&mut wl, &mut wlse, &x, &targets, n, v);
+        cpu::softmax::cross_entropy_backward(&mut wd, &dl, &x, &wlse, &targets, n, v);
+        assert_close("ce losses", &get(&losses), &wl, 1e-4);
+        assert_close("ce lse", &get(&lse), &wlse, 1e-4);
+        assert_close("ce dlogits", &get(&dlog), &wd, 1e-4);
+    }
+}
+
+#[test]
+fn rope_matches_cpu() {
+    use cpu::rope::RopeShape;
+    let Some(ctx) = ctx() else { return };
+    for s in [
+        RopeShape { b: 1, t: 1, h: 1, d: 2, pos0: 0 },
+        RopeShape { b: 2, t: 5, h: 3, d: 8, pos0: 0 },
+        RopeShape { b: 1, t: 3, h: 2, d: 64, pos0: 17 },
+    ] {
+        let t_max = s.pos0 + s.t;
+        let (mut cos, mut sin) = (vec![0.0; t_max * s.d / 2], vec![0.0; t_max * s.d / 2]);
+        cpu::rope::rope_tables(&mut cos, &mut sin, t_max, s.d, 100000.0);
+        let n = s.b * s.t * s.h * s.d;
+        let (x, g, d0) = (rand(n, 80), rand(n, 81), rand(n, 82));
+        let (gx, gg) = (ctx.upload(&x).unwrap(), ctx.upload(&g).unwrap());
+        let (gc, gs) = (ctx.upload(&cos).unwrap(), ctx.upload(&sin).unwrap());
+        let (out, dinp) = (ctx.zeros(n).unwrap(), ctx.upload(&d0).unwrap());
+        run(ctx, |bt| {
+            gpu::rope::rope_forward(bt, &out, &gx, &gc, &gs, s).unwrap();
+            gpu::rope::rope_backward(bt, &dinp, &gg, &gc, &gs, s).unwrap();
+        });
+        let (mut w, mut wd) = (vec![0.0; n], d0.clone());
+        cpu::rope::rope_forward(&mut w, &x, &cos, &sin, s);
+        cpu::rope::rope_backward(&mut wd, &g, &cos, &sin, s);
+        assert_close("rope fwd", &get(&out), &w, 1e-5);
+        assert_close("rope bwd", &get(&dinp), &wd, 1e-5);
+    }
+}
+
+#[test]
+fn embedding_and_copy_block_match_cpu() {
+    use cpu::slice::BlockView;
+    let Some(ctx) = ctx() else { return };
+    let (v, c) = (11usize, 13usize);
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 7 + i / 3) % v as u32).collect();
+    let (w, g, d0) = (rand(v * c, 90), rand(ids.len() * c, 91), rand(v * c, 92));
+    let (gw, gg, gids) =
+        (ctx.upload(&w).unwrap(), ctx.upload(&g).unwrap(), ctx.upload(&ids).unwrap());
+    let (out, dw) = (ctx.zeros(ids.len() * c).unwrap(), ctx.upload(&d0).unwrap());
+    run(ctx, |bt| {
+        gpu::embedding::embedding_forward(bt, &out, &gw, &gids, c).unwrap();
+        gpu::embedding::embedding_backward(bt, &dw, &gg, &ids, c).unwrap();
+    });
+    let (mut want, mut wd) = (vec![0.0; ids.len() * c], d0.clone());
+    cpu::embedding::embedding_forward(&mut want, &w, &ids, c);
+    cpu::embedding::embedding_backward(&mut wd, &g, &ids, c);
+    assert_close("embedding fwd", &get(&out), &want, 0.0);
+    assert_close("embedding bwd", &get(&dw), &wd, 1e-5);
+
+    // narrow (2, 9, 5)[:, 3..7, :] and its accumulate-back
+    let (outer, n, inner, off, len) = (2usize, 9usize, 5usize, 3usize, 4usize);
+    let x = rand(outer * n * inner, 93);
+    let gx = ctx.upload(&x).unwrap();
+    let d0 = rand(outer * n * inner, 94);
+    let (part, back) = (ctx.zeros(outer * len * inner).unwrap(), ctx.upload(&d0).unwrap());
+    let (whole, block) = (BlockView { n, off }, BlockView { n: len, off: 0 });
+    run(ctx, |bt| {
+        gpu::slice::copy_block(bt, &part, block, &gx, whole, outer, len, inner, false).unwrap();
+        gpu::slice::copy_block(bt, &back, whole, &part, block, outer, len, inner, true).unwrap();
+    });
+    let (mut wp, mut wb) = (vec![0.0; outer * len * inner], d0.clone());
+    cpu::slice::copy_block(&mut wp, block, &x, whole, outer, len, inner, false);
+    cpu::slice::copy_block(&mut wb, whole, &wp, block, outer, len, inner, true);
+    assert_close("narrow", &get(&part), &wp, 0.0);
+    assert_close("narrow back", &get(&back), &wb, 0.0);
+}
+
+#[test]
+fn attention_matches_cpu() {
+    use cpu::attention::AttnShape;
+    let Some(ctx) = ctx() else { return };
+    let shape =
+        |b, tq, tk, h, hkv, d, window, pos0| AttnShape { b, tq, tk, h, hkv, d, window, pos0 };
+    for s in [
+        shape(1, 1, 1, 1, 1, 4, usize::MAX, 0),
+        shape(2, 9, 9, 4, 2, 8, usize::MAX, 0),
+        shape(1, 13, 13, 3, 1, 16, 4, 0),
+        shape(1, 3, 12, 2, 2, 32, usize::MAX, 7), // cache prefill after 7 positions
+        shape(1, 1, 20, 6, 2, 64, 5, 15),         // one-token decode with a window
+    ] {
+        let (nq, nk) = (s.b * s.tq * s.h * s.d, s.b * s.tk * s.hkv * s.d);
+        let (q, k, v, g) = (rand(nq, 100), rand(nk, 101), rand(nk, 102), rand(nq, 103));
+        let (gq, gk, gv, gg) = (
+            ctx.upload(&q).unwrap(),
+            ctx.upload(&k).unwrap(),
+            ctx.upload(&v).unwrap(),
+            ctx.upload(&g).unwrap(),
+        );
+        let rows = s.b * s.tq * s.h;
+        let (out, lse) = (ctx.zeros(nq).unwrap(), ctx.zeros(rows).unwrap());
+        let (dq0, dk0, dv0) = (rand(nq, 104), rand(nk, 105), rand(nk, 106));
+        let (dq, dk, dv) =
+            (ctx.upload(&dq0).unwrap(), ctx.upload(&dk0).unwrap(), ctx.upload(&dv0).unwrap());
+        run(ctx, |bt| {
+            gpu::attention::attention_forward(bt, &out, &lse, &gq, &gk, &gv, s).unwrap();
+            gpu::attention::attention_backward(
+                bt, &dq, &dk, &dv, &gg, &gq, &gk, &gv, &out, &lse, s,
+            )
+            .unwrap();
+        });
+        let (mut wo, mut wl) = (vec![0.0; nq], vec![0.0; rows]);
+        cpu::attention::attention_forward(&mut wo, &mut wl, &q, &k, &v, s);
+        let (mut wdq, mut wdk, mut wdv) = (dq0.clone(), dk0.clone(), dv0.clone());
+        cpu::attention::attention_backward(
+            &mut wdq, &mut wdk, &mut wdv, &g, &q, &k, &v, &wo, &wl, s,
+        );
+        let tag = format!("{s:?}");
+        assert_close(&format!("attn out {tag}"), &get(&out), &wo, 1e-4);
+        assert_close(&format!("attn lse {tag}"), &get(&lse), &wl, 1e-4);
+        assert_close(&format!("attn dq {tag}"), &get(&dq), &wdq, 1e-4);
+        assert_close(&format!("attn dk {tag}"), &get(&dk), &wdk, 1e-4);
+        assert_close(&format!("attn dv {tag}"), &get(&dv), &wdv, 1e-4);
+    }
+}

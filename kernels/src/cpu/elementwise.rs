@@ -190,6 +190,11 @@ impl Broadcast {
         (&self.dims, &self.stride_a)
     }
 
+    /// The collapsed dims with a's and b's strides in them (for the GPU launcher).
+    pub fn collapsed(&self) -> (&[usize], &[usize], &[usize]) {
+        (&self.dims, &self.stride_a, &self.stride_b)
+    }
+
     pub fn numel(&self) -> usize {
         self.dims.iter().product()
     }

@@ -18,6 +18,8 @@ pub enum GpuError {
     DispatchTooLarge { groups: u64, limit: u32 },
     #[error("buffer length mismatch: {what} has {got} elements, expected {expected}")]
     Shape { what: &'static str, got: usize, expected: usize },
+    #[error("not supported on the GPU: {0}")]
+    Unsupported(String),
     #[error("GPU readback failed: {0}")]
     Readback(String),
 }
@@ -186,6 +188,45 @@ pub struct Batch {
 }
 
 impl Batch {
+    pub fn context(&self) -> &'static GpuContext {
+        self.ctx
+    }
+
+    /// Upload `data` into a new buffer, ordered with the batch's dispatches: a pooled buffer may
+    /// have been released by an earlier (unsubmitted) dispatch of this batch, and a queue write
+    /// would land before that dispatch runs. So the bytes go through a staging copy instead.
+    pub fn upload<T: bytemuck::Pod>(&mut self, data: &[T]) -> Result<GpuBuffer, GpuError> {
+        debug_assert_eq!(std::mem::size_of::<T>(), 4);
+        let b = self.ctx.alloc(data.len())?;
+        if !data.is_empty() {
+            let staging = self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("upload"),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::COPY_SRC,
+            });
+            self.encoder.copy_buffer_to_buffer(&staging, 0, b.raw(), 0, (data.len() * 4) as u64);
+        }
+        Ok(b)
+    }
+
+    /// A buffer of `len` zeros, cleared in order with the batch's dispatches.
+    pub fn zeros(&mut self, len: usize) -> Result<GpuBuffer, GpuError> {
+        let b = self.ctx.alloc(len)?;
+        if len > 0 {
+            self.encoder.clear_buffer(b.raw(), 0, Some((len * 4) as u64));
+        }
+        Ok(b)
+    }
+
+    /// Copy `src` into `dst` (same length), in order with the batch's dispatches.
+    pub fn copy(&mut self, dst: &GpuBuffer, src: &GpuBuffer) -> Result<(), GpuError> {
+        dst.check("copy dst", src.len)?;
+        if src.len > 0 {
+            self.encoder.copy_buffer_to_buffer(src.raw(), 0, dst.raw(), 0, (src.len * 4) as u64);
+        }
+        Ok(())
+    }
+
     /// Record one dispatch of `stem::entry` with `params` at binding 0 and `bufs` at 1.. in order.
     pub(crate) fn dispatch<P: bytemuck::Pod>(
         &mut self,
@@ -193,6 +234,22 @@ impl Batch {
         entry: &'static str,
         params: &P,
         bufs: &[&GpuBuffer],
+        groups: [u32; 3],
+    ) -> Result<(), GpuError> {
+        let bound: Vec<(u32, &GpuBuffer)> =
+            bufs.iter().enumerate().map(|(i, b)| (i as u32 + 1, *b)).collect();
+        self.dispatch_bound(stem, entry, params, &bound, groups)
+    }
+
+    /// Record one dispatch with `params` at binding 0 and each buffer at its given binding; an
+    /// entry point's auto-derived layout holds only the bindings it uses, and exactly those
+    /// must be bound.
+    pub(crate) fn dispatch_bound<P: bytemuck::Pod>(
+        &mut self,
+        stem: &'static str,
+        entry: &'static str,
+        params: &P,
+        bufs: &[(u32, &GpuBuffer)],
         groups: [u32; 3],
     ) -> Result<(), GpuError> {
         let limit = self.ctx.limits.max_compute_workgroups_per_dimension;
@@ -212,9 +269,9 @@ impl Batch {
         });
         let mut entries =
             vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
-        for (i, b) in bufs.iter().enumerate() {
+        for &(binding, b) in bufs {
             entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
+                binding,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: b.raw(),
                     offset: 0,

@@ -5,9 +5,15 @@ mod context;
 mod pipelines;
 mod pool;
 
+pub mod attention;
 pub mod elementwise;
+pub mod embedding;
 pub mod matmul;
+pub mod reduce;
 pub mod rmsnorm;
+pub mod rope;
+pub mod slice;
+pub mod softmax;
 
 pub use context::{Batch, GpuBuffer, GpuContext, GpuError};
 pub use pipelines::SHADERS;

@@ -4,9 +4,15 @@ use std::sync::Mutex;
 
 /// Every WGSL source by stem (the same stem as its CPU twin in `cpu/`).
 pub const SHADERS: &[(&str, &str)] = &[
+    ("attention", include_str!("../wgsl/attention.wgsl")),
     ("elementwise", include_str!("../wgsl/elementwise.wgsl")),
+    ("embedding", include_str!("../wgsl/embedding.wgsl")),
     ("matmul", include_str!("../wgsl/matmul.wgsl")),
+    ("reduce", include_str!("../wgsl/reduce.wgsl")),
     ("rmsnorm", include_str!("../wgsl/rmsnorm.wgsl")),
+    ("rope", include_str!("../wgsl/rope.wgsl")),
+    ("slice", include_str!("../wgsl/slice.wgsl")),
+    ("softmax", include_str!("../wgsl/softmax.wgsl")),
 ];
 
 #[derive(Default)]
