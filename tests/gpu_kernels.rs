@@ -237,7 +237,9 @@ fn broadcast_binary_and_sum_to_shape_match_cpu() {
 #[test]
 fn reductions_match_cpu() {
     let Some(ctx) = ctx() else { return };
-    for &(outer, n, inner) in &[(1usize, 1usize, 1usize), (3, 5, 7), (2, 300, 1), (1, 4, 1000)] {
+    for &(outer, n, inner) in
+        &[(1usize, 1usize, 1usize), (3, 5, 7), (2, 300, 1), (1, 4, 1000), (1, 3, 70_001)]
+    {
         let x = rand(outer * n * inner, 60);
         let gx = ctx.upload(&x).unwrap();
         let out = ctx.zeros(outer * inner).unwrap();

@@ -102,3 +102,22 @@ fn batched_decode_rows_at_different_positions() {
     let long = Ids::new(vec![tokens[0]; 16], &[1, 16]).unwrap();
     assert!(gpt.forward_cached(&long, &mut batch).is_err());
 }
+
+/// The same fixtures with the model on the GPU (lavapipe in CI): logits, loss, every gradient,
+/// one optimizer step and KV-cache decode within 1e-3 of the PyTorch reference.
+#[test]
+fn fixtures_on_gpu() {
+    use femtochat::engine::Device;
+    if let Err(e) = Device::Gpu.ensure_available() {
+        assert!(std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1"), "{e}");
+        return;
+    }
+    for name in ["tiny_mha", "gqa_window", "odd_shapes"] {
+        let fx = Fixture::load(&path(name)).unwrap();
+        let checks = femtochat::model::parity::run_on(&fx, Device::Gpu).unwrap();
+        let failed: Vec<_> = checks.iter().filter(|c| !c.ok()).collect();
+        assert!(failed.is_empty(), "{name} on gpu: {failed:#?}");
+        let worst = checks.iter().map(|c| c.rel_err).fold(0.0, f64::max);
+        eprintln!("{name} on gpu: {} checks, worst rel err {worst:.2e}", checks.len());
+    }
+}

@@ -7,9 +7,13 @@
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 
+use femtochat_kernels::gpu::{self as gk, GpuBuffer};
+
+use crate::Device;
+use crate::device::record;
 use crate::error::{EngineError, Result};
 use crate::pool::{alloc_zeroed, recycle};
-use crate::tensor::{Tensor, TensorId};
+use crate::tensor::{Storage, Tensor, TensorId};
 
 thread_local! {
     static NO_GRAD_DEPTH: Cell<usize> = const { Cell::new(0) };
@@ -40,24 +44,60 @@ pub(crate) fn should_record(inputs: &[&Tensor]) -> bool {
     is_grad_enabled() && inputs.iter().any(|t| t.requires_grad())
 }
 
-/// Gradient buffers during a backward pass, keyed by tensor id.
+/// Gradient buffers during a backward pass, keyed by tensor id; each lives on its tensor's
+/// device (host vectors on CPU graphs, GPU buffers on GPU graphs).
 pub(crate) struct GradStore {
-    bufs: HashMap<TensorId, Vec<f32>>,
+    bufs: HashMap<TensorId, Storage>,
 }
 
 impl GradStore {
-    /// The gradient buffer of `t`, zero-filled on first use; `None` when `t` needs no gradient.
+    /// The host gradient buffer of `t`, zero-filled on first use; `None` when `t` needs no
+    /// gradient.
     pub(crate) fn slot(&mut self, t: &Tensor) -> Option<&mut [f32]> {
         if !t.requires_grad() {
             return None;
         }
-        Some(self.bufs.entry(t.id()).or_insert_with(|| alloc_zeroed(t.numel())))
+        let s = self.bufs.entry(t.id()).or_insert_with(|| Storage::Cpu(alloc_zeroed(t.numel())));
+        match s {
+            Storage::Cpu(v) => Some(v),
+            Storage::Gpu(_) => {
+                debug_assert!(false, "host gradient slot for a GPU tensor");
+                None
+            }
+        }
     }
 
-    /// Take `t`'s buffer out (zeros if absent), for a kernel that writes several gradients at
-    /// once; hand it back with `put`.
+    /// The GPU gradient buffer of `t`, zero-filled on first use; `None` when `t` needs no
+    /// gradient.
+    pub(crate) fn slot_gpu(&mut self, t: &Tensor) -> Result<Option<&GpuBuffer>> {
+        if !t.requires_grad() {
+            return Ok(None);
+        }
+        if !self.bufs.contains_key(&t.id()) {
+            let z = record(|bt| bt.zeros(t.numel()))?;
+            self.bufs.insert(t.id(), Storage::Gpu(z));
+        }
+        match self.bufs.get(&t.id()) {
+            Some(s) => s.gpu_buf().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Take `t`'s host buffer out (zeros if absent), for a kernel that writes several gradients
+    /// at once; hand it back with `put`.
     pub(crate) fn take(&mut self, t: &Tensor) -> Vec<f32> {
-        self.bufs.remove(&t.id()).unwrap_or_else(|| alloc_zeroed(t.numel()))
+        match self.bufs.remove(&t.id()) {
+            Some(mut s) => s.take_host(),
+            None => alloc_zeroed(t.numel()),
+        }
+    }
+
+    /// The GPU mirror of `take`.
+    pub(crate) fn take_gpu(&mut self, t: &Tensor) -> Result<GpuBuffer> {
+        match self.bufs.remove(&t.id()) {
+            Some(Storage::Gpu(b)) => Ok(b),
+            _ => record(|bt| bt.zeros(t.numel())),
+        }
     }
 
     /// Add a whole gradient for `t`, moved in when `t` has none yet (so pass-through rules like
@@ -69,12 +109,26 @@ impl GradStore {
             return;
         }
         match self.bufs.get_mut(&t.id()) {
-            Some(g) => {
+            Some(Storage::Cpu(g)) => {
                 g.iter_mut().zip(&buf).for_each(|(g, &b)| *g += b);
                 recycle(buf);
             }
-            None => {
-                self.bufs.insert(t.id(), buf);
+            _ => {
+                self.bufs.insert(t.id(), Storage::Cpu(buf));
+            }
+        }
+    }
+
+    /// The GPU mirror of `put`.
+    pub(crate) fn put_gpu(&mut self, t: &Tensor, buf: GpuBuffer) -> Result<()> {
+        if !t.requires_grad() {
+            return Ok(());
+        }
+        match self.bufs.get(&t.id()) {
+            Some(Storage::Gpu(g)) => record(|bt| gk::elementwise::scale_backward(bt, g, &buf, 1.0)),
+            _ => {
+                self.bufs.insert(t.id(), Storage::Gpu(buf));
+                Ok(())
             }
         }
     }
@@ -114,6 +168,13 @@ impl Grads {
         for (id, g) in other.map {
             match self.map.get(&id) {
                 // Gradients are leaves this store owns, so they are updated in place.
+                Some(mine) if mine.shape() == g.shape() && mine.device() == Device::Gpu => {
+                    let (m, s) = (mine.storage(), g.storage());
+                    if let (Ok(m), Ok(s)) = (m.gpu_buf(), s.gpu_buf()) {
+                        let added = record(|bt| gk::elementwise::scale_backward(bt, m, s, 1.0));
+                        debug_assert!(added.is_ok(), "accumulating GPU gradients: {added:?}");
+                    }
+                }
                 Some(mine) if mine.shape() == g.shape() => {
                     let src = g.data();
                     let added = mine.with_data_mut(|m| {
@@ -147,7 +208,11 @@ impl Tensor {
         }
         let order = topo_order(self);
         let mut store = GradStore { bufs: HashMap::new() };
-        store.bufs.insert(self.id(), vec![1.0]);
+        let seed = match self.device() {
+            Device::Cpu => Storage::Cpu(vec![1.0]),
+            Device::Gpu => Storage::Gpu(record(|bt| bt.upload(&[1.0f32]))?),
+        };
+        store.bufs.insert(self.id(), seed);
         let mut leaves: HashMap<TensorId, Tensor> = HashMap::new();
         for t in order.iter().rev() {
             let Some(op) = t.op() else { continue };
@@ -157,8 +222,13 @@ impl Tensor {
                     leaves.entry(inp.id()).or_insert_with(|| inp.clone());
                 }
             }
-            if let Some(spent) = op.backward(t, dout, &mut store) {
-                recycle(spent);
+            match dout {
+                Storage::Gpu(dout) => op.backward_gpu(t, dout, &mut store)?,
+                mut host => {
+                    if let Some(spent) = op.backward(t, host.take_host(), &mut store) {
+                        recycle(spent);
+                    }
+                }
             }
         }
         if self.is_leaf() {
@@ -167,7 +237,7 @@ impl Tensor {
         let mut map = HashMap::new();
         for (id, buf) in store.bufs {
             if let Some(leaf) = leaves.get(&id) {
-                map.insert(id, Tensor::from_op(buf, leaf.shape().to_vec(), None));
+                map.insert(id, Tensor::from_storage(buf, leaf.shape().to_vec(), None));
             }
         }
         Ok(Grads { map })

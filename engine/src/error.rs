@@ -22,6 +22,10 @@ pub enum EngineError {
     MissingParam { name: String },
     #[error("{op}: {msg}")]
     Invalid { op: &'static str, msg: String },
+    #[error("{op}: tensors on different devices ({lhs} and {rhs})")]
+    DeviceMismatch { op: &'static str, lhs: crate::Device, rhs: crate::Device },
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

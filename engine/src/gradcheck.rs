@@ -47,7 +47,7 @@ fn gradcheck(name: &str, shapes: &[&[usize]], seed: u64, f: impl Fn(&[Tensor]) -
     let out = f(&params).expect("forward");
     let w = rng.vec(out.numel());
     let wt = Tensor::from_vec(w.clone(), out.shape()).expect("valid shape");
-    let grads = out.mul(&wt).expect("same shape").sum().backward().expect("backward");
+    let grads = out.mul(&wt).expect("same shape").sum().expect("sum").backward().expect("backward");
 
     let loss_at = |inputs: &[Vec<f32>]| -> f64 {
         let _g = no_grad();
@@ -106,13 +106,13 @@ fn broadcasting_binary_ops() {
 #[test]
 fn unary_ops() {
     let s: &[usize] = &[3, 7];
-    gradcheck("scale", &[s], 2, |x| Ok(x[0].scale(-1.7)));
-    gradcheck("relu2", &[s], 3, |x| Ok(x[0].relu2()));
-    gradcheck("sigmoid", &[s], 4, |x| Ok(x[0].scale(3.0).sigmoid()));
-    gradcheck("tanh", &[s], 5, |x| Ok(x[0].scale(2.0).tanh()));
-    gradcheck("softcap", &[s], 6, |x| Ok(x[0].scale(20.0).softcap(15.0)));
-    gradcheck("softmax", &[&[2, 3, 5]], 7, |x| x[0].scale(3.0).softmax());
-    gradcheck("log_softmax", &[&[4, 6]], 8, |x| x[0].scale(3.0).log_softmax());
+    gradcheck("scale", &[s], 2, |x| x[0].scale(-1.7));
+    gradcheck("relu2", &[s], 3, |x| x[0].relu2());
+    gradcheck("sigmoid", &[s], 4, |x| x[0].scale(3.0)?.sigmoid());
+    gradcheck("tanh", &[s], 5, |x| x[0].scale(2.0)?.tanh());
+    gradcheck("softcap", &[s], 6, |x| x[0].scale(20.0)?.softcap(15.0));
+    gradcheck("softmax", &[&[2, 3, 5]], 7, |x| x[0].scale(3.0)?.softmax());
+    gradcheck("log_softmax", &[&[4, 6]], 8, |x| x[0].scale(3.0)?.log_softmax());
 }
 
 #[test]
@@ -148,8 +148,8 @@ fn shape_ops() {
     gradcheck("cat", &[&[2, 1, 3], &[2, 4, 3], &[2, 2, 3]], 54, |x| Tensor::cat(x, 1));
     gradcheck("cat last", &[&[3, 2], &[3, 5]], 55, |x| Tensor::cat(x, -1));
     gradcheck("reshape", &[s], 56, |x| x[0].reshape(&[5, 6])?.narrow(0, 1, 3));
-    gradcheck("sum", &[s], 57, |x| Ok(x[0].sum()));
-    gradcheck("mean", &[s], 58, |x| Ok(x[0].mean()));
+    gradcheck("sum", &[s], 57, |x| x[0].sum());
+    gradcheck("mean", &[s], 58, |x| x[0].mean());
     gradcheck("sum_dim", &[s], 59, |x| x[0].sum_dim(1, false));
     gradcheck("mean_dim keep", &[s], 60, |x| x[0].mean_dim(-1, true));
 }
@@ -184,10 +184,10 @@ fn attention_op() {
 fn cross_entropy_op() {
     let targets = [2, -1, 0, 4, 4];
     gradcheck("ce mean", &[&[5, 6]], 90, |x| {
-        x[0].scale(3.0).cross_entropy(&targets, Reduction::Mean)
+        x[0].scale(3.0)?.cross_entropy(&targets, Reduction::Mean)
     });
     gradcheck("ce none", &[&[5, 6]], 91, |x| {
-        x[0].scale(3.0).cross_entropy(&targets, Reduction::None)
+        x[0].scale(3.0)?.cross_entropy(&targets, Reduction::None)
     });
     let logits = Tensor::from_vec(vec![0.0; 10], &[2, 5]).unwrap();
     let loss = logits.cross_entropy(&[1, -1], Reduction::Mean).unwrap().item().unwrap();
@@ -228,15 +228,15 @@ fn transformer_block_composite() {
         let k = a.linear(&p[4])?.reshape(&[b, t, hkv, d])?;
         let vv = a.linear(&p[5])?.reshape(&[b, t, hkv, d])?;
         let ve = Tensor::embedding(&p[6], &ids)?.reshape(&[b, t, hkv, d])?;
-        let gate = x.narrow(-1, 0, 3)?.linear(&p[7])?.sigmoid().scale(3.0);
+        let gate = x.narrow(-1, 0, 3)?.linear(&p[7])?.sigmoid()?.scale(3.0)?;
         let vv = vv.add(&gate.reshape(&[b, t, hkv, 1])?.mul(&ve)?)?;
-        let q = q.rope(&table, 0)?.rmsnorm(RMSNORM_EPS)?.scale(1.2);
-        let k = k.rope(&table, 0)?.rmsnorm(RMSNORM_EPS)?.scale(1.2);
+        let q = q.rope(&table, 0)?.rmsnorm(RMSNORM_EPS)?.scale(1.2)?;
+        let k = k.rope(&table, 0)?.rmsnorm(RMSNORM_EPS)?.scale(1.2)?;
         let y = Tensor::attention(&q, &k, &vv, 2, 0)?.reshape(&[b, t, h * d])?.linear(&p[8])?;
         let x = x.add(&y)?;
-        let m = x.rmsnorm(RMSNORM_EPS)?.linear(&p[9])?.relu2().linear(&p[10])?;
+        let m = x.rmsnorm(RMSNORM_EPS)?.linear(&p[9])?.relu2()?.linear(&p[10])?;
         let x = x.add(&m)?;
-        let logits = x.rmsnorm(RMSNORM_EPS)?.linear(&p[11])?.narrow(-1, 0, v - 1)?.softcap(15.0);
+        let logits = x.rmsnorm(RMSNORM_EPS)?.linear(&p[11])?.narrow(-1, 0, v - 1)?.softcap(15.0)?;
         logits.reshape(&[b * t, v - 1])?.cross_entropy(&targets, Reduction::Mean)
     });
 }
@@ -275,11 +275,21 @@ fn errors_not_panics() {
 #[test]
 fn empty_tensors_flow_through() {
     let e = Tensor::param(vec![], &[2, 0]).unwrap();
-    let y = e.add(&e).unwrap().mul(&e).unwrap().relu2().sigmoid().softcap(3.0);
+    let y = e
+        .add(&e)
+        .unwrap()
+        .mul(&e)
+        .unwrap()
+        .relu2()
+        .unwrap()
+        .sigmoid()
+        .unwrap()
+        .softcap(3.0)
+        .unwrap();
     let y = y.rmsnorm(RMSNORM_EPS).unwrap().softmax().unwrap().log_softmax().unwrap();
     let y = Tensor::cat(&[y.clone(), y], 1).unwrap().narrow(1, 0, 0).unwrap();
     assert_eq!(y.shape(), &[2, 0]);
-    let grads = y.sum().backward().unwrap();
+    let grads = y.sum().unwrap().backward().unwrap();
     assert_eq!(grads.get(&e).unwrap().numel(), 0);
     let w = Tensor::param(vec![1.0; 6], &[3, 2]).unwrap();
     assert_eq!(Tensor::zeros(&[0, 2]).linear(&w).unwrap().shape(), &[0, 3]);
@@ -287,7 +297,7 @@ fn empty_tensors_flow_through() {
     assert_eq!(Tensor::embedding(&w, &ids).unwrap().shape(), &[1, 0, 2]);
     let q = Tensor::param(vec![], &[1, 0, 2, 4]).unwrap();
     let y = Tensor::attention(&q, &q, &q, usize::MAX, 0).unwrap();
-    assert!(y.sum().backward().is_ok());
+    assert!(y.sum().unwrap().backward().is_ok());
 }
 
 #[test]
@@ -295,11 +305,11 @@ fn no_grad_records_nothing() {
     let p = Tensor::param(vec![1.0, 2.0], &[2]).unwrap();
     {
         let _g = no_grad();
-        let y = p.scale(2.0).sum();
+        let y = p.scale(2.0).unwrap().sum().unwrap();
         assert!(!y.requires_grad());
         assert!(y.backward().is_err());
     }
-    let y = p.scale(2.0).sum();
+    let y = p.scale(2.0).unwrap().sum().unwrap();
     assert!(y.requires_grad());
     let grads = y.backward().unwrap();
     assert_eq!(grads.get(&p).unwrap().to_vec(), vec![2.0, 2.0]);
@@ -310,21 +320,21 @@ fn deep_chain_has_no_recursion_limit() {
     let p = Tensor::param(vec![1.0], &[1]).unwrap();
     let mut x = p.clone();
     for _ in 0..200_000 {
-        x = x.scale(1.0);
+        x = x.scale(1.0).unwrap();
     }
-    let grads = x.sum().backward().unwrap();
+    let grads = x.sum().unwrap().backward().unwrap();
     assert_eq!(grads.get(&p).unwrap().to_vec(), vec![1.0]);
 }
 
 #[test]
 fn leaf_update_and_grad_accumulation() {
     let p = Tensor::param(vec![1.0, 2.0, 3.0], &[3]).unwrap();
-    let mut grads = p.mul(&p).unwrap().sum().backward().unwrap();
-    grads.accumulate(p.sum().backward().unwrap());
+    let mut grads = p.mul(&p).unwrap().sum().unwrap().backward().unwrap();
+    grads.accumulate(p.sum().unwrap().backward().unwrap());
     assert_eq!(grads.get(&p).unwrap().to_vec(), vec![3.0, 5.0, 7.0]);
     p.with_data_mut(|d| d[0] = 10.0).unwrap();
     assert_eq!(p.to_vec(), vec![10.0, 2.0, 3.0]);
-    assert!(p.scale(1.0).with_data_mut(|_| ()).is_err());
+    assert!(p.scale(1.0).unwrap().with_data_mut(|_| ()).is_err());
 }
 
 #[test]

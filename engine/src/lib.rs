@@ -17,13 +17,14 @@ pub mod autograd;
 pub mod device;
 pub mod error;
 pub mod op;
+mod op_gpu;
 pub mod optim;
 pub mod param;
 pub mod pool;
 pub mod tensor;
 
 pub use autograd::{Grads, NoGradGuard, is_grad_enabled, no_grad};
-pub use device::Device;
+pub use device::{Device, sync};
 pub use error::{EngineError, Result};
 pub use op::{IGNORE_INDEX, RMSNORM_EPS, Reduction, RopeTable};
 pub use optim::{GroupKind, MuonAdamW, ParamGroup};

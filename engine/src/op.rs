@@ -11,10 +11,15 @@ use femtochat_kernels::cpu::matmul::{MatmulShape, matmul};
 use femtochat_kernels::cpu::slice::{BlockView, copy_block};
 use femtochat_kernels::cpu::{embedding, reduce, rmsnorm, rope, softmax};
 
+use crate::Device;
 use crate::autograd::{GradStore, should_record};
 use crate::error::{EngineError, Result};
+use crate::op_gpu::{self as g, GpuTables};
 use crate::pool::{alloc_uninit, recycle};
-use crate::tensor::{Ids, Tensor, checked_numel};
+use crate::tensor::{Ids, Storage, Tensor, checked_numel};
+use femtochat_kernels::gpu::{self as gk, Batch, GpuBuffer, GpuError};
+
+type GpuResult = std::result::Result<(), GpuError>;
 
 pub use femtochat_kernels::cpu::rmsnorm::RMSNORM_EPS;
 pub use femtochat_kernels::cpu::softmax::IGNORE_INDEX;
@@ -31,10 +36,12 @@ pub enum Reduction {
 /// Precomputed RoPE cos/sin tables (T_max, D/2); build once per model, share by clone.
 #[derive(Clone, Debug)]
 pub struct RopeTable {
-    cos: Arc<Vec<f32>>,
-    sin: Arc<Vec<f32>>,
-    t_max: usize,
-    head_dim: usize,
+    pub(crate) cos: Arc<Vec<f32>>,
+    pub(crate) sin: Arc<Vec<f32>>,
+    pub(crate) t_max: usize,
+    pub(crate) head_dim: usize,
+    /// The tables uploaded to the GPU on first use there.
+    pub(crate) gpu: GpuTables,
 }
 
 impl RopeTable {
@@ -52,7 +59,13 @@ impl RopeTable {
         })?;
         let (mut cos, mut sin) = (vec![0.0; n], vec![0.0; n]);
         rope::rope_tables(&mut cos, &mut sin, t_max, head_dim, base);
-        Ok(RopeTable { cos: Arc::new(cos), sin: Arc::new(sin), t_max, head_dim })
+        Ok(RopeTable {
+            cos: Arc::new(cos),
+            sin: Arc::new(sin),
+            t_max,
+            head_dim,
+            gpu: GpuTables::default(),
+        })
     }
 
     pub fn max_len(&self) -> usize {
@@ -77,16 +90,16 @@ pub(crate) enum Op {
     Softcap(Tensor, f32),           // x (..) -> (..); backward reads the output
     Softmax(Tensor),                // x (.., V) -> (.., V); backward reads the output
     LogSoftmax(Tensor),             // x (.., V) -> (.., V); backward reads the output
-    RmsNorm(Tensor, Vec<f32>),      // x (.., C) -> (.., C), saves rstd (rows)
+    RmsNorm(Tensor, Storage),       // x (.., C) -> (.., C), saves rstd (rows)
     Rope(Tensor, RopeTable, usize), // x (B, T, H, D) at positions pos0.. -> (B, T, H, D)
     Narrow(Tensor, usize, usize),   // x (.., n, ..), dim, start -> (.., len, ..)
     Cat(Vec<Tensor>, usize),        // xs (.., n_i, ..) along dim -> (.., sum n_i, ..)
     Reshape(Tensor),                // x (..) -> same numel
     Embedding(Tensor, Ids),         // w (V, C), ids (..) -> (.., C)
     // q (B, Tq, H, D), k, v (B, Tk, Hkv, D) -> (B, Tq, H, D); saves lse (B, Tq, H)
-    Attention { q: Tensor, k: Tensor, v: Tensor, lse: Vec<f32>, s: AttnShape },
+    Attention { q: Tensor, k: Tensor, v: Tensor, lse: Storage, s: AttnShape },
     // logits (N, V) -> () (Mean, over `mean_count` targets) or (N); saves lse (N)
-    CrossEntropy { logits: Tensor, targets: Vec<i32>, lse: Vec<f32>, mean_count: Option<usize> },
+    CrossEntropy { logits: Tensor, targets: Vec<i32>, lse: Storage, mean_count: Option<usize> },
     Sum(Tensor),           // x (..) -> ()
     Mean(Tensor),          // x (..) -> ()
     SumDim(Tensor, usize), // x (.., n, ..) -> (.., [1,] ..)
@@ -112,15 +125,43 @@ fn last_dim(op: &'static str, t: &Tensor) -> Result<(usize, usize)> {
     Ok((t.numel() / c.max(1), c))
 }
 
-/// Run `kernel(out, x)` into a fresh buffer shaped like `x`; record `op` if tracked.
-fn unary(x: &Tensor, kernel: impl FnOnce(&mut [f32], &[f32]), op: impl FnOnce() -> Op) -> Tensor {
+/// Run `kernel(out, x)` (or `gpu(batch, out, x)` on the GPU) into a fresh buffer shaped like `x`;
+/// record `op` if tracked.
+fn unary(
+    x: &Tensor,
+    kernel: impl FnOnce(&mut [f32], &[f32]),
+    gpu: impl FnOnce(&mut Batch, &GpuBuffer, &GpuBuffer) -> GpuResult,
+    op: impl FnOnce() -> Op,
+) -> Result<Tensor> {
+    let op = should_record(&[x]).then(op);
+    if x.device() == Device::Gpu {
+        let out = g::map(x, x.numel(), gpu)?;
+        return Ok(Tensor::from_gpu(out, x.shape().to_vec(), op));
+    }
     let mut out = alloc_uninit(x.numel());
     kernel(&mut out, &x.data());
-    Tensor::from_op(out, x.shape().to_vec(), should_record(&[x]).then(op))
+    Ok(Tensor::from_op(out, x.shape().to_vec(), op))
+}
+
+/// The one device of an op's inputs, or the mismatch.
+pub(crate) fn same_device(op: &'static str, ts: &[&Tensor]) -> Result<Device> {
+    let d = ts.first().map(|t| t.device()).unwrap_or_default();
+    match ts.iter().find(|t| t.device() != d) {
+        Some(t) => Err(EngineError::DeviceMismatch { op, lhs: d, rhs: t.device() }),
+        None => Ok(d),
+    }
 }
 
 impl Tensor {
-    fn binary(&self, other: &Tensor, name: &'static str) -> Result<(Broadcast, Vec<f32>)> {
+    /// A broadcasting binary op: `cpu`/`gpu` write `out = a op b`.
+    fn binary(
+        &self,
+        other: &Tensor,
+        name: &'static str,
+        cpu: fn(&mut [f32], &[f32], &[f32], &Broadcast, bool),
+        gpu: g::BinaryKernel,
+        op: impl FnOnce() -> Op,
+    ) -> Result<Tensor> {
         let bc = Broadcast::new(self.shape(), other.shape()).ok_or_else(|| {
             EngineError::ShapeMismatch {
                 op: name,
@@ -128,71 +169,88 @@ impl Tensor {
                 rhs: other.shape().to_vec(),
             }
         })?;
-        let out = alloc_uninit(bc.numel());
-        Ok((bc, out))
+        let op = should_record(&[self, other]).then(op);
+        if same_device(name, &[self, other])? == Device::Gpu {
+            let out = g::binary(self, other, &bc, gpu)?;
+            return Ok(Tensor::from_gpu(out, bc.out_shape, op));
+        }
+        let mut out = alloc_uninit(bc.numel());
+        cpu(&mut out, &self.data(), &other.data(), &bc, false);
+        Ok(Tensor::from_op(out, bc.out_shape, op))
     }
 
     /// self + other, numpy broadcasting.
     pub fn add(&self, other: &Tensor) -> Result<Tensor> {
-        let (bc, mut out) = self.binary(other, "add")?;
-        ew::add_forward(&mut out, &self.data(), &other.data(), &bc, false);
-        let op = should_record(&[self, other]).then(|| Op::Add(self.clone(), other.clone()));
-        Ok(Tensor::from_op(out, bc.out_shape, op))
+        let op = || Op::Add(self.clone(), other.clone());
+        self.binary(other, "add", ew::add_forward, gk::elementwise::add_forward, op)
     }
 
     /// self - other, numpy broadcasting.
     pub fn sub(&self, other: &Tensor) -> Result<Tensor> {
-        let (bc, mut out) = self.binary(other, "sub")?;
-        ew::sub_forward(&mut out, &self.data(), &other.data(), &bc, false);
-        let op = should_record(&[self, other]).then(|| Op::Sub(self.clone(), other.clone()));
-        Ok(Tensor::from_op(out, bc.out_shape, op))
+        let op = || Op::Sub(self.clone(), other.clone());
+        self.binary(other, "sub", ew::sub_forward, gk::elementwise::sub_forward, op)
     }
 
     /// self * other, numpy broadcasting (e.g. (1) * (B, T, C), or (B, T, H, 1) * (B, T, H, D)).
     pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
-        let (bc, mut out) = self.binary(other, "mul")?;
-        ew::mul_forward(&mut out, &self.data(), &other.data(), &bc, false);
-        let op = should_record(&[self, other]).then(|| Op::Mul(self.clone(), other.clone()));
-        Ok(Tensor::from_op(out, bc.out_shape, op))
+        let op = || Op::Mul(self.clone(), other.clone());
+        self.binary(other, "mul", ew::mul_forward, gk::elementwise::mul_forward, op)
     }
 
     /// s * self
-    pub fn scale(&self, s: f32) -> Tensor {
-        unary(self, |o, x| ew::scale_forward(o, x, s), || Op::Scale(self.clone(), s))
+    pub fn scale(&self, s: f32) -> Result<Tensor> {
+        unary(
+            self,
+            |o, x| ew::scale_forward(o, x, s),
+            |bt, o, x| gk::elementwise::scale_forward(bt, o, x, s),
+            || Op::Scale(self.clone(), s),
+        )
     }
 
     /// relu(self)^2
-    pub fn relu2(&self) -> Tensor {
-        unary(self, ew::relu2_forward, || Op::Relu2(self.clone()))
+    pub fn relu2(&self) -> Result<Tensor> {
+        unary(self, ew::relu2_forward, gk::elementwise::relu2_forward, || Op::Relu2(self.clone()))
     }
 
-    pub fn sigmoid(&self) -> Tensor {
-        unary(self, ew::sigmoid_forward, || Op::Sigmoid(self.clone()))
+    pub fn sigmoid(&self) -> Result<Tensor> {
+        let op = || Op::Sigmoid(self.clone());
+        unary(self, ew::sigmoid_forward, gk::elementwise::sigmoid_forward, op)
     }
 
-    pub fn tanh(&self) -> Tensor {
-        unary(self, ew::tanh_forward, || Op::Tanh(self.clone()))
+    pub fn tanh(&self) -> Result<Tensor> {
+        unary(self, ew::tanh_forward, gk::elementwise::tanh_forward, || Op::Tanh(self.clone()))
     }
 
     /// c * tanh(self / c)
-    pub fn softcap(&self, c: f32) -> Tensor {
-        unary(self, |o, x| ew::softcap_forward(o, x, c), || Op::Softcap(self.clone(), c))
+    pub fn softcap(&self, c: f32) -> Result<Tensor> {
+        unary(
+            self,
+            |o, x| ew::softcap_forward(o, x, c),
+            |bt, o, x| gk::elementwise::softcap_forward(bt, o, x, c),
+            || Op::Softcap(self.clone(), c),
+        )
     }
 
     /// Softmax over the last dim.
     pub fn softmax(&self) -> Result<Tensor> {
         let (n, v) = last_dim("softmax", self)?;
-        Ok(unary(self, |o, x| softmax::softmax_forward(o, x, n, v), || Op::Softmax(self.clone())))
+        unary(
+            self,
+            |o, x| softmax::softmax_forward(o, x, n, v),
+            |bt, o, x| gk::softmax::softmax_forward(bt, o, x, n, v),
+            || Op::Softmax(self.clone()),
+        )
     }
 
     /// Log-softmax over the last dim.
     pub fn log_softmax(&self) -> Result<Tensor> {
         let (n, v) = last_dim("log_softmax", self)?;
-        Ok(unary(
+        unary(
             self,
             |o, x| softmax::log_softmax_forward(o, x, n, v),
+            |bt, o, x| gk::softmax::log_softmax_forward(bt, o, x, n, v),
             || Op::LogSoftmax(self.clone()),
-        ))
+        )
     }
 
     /// x (.., K) W^T with w (N, K) -> (.., N), no bias.
@@ -206,23 +264,32 @@ impl Tensor {
             });
         }
         let n = w.shape()[0];
+        let mut shape = self.shape().to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = n;
+        let op = should_record(&[self, w]).then(|| Op::Linear(self.clone(), w.clone()));
+        let ms = MatmulShape::new(m, k, n, false, true);
+        if same_device("linear", &[self, w])? == Device::Gpu {
+            return Ok(Tensor::from_gpu(g::matmul(self, w, ms)?, shape, op));
+        }
         let mut out = alloc_uninit(m * n);
         if k == 0 {
             out.fill(0.0); // an empty sum; don't rely on the matmul kernel to write it
         }
-        matmul(&mut out, &self.data(), &w.data(), MatmulShape::new(m, k, n, false, true), false);
-        let mut shape = self.shape().to_vec();
-        *shape.last_mut().unwrap_or(&mut 0) = n;
-        let op = should_record(&[self, w]).then(|| Op::Linear(self.clone(), w.clone()));
+        matmul(&mut out, &self.data(), &w.data(), ms, false);
         Ok(Tensor::from_op(out, shape, op))
     }
 
     /// RMSNorm over the last dim, no weight: x / sqrt(mean(x^2) + eps).
     pub fn rmsnorm(&self, eps: f32) -> Result<Tensor> {
         let (n, c) = last_dim("rmsnorm", self)?;
+        if self.device() == Device::Gpu {
+            let (out, rstd) = g::rmsnorm(self, n, c, eps)?;
+            let op = should_record(&[self]).then(|| Op::RmsNorm(self.clone(), Storage::Gpu(rstd)));
+            return Ok(Tensor::from_gpu(out, self.shape().to_vec(), op));
+        }
         let (mut out, mut rstd) = (alloc_uninit(n * c), alloc_uninit(n));
         rmsnorm::rmsnorm_forward(&mut out, &mut rstd, &self.data(), n, c, eps);
-        let op = should_record(&[self]).then(|| Op::RmsNorm(self.clone(), rstd));
+        let op = should_record(&[self]).then(|| Op::RmsNorm(self.clone(), Storage::Cpu(rstd)));
         Ok(Tensor::from_op(out, self.shape().to_vec(), op))
     }
 
@@ -247,9 +314,12 @@ impl Tensor {
             });
         }
         let rs = rope::RopeShape { b: s[0], t: s[1], h: s[2], d: s[3], pos0 };
+        let op = should_record(&[self]).then(|| Op::Rope(self.clone(), table.clone(), pos0));
+        if self.device() == Device::Gpu {
+            return Ok(Tensor::from_gpu(g::rope(self, table, rs)?, s.to_vec(), op));
+        }
         let mut out = alloc_uninit(self.numel());
         rope::rope_forward(&mut out, &self.data(), &table.cos, &table.sin, rs);
-        let op = should_record(&[self]).then(|| Op::Rope(self.clone(), table.clone(), pos0));
         Ok(Tensor::from_op(out, s.to_vec(), op))
     }
 
@@ -269,10 +339,16 @@ impl Tensor {
         let (outer, n, inner) = split_at_dim(self.shape(), d);
         let mut shape = self.shape().to_vec();
         shape[d] = len;
-        let mut out = alloc_uninit(outer * len * inner);
         let (dv, sv) = (BlockView { n: len, off: 0 }, BlockView { n, off: start });
-        copy_block(&mut out, dv, &self.data(), sv, outer, len, inner, false);
         let op = should_record(&[self]).then(|| Op::Narrow(self.clone(), d, start));
+        if self.device() == Device::Gpu {
+            let out = g::map(self, outer * len * inner, |bt, o, x| {
+                gk::slice::copy_block(bt, o, dv, x, sv, outer, len, inner, false)
+            })?;
+            return Ok(Tensor::from_gpu(out, shape, op));
+        }
+        let mut out = alloc_uninit(outer * len * inner);
+        copy_block(&mut out, dv, &self.data(), sv, outer, len, inner, false);
         Ok(Tensor::from_op(out, shape, op))
     }
 
@@ -312,6 +388,23 @@ impl Tensor {
             shape[d] += x.shape()[d];
         }
         let (outer, total, inner) = split_at_dim(&shape, d);
+        let refs: Vec<&Tensor> = xs.iter().collect();
+        let op = should_record(&refs).then(|| Op::Cat(xs.to_vec(), d));
+        if same_device("cat", &refs)? == Device::Gpu {
+            let out = g::alloc(outer * total * inner)?;
+            let mut off = 0;
+            for x in xs {
+                let n = x.shape()[d];
+                let (dv, sv) = (BlockView { n: total, off }, BlockView { n, off: 0 });
+                let xs = x.storage();
+                let xb = xs.gpu_buf()?;
+                crate::device::record(|bt| {
+                    gk::slice::copy_block(bt, &out, dv, xb, sv, outer, n, inner, false)
+                })?;
+                off += n;
+            }
+            return Ok(Tensor::from_gpu(out, shape, op));
+        }
         let mut out = alloc_uninit(outer * total * inner);
         let mut off = 0;
         for x in xs {
@@ -320,8 +413,6 @@ impl Tensor {
             copy_block(&mut out, dv, &x.data(), sv, outer, n, inner, false);
             off += n;
         }
-        let refs: Vec<&Tensor> = xs.iter().collect();
-        let op = should_record(&refs).then(|| Op::Cat(xs.to_vec(), d));
         Ok(Tensor::from_op(out, shape, op))
     }
 
@@ -356,11 +447,18 @@ impl Tensor {
                 bound: v,
             });
         }
-        let mut out = alloc_uninit(ids.len() * c);
-        embedding::embedding_forward(&mut out, &weight.data(), ids.data(), c);
         let mut shape = ids.shape().to_vec();
         shape.push(c);
         let op = should_record(&[weight]).then(|| Op::Embedding(weight.clone(), ids.clone()));
+        if weight.device() == Device::Gpu {
+            let out = g::map(weight, ids.len() * c, |bt, o, w| {
+                let ids = bt.upload(ids.data())?;
+                gk::embedding::embedding_forward(bt, o, w, &ids, c)
+            })?;
+            return Ok(Tensor::from_gpu(out, shape, op));
+        }
+        let mut out = alloc_uninit(ids.len() * c);
+        embedding::embedding_forward(&mut out, &weight.data(), ids.data(), c);
         Ok(Tensor::from_op(out, shape, op))
     }
 
@@ -416,9 +514,15 @@ impl Tensor {
             window,
             pos0,
         };
-        let mut out = alloc_uninit(q.numel());
-        let mut lse = alloc_uninit(s.b * s.tq * s.h);
-        attention::attention_forward(&mut out, &mut lse, &q.data(), &k.data(), &v.data(), s);
+        let (out, lse) = if same_device("attention", &[q, k, v])? == Device::Gpu {
+            let (out, lse) = g::attention(q, k, v, s)?;
+            (Storage::Gpu(out), Storage::Gpu(lse))
+        } else {
+            let mut out = alloc_uninit(q.numel());
+            let mut lse = alloc_uninit(s.b * s.tq * s.h);
+            attention::attention_forward(&mut out, &mut lse, &q.data(), &k.data(), &v.data(), s);
+            (Storage::Cpu(out), Storage::Cpu(lse))
+        };
         let op = should_record(&[q, k, v]).then(|| Op::Attention {
             q: q.clone(),
             k: k.clone(),
@@ -426,7 +530,7 @@ impl Tensor {
             lse,
             s,
         });
-        Ok(Tensor::from_op(out, qs.to_vec(), op))
+        Ok(Tensor::from_storage(out, qs.to_vec(), op))
     }
 
     /// Cross-entropy of logits (N, V) against targets (N) in 0..V or `IGNORE_INDEX`.
@@ -458,15 +562,20 @@ impl Tensor {
                 bound: v,
             });
         }
-        let (mut losses, mut lse) = (alloc_uninit(n), alloc_uninit(n));
-        softmax::cross_entropy_forward(&mut losses, &mut lse, &self.data(), targets, n, v);
-        let (out, shape, mean_count) = match reduction {
-            Reduction::None => (losses, vec![n], None),
-            Reduction::Mean => {
-                let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-                let mean = (reduce::sum_all(&losses) / count as f64) as f32;
-                (vec![mean], vec![], Some(count))
-            }
+        let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+        let mean_count = (reduction == Reduction::Mean).then_some(count);
+        let shape = if mean_count.is_some() { vec![] } else { vec![n] };
+        let (out, lse) = if self.device() == Device::Gpu {
+            let (out, lse) = g::cross_entropy(self, targets, n, v, mean_count)?;
+            (Storage::Gpu(out), Storage::Gpu(lse))
+        } else {
+            let (mut losses, mut lse) = (alloc_uninit(n), alloc_uninit(n));
+            softmax::cross_entropy_forward(&mut losses, &mut lse, &self.data(), targets, n, v);
+            let out = match mean_count {
+                None => losses,
+                Some(count) => vec![(reduce::sum_all(&losses) / count as f64) as f32],
+            };
+            (Storage::Cpu(out), Storage::Cpu(lse))
         };
         let op = should_record(&[self]).then(|| Op::CrossEntropy {
             logits: self.clone(),
@@ -474,41 +583,59 @@ impl Tensor {
             lse,
             mean_count,
         });
-        Ok(Tensor::from_op(out, shape, op))
+        Ok(Tensor::from_storage(out, shape, op))
     }
 
     /// Sum of all elements -> shape ().
-    pub fn sum(&self) -> Tensor {
-        let out = vec![reduce::sum_all(&self.data()) as f32];
-        Tensor::from_op(out, vec![], should_record(&[self]).then(|| Op::Sum(self.clone())))
+    pub fn sum(&self) -> Result<Tensor> {
+        let op = should_record(&[self]).then(|| Op::Sum(self.clone()));
+        if self.device() == Device::Gpu {
+            let out = g::map(self, 1, |bt, o, x| gk::reduce::sum_all(bt, o, x, 1.0, false))?;
+            return Ok(Tensor::from_gpu(out, vec![], op));
+        }
+        Ok(Tensor::from_op(vec![reduce::sum_all(&self.data()) as f32], vec![], op))
     }
 
     /// Mean of all elements -> shape ().
-    pub fn mean(&self) -> Tensor {
-        let out = vec![(reduce::sum_all(&self.data()) / self.numel() as f64) as f32];
-        Tensor::from_op(out, vec![], should_record(&[self]).then(|| Op::Mean(self.clone())))
+    pub fn mean(&self) -> Result<Tensor> {
+        let op = should_record(&[self]).then(|| Op::Mean(self.clone()));
+        let n = self.numel();
+        if self.device() == Device::Gpu {
+            let alpha = 1.0 / n as f32;
+            let out = g::map(self, 1, |bt, o, x| gk::reduce::sum_all(bt, o, x, alpha, false))?;
+            return Ok(Tensor::from_gpu(out, vec![], op));
+        }
+        let out = vec![(reduce::sum_all(&self.data()) / n as f64) as f32];
+        Ok(Tensor::from_op(out, vec![], op))
     }
 
     /// Sum over `dim`, kept as size 1 when `keepdim`.
     pub fn sum_dim(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
         let d = norm_dim("sum_dim", dim, self.rank())?;
         let (outer, n, inner) = split_at_dim(self.shape(), d);
-        let mut out = alloc_uninit(outer * inner);
-        reduce::sum_dim_forward(&mut out, &self.data(), outer, n, inner);
         let mut shape = self.shape().to_vec();
         if keepdim {
             shape[d] = 1;
         } else {
             shape.remove(d);
         }
-        Ok(Tensor::from_op(out, shape, should_record(&[self]).then(|| Op::SumDim(self.clone(), d))))
+        let op = should_record(&[self]).then(|| Op::SumDim(self.clone(), d));
+        if self.device() == Device::Gpu {
+            let out = g::map(self, outer * inner, |bt, o, x| {
+                gk::reduce::sum_dim_forward(bt, o, x, outer, n, inner)
+            })?;
+            return Ok(Tensor::from_gpu(out, shape, op));
+        }
+        let mut out = alloc_uninit(outer * inner);
+        reduce::sum_dim_forward(&mut out, &self.data(), outer, n, inner);
+        Ok(Tensor::from_op(out, shape, op))
     }
 
     /// Mean over `dim`, kept as size 1 when `keepdim`.
     pub fn mean_dim(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
         let d = norm_dim("mean_dim", dim, self.rank())?;
         let n = self.shape()[d];
-        Ok(self.sum_dim(dim, keepdim)?.scale(1.0 / n as f32))
+        self.sum_dim(dim, keepdim)?.scale(1.0 / n as f32)
     }
 }
 
@@ -650,7 +777,7 @@ impl Op {
             Op::RmsNorm(x, rstd) => {
                 let c = oshape.last().copied().unwrap_or(1).max(1);
                 if let Some(dx) = g.slot(x) {
-                    rmsnorm::rmsnorm_backward(dx, &dout, &x.data(), rstd, dout.len() / c, c);
+                    rmsnorm::rmsnorm_backward(dx, &dout, &x.data(), rstd.host(), dout.len() / c, c);
                 }
             }
             // rotation is orthogonal: dx = R^T dy
@@ -701,7 +828,16 @@ impl Op {
                 let (mut dq, mut dk, mut dv) = (g.take(q), g.take(k), g.take(v));
                 let (qd, kd, vd, od) = (q.data(), k.data(), v.data(), out.data());
                 attention::attention_backward(
-                    &mut dq, &mut dk, &mut dv, &dout, &qd, &kd, &vd, &od, lse, *s,
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    &dout,
+                    &qd,
+                    &kd,
+                    &vd,
+                    &od,
+                    lse.host(),
+                    *s,
                 );
                 g.put(q, dq);
                 g.put(k, dk);
@@ -719,7 +855,7 @@ impl Op {
                         dl,
                         &dlosses,
                         &logits.data(),
-                        lse,
+                        lse.host(),
                         targets,
                         n,
                         vocab,

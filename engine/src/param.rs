@@ -44,6 +44,16 @@ impl ParamStore {
         self.params.is_empty()
     }
 
+    /// Every parameter copied to `device` (trainable leaves stay trainable).
+    pub fn to_device(&self, device: crate::Device) -> Result<ParamStore> {
+        let params = self
+            .params
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        Ok(ParamStore { params })
+    }
+
     /// Total number of scalar parameters.
     pub fn numel(&self) -> usize {
         self.params.values().map(Tensor::numel).sum()

@@ -8,34 +8,76 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use femtochat_kernels::gpu::GpuBuffer;
+
 use crate::Device;
+use crate::device::{record, sync};
 use crate::error::{EngineError, Result};
 use crate::op::Op;
 
-/// Where the numbers live. Only the host for now; a GPU buffer variant comes with the GPU device.
-#[derive(Debug)]
+/// Where the numbers live: host memory or a GPU storage buffer. Also the type of saved
+/// backward buffers and gradients, which live where their tensors do.
 pub enum Storage {
     Cpu(Vec<f32>),
+    Gpu(GpuBuffer),
 }
 
-impl Drop for Storage {
-    fn drop(&mut self) {
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Storage::Cpu(v) => crate::pool::recycle(std::mem::take(v)),
+            Storage::Cpu(v) => write!(f, "Cpu({} floats)", v.len()),
+            Storage::Gpu(b) => write!(f, "Gpu({} floats)", b.len()),
         }
     }
 }
 
 impl Storage {
-    fn as_slice(&self) -> &[f32] {
+    pub fn device(&self) -> Device {
         match self {
-            Storage::Cpu(v) => v,
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Gpu(_) => Device::Gpu,
         }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [f32] {
+    /// Host elements; only reached on CPU graphs (ops never mix devices), so a GPU buffer here
+    /// is an engine bug, caught in debug builds.
+    pub(crate) fn host(&self) -> &[f32] {
         match self {
             Storage::Cpu(v) => v,
+            Storage::Gpu(_) => {
+                debug_assert!(false, "host() on GPU storage");
+                &[]
+            }
+        }
+    }
+
+    /// The GPU buffer; the mirror of `host`.
+    pub(crate) fn gpu_buf(&self) -> Result<&GpuBuffer> {
+        match self {
+            Storage::Gpu(b) => Ok(b),
+            Storage::Cpu(_) => Err(EngineError::Gpu(
+                "expected GPU storage, found host storage (engine bug)".into(),
+            )),
+        }
+    }
+
+    /// Take the host vector out (leaving an empty one), for moving a gradient into a tensor.
+    pub(crate) fn take_host(&mut self) -> Vec<f32> {
+        match self {
+            Storage::Cpu(v) => std::mem::take(v),
+            Storage::Gpu(_) => Vec::new(),
+        }
+    }
+
+    /// A copy of the elements on the host (a GPU buffer is downloaded, after submitting all
+    /// recorded work).
+    pub(crate) fn to_host(&self) -> Result<Vec<f32>> {
+        match self {
+            Storage::Cpu(v) => Ok(v.clone()),
+            Storage::Gpu(b) => {
+                sync();
+                Ok(b.to_vec()?)
+            }
         }
     }
 }
@@ -66,6 +108,13 @@ struct Node {
 // instead of dropping it inside its own drop.
 impl Drop for Node {
     fn drop(&mut self) {
+        // The last owner of host storage hands its memory to the recycler (GPU buffers go back
+        // to their pool on their own drop).
+        if let Some(lock) = Arc::get_mut(&mut self.storage)
+            && let Storage::Cpu(v) = lock.get_mut().unwrap_or_else(|e| e.into_inner())
+        {
+            crate::pool::recycle(std::mem::take(v));
+        }
         let Some(op) = self.op.take() else { return };
         let mut pending = vec![op];
         while let Some(op) = pending.pop() {
@@ -83,13 +132,20 @@ impl Drop for Node {
 #[derive(Clone)]
 pub struct Tensor(Arc<Node>);
 
-/// Read access to a tensor's elements (row-major). Holding it blocks `with_data_mut`.
-pub struct Data<'a>(RwLockReadGuard<'a, Storage>);
+/// Read access to a tensor's elements (row-major): a borrow of host storage (holding it blocks
+/// `with_data_mut`), or a downloaded copy of a GPU tensor.
+pub enum Data<'a> {
+    Host(RwLockReadGuard<'a, Storage>),
+    Copied(Vec<f32>),
+}
 
 impl Deref for Data<'_> {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        self.0.as_slice()
+        match self {
+            Data::Host(g) => g.host(),
+            Data::Copied(v) => v,
+        }
     }
 }
 
@@ -154,15 +210,47 @@ impl Tensor {
     /// The result of an op; tracked (and so requiring grad) when `op` is `Some`.
     pub(crate) fn from_op(data: Vec<f32>, shape: Vec<usize>, op: Option<Op>) -> Tensor {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        Tensor::from_storage(Storage::Cpu(data), shape, op)
+    }
+
+    /// The result of an op on the GPU.
+    pub(crate) fn from_gpu(buf: GpuBuffer, shape: Vec<usize>, op: Option<Op>) -> Tensor {
+        debug_assert_eq!(buf.len(), shape.iter().product::<usize>());
+        Tensor::from_storage(Storage::Gpu(buf), shape, op)
+    }
+
+    pub(crate) fn from_storage(storage: Storage, shape: Vec<usize>, op: Option<Op>) -> Tensor {
         let requires_grad = op.is_some();
         Tensor(Arc::new(Node {
             id: TensorId::fresh(),
             shape,
-            device: Device::Cpu,
-            storage: Arc::new(RwLock::new(Storage::Cpu(data))),
+            device: storage.device(),
+            storage: Arc::new(RwLock::new(storage)),
             op,
             requires_grad,
         }))
+    }
+
+    /// A copy on `device` (this tensor itself when it is already there). A trainable leaf stays
+    /// a trainable leaf; anything else becomes a constant cut from the graph.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(self.storage().to_host()?),
+            Device::Gpu => {
+                let data = self.to_vec();
+                Storage::Gpu(record(|bt| bt.upload(&data))?)
+            }
+        };
+        let leaf = Tensor::from_storage(storage, self.shape().to_vec(), None);
+        Ok(if self.is_leaf() && self.requires_grad() { leaf.to_param() } else { leaf })
+    }
+
+    /// Read access to the storage itself (for the GPU paths of ops).
+    pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A result viewing `self`'s storage under another shape (reshape).
@@ -211,11 +299,25 @@ impl Tensor {
         self.0.op.as_ref()
     }
 
-    /// Borrow the elements (row-major).
+    /// Borrow the elements (row-major); a GPU tensor is downloaded (after all recorded work).
+    /// A failed download (a lost GPU device) is reported on stderr and reads as NaNs, so it
+    /// cannot pass for real numbers; `try_to_vec` returns the error instead.
     pub fn data(&self) -> Data<'_> {
         // A poisoned lock only means another thread panicked mid-update; the f32s are still
         // valid memory, so keep going rather than cascade the panic.
-        Data(self.0.storage.read().unwrap_or_else(|e| e.into_inner()))
+        let guard = self.storage();
+        if matches!(&*guard, Storage::Cpu(_)) {
+            return Data::Host(guard);
+        }
+        Data::Copied(guard.to_host().unwrap_or_else(|e| {
+            eprintln!("femtochat: reading a GPU tensor failed: {e}");
+            vec![f32::NAN; self.numel()]
+        }))
+    }
+
+    /// The elements on the host, or the download error of a GPU tensor.
+    pub fn try_to_vec(&self) -> Result<Vec<f32>> {
+        self.storage().to_host()
     }
 
     pub fn to_vec(&self) -> Vec<f32> {
@@ -241,7 +343,89 @@ impl Tensor {
             });
         }
         let mut guard = self.0.storage.write().unwrap_or_else(|e| e.into_inner());
-        Ok(f(guard.as_mut_slice()))
+        match &mut *guard {
+            Storage::Cpu(v) => Ok(f(v)),
+            // Round trip through the host (optimizer updates not yet ported to WGSL).
+            Storage::Gpu(b) => {
+                sync();
+                let mut host: Vec<f32> = b.to_vec()?;
+                let r = f(&mut host);
+                let b = &*b;
+                record(|bt| {
+                    let tmp = bt.upload(&host)?;
+                    bt.copy(b, &tmp)
+                })?;
+                Ok(r)
+            }
+        }
+    }
+
+    /// Overwrite indices start..start+src.shape[dim] of `dim` of this leaf with `src` (same
+    /// device, same other dims), on the device: how KV caches take new rows without a copy to
+    /// the host.
+    pub fn write_block(&self, dim: usize, start: usize, src: &Tensor) -> Result<()> {
+        let bad = || EngineError::ShapeMismatch {
+            op: "write_block",
+            lhs: self.shape().to_vec(),
+            rhs: src.shape().to_vec(),
+        };
+        if !self.is_leaf() {
+            return Err(EngineError::Invalid {
+                op: "write_block",
+                msg: "only leaf tensors can be modified in place".into(),
+            });
+        }
+        if dim >= self.rank() || src.rank() != self.rank() {
+            return Err(bad());
+        }
+        let same = (0..self.rank()).all(|d| d == dim || self.shape()[d] == src.shape()[d]);
+        let len = src.shape()[dim];
+        if !same {
+            return Err(bad());
+        }
+        if start + len > self.shape()[dim] {
+            return Err(EngineError::OutOfBounds {
+                op: "write_block",
+                start,
+                end: start + len,
+                size: self.shape()[dim],
+            });
+        }
+        if src.device() != self.device() {
+            return Err(EngineError::DeviceMismatch {
+                op: "write_block",
+                lhs: self.device(),
+                rhs: src.device(),
+            });
+        }
+        if Arc::ptr_eq(&self.0.storage, &src.0.storage) {
+            return Err(EngineError::Invalid {
+                op: "write_block",
+                msg: "source and destination share storage".into(),
+            });
+        }
+        let outer: usize = self.shape()[..dim].iter().product();
+        let inner: usize = self.shape()[dim + 1..].iter().product();
+        let n = self.shape()[dim];
+        let dv = femtochat_kernels::cpu::slice::BlockView { n, off: start };
+        let sv = femtochat_kernels::cpu::slice::BlockView { n: len, off: 0 };
+        let src_guard = src.storage();
+        let mut guard = self.0.storage.write().unwrap_or_else(|e| e.into_inner());
+        match (&mut *guard, &*src_guard) {
+            (Storage::Cpu(d), Storage::Cpu(s)) => {
+                femtochat_kernels::cpu::slice::copy_block(d, dv, s, sv, outer, len, inner, false);
+            }
+            (Storage::Gpu(d), Storage::Gpu(s)) => {
+                let d = &*d;
+                record(|bt| {
+                    femtochat_kernels::gpu::slice::copy_block(
+                        bt, d, dv, s, sv, outer, len, inner, false,
+                    )
+                })?;
+            }
+            _ => return Err(bad()),
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,9 @@
 //! The nanochat GPT (SPEC.md §3) on engine ops: one forward for training and scoring, one
 //! cached forward for prefill and batched one-token decode. Both share the per-layer code, so the
 //! two paths cannot drift apart; the fixtures check that they agree.
-use femtochat_engine::{Ids, ParamStore, RMSNORM_EPS, Reduction, RopeTable, Tensor, no_grad};
+use femtochat_engine::{
+    Device, Ids, ParamStore, RMSNORM_EPS, Reduction, RopeTable, Tensor, no_grad,
+};
 
 use crate::config::GPTConfig;
 use crate::error::{ModelError, Result};
@@ -139,6 +141,17 @@ impl Gpt {
         &self.params
     }
 
+    /// This model with every parameter on `device` (the rotary tables follow on first use).
+    pub fn to_device(&self, device: Device) -> Result<Gpt> {
+        device.ensure_available()?;
+        Gpt::from_params(self.config.clone(), self.params.to_device(device)?)
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> Device {
+        self.params.iter().next().map(|(_, t)| t.device()).unwrap_or_default()
+    }
+
     /// Longest position the rotary tables cover (a KV cache may not grow past it).
     pub fn max_positions(&self) -> usize {
         self.rope.max_len()
@@ -214,7 +227,7 @@ impl Gpt {
         let xb = backout.ok_or_else(|| ModelError::Config("n_layer must be >= 1".into()))?;
         x = x.sub(&self.p("backout_lambda")?.mul(&xb)?)?;
         let logits = norm(&x)?.linear(self.p("lm_head.weight")?)?; // (B, T, Vp)
-        Ok(logits.narrow(-1, 0, c.vocab_size)?.softcap(SOFTCAP).reshape(&[b, t, c.vocab_size])?)
+        Ok(logits.narrow(-1, 0, c.vocab_size)?.softcap(SOFTCAP)?.reshape(&[b, t, c.vocab_size])?)
     }
 
     /// x[:, t] += smear_lambda * sigmoid(x[:, t, :24] . smear_gate) * x[:, t-1], from the
@@ -223,7 +236,7 @@ impl Gpt {
         let (b, t, ce) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         let gate_of = |cur: &Tensor| -> Result<Tensor> {
             let g = cur.narrow(-1, 0, SMEAR_CHANNELS)?.linear(self.p("smear_gate.weight")?)?;
-            Ok(g.sigmoid().mul(self.p("smear_lambda")?)?) // (B, T', 1)
+            Ok(g.sigmoid()?.mul(self.p("smear_lambda")?)?) // (B, T', 1)
         };
         match mode {
             AttnMode::Full => {
@@ -238,7 +251,8 @@ impl Gpt {
             AttnMode::Cached(cache) => {
                 // prev (B, T, C): the cached embedding (zeros at a row's first position, which
                 // leaves it unchanged) followed by this chunk's own embeddings shifted by one.
-                let first = Tensor::from_vec(cache.prev_embeddings(ce), &[b, 1, ce])?;
+                let first = Tensor::from_vec(cache.prev_embeddings(ce), &[b, 1, ce])?
+                    .to_device(x.device())?;
                 let prev =
                     if t == 1 { first } else { Tensor::cat(&[first, x.narrow(1, 0, t - 1)?], 1)? };
                 let last = x.narrow(1, t - 1, 1)?.to_vec();
@@ -276,13 +290,13 @@ impl Gpt {
             // SPEC.md §3 says the gate reads x; the reference fixtures are only matched when it
             // reads the attention input norm(x), and the fixtures are the final word.
             let g = a.narrow(-1, 0, VE_GATE_CHANNELS)?.linear(l("attn.ve_gate.weight")?)?;
-            let g = g.sigmoid().scale(3.0).reshape(&[b, t, hkv, 1])?;
+            let g = g.sigmoid()?.scale(3.0)?.reshape(&[b, t, hkv, 1])?;
             v = v.add(&g.mul(&ve)?)?;
         }
         let y = match mode {
             AttnMode::Full => {
-                let q = norm(&q.rope(&self.rope, 0)?)?.scale(QK_SCALE);
-                let k = norm(&k.rope(&self.rope, 0)?)?.scale(QK_SCALE);
+                let q = norm(&q.rope(&self.rope, 0)?)?.scale(QK_SCALE)?;
+                let k = norm(&k.rope(&self.rope, 0)?)?.scale(QK_SCALE)?;
                 Tensor::attention(&q, &k, &v, self.windows[i], 0)?
             }
             AttnMode::Cached(cache) => {
@@ -291,8 +305,8 @@ impl Gpt {
                 let mut ys = Vec::with_capacity(b);
                 for r in 0..b {
                     let pos = cache.position(r);
-                    let qr = norm(&q.narrow(0, r, 1)?.rope(&self.rope, pos)?)?.scale(QK_SCALE);
-                    let kr = norm(&k.narrow(0, r, 1)?.rope(&self.rope, pos)?)?.scale(QK_SCALE);
+                    let qr = norm(&q.narrow(0, r, 1)?.rope(&self.rope, pos)?)?.scale(QK_SCALE)?;
+                    let kr = norm(&k.narrow(0, r, 1)?.rope(&self.rope, pos)?)?.scale(QK_SCALE)?;
                     let (kc, vc) = cache.write(i, r, &kr, &v.narrow(0, r, 1)?)?;
                     ys.push(Tensor::attention(&qr, &kc, &vc, self.windows[i], pos)?);
                 }
@@ -305,7 +319,7 @@ impl Gpt {
         };
         let y = y.reshape(&[b, t, h * d])?.linear(l("attn.c_proj.weight")?)?;
         let x = x.add(&y)?;
-        let m = norm(&x)?.linear(l("mlp.c_fc.weight")?)?.relu2();
+        let m = norm(&x)?.linear(l("mlp.c_fc.weight")?)?.relu2()?;
         Ok(x.add(&m.linear(l("mlp.c_proj.weight")?)?)?)
     }
 }

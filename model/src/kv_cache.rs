@@ -133,12 +133,14 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let row = &self.rows[r];
-        let stride = self.n_kv_head * self.head_dim;
-        let start = row.pos * stride;
-        for (cache, new) in [(&row.k[layer], k), (&row.v[layer], v)] {
-            let new = new.to_vec();
-            cache.with_data_mut(|d| d[start..start + new.len()].copy_from_slice(&new))?;
+        let row = &mut self.rows[r];
+        for (cache, new) in [(&mut row.k[layer], k), (&mut row.v[layer], v)] {
+            // Rows are made on the host; the first write moves a layer's buffers to the model's
+            // device, after which new keys are written there (no host round trip per token).
+            if cache.device() != new.device() {
+                *cache = cache.to_device(new.device())?;
+            }
+            cache.write_block(1, row.pos, new)?;
         }
         Ok((row.k[layer].clone(), row.v[layer].clone()))
     }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use femtochat_engine::{Ids, MuonAdamW, ParamStore, Reduction, Tensor};
+use femtochat_engine::{Device, Ids, MuonAdamW, ParamStore, Reduction, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::GPTConfig;
@@ -17,6 +17,9 @@ use crate::optim::{OptimizerConfig, param_groups};
 /// Tolerances (relative L2 error) of the CPU backend, from the fixtures' README.
 pub const TOL_OUTPUT: f64 = 1e-5;
 pub const TOL_GRAD: f64 = 1e-4;
+/// The GPU backend's tolerance for every quantity (its reductions sum in another order and its
+/// exp/tanh are the driver's).
+pub const TOL_GPU: f64 = 1e-3;
 
 /// One reference case.
 pub struct Fixture {
@@ -90,6 +93,11 @@ impl Fixture {
         })
     }
 
+    /// The model with the case's `param.*` weights, on `device`.
+    pub fn model_on(&self, device: Device) -> Result<Gpt> {
+        self.model()?.to_device(device)
+    }
+
     /// The model with the case's `param.*` weights.
     pub fn model(&self) -> Result<Gpt> {
         let mut params = ParamStore::new();
@@ -129,16 +137,25 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 /// Gradient check with an absolute floor: where the reference gradient is ~0 (backout_lambda
 /// when the backout layer is the last one, since RMSNorm is scale invariant), relative error is
 /// noise, so an absolute error below 1e-8 passes.
-fn grad_check(what: String, got: &[f32], want: &[f32]) -> Check {
+fn grad_check(what: String, got: &[f32], want: &[f32], tol: f64) -> Check {
     let e = rel_err(got, want);
     let norm = want.iter().map(|&w| (w as f64).powi(2)).sum::<f64>().sqrt();
-    Check { what, rel_err: if e * norm < 1e-8 { 0.0 } else { e }, tol: TOL_GRAD }
+    Check { what, rel_err: if e * norm < 1e-8 { 0.0 } else { e }, tol }
 }
 
-/// Every comparison of one case, in a stable order.
+/// Every comparison of one case, in a stable order, on the CPU.
 pub fn run(fx: &Fixture) -> Result<Vec<Check>> {
+    run_on(fx, Device::Cpu)
+}
+
+/// Every comparison of one case with the model on `device` (GPU tolerance `TOL_GPU`).
+pub fn run_on(fx: &Fixture, device: Device) -> Result<Vec<Check>> {
+    let (tol_out, tol_grad) = match device {
+        Device::Cpu => (TOL_OUTPUT, TOL_GRAD),
+        Device::Gpu => (TOL_GPU, TOL_GPU),
+    };
     let mut checks = Vec::new();
-    let gpt = fx.model()?;
+    let gpt = fx.model_on(device)?;
     let (b, t) = (fx.usize("batch")?, fx.usize("T")?);
     let idx = Ids::from_i64(fx.i64("input.idx")?, &[b, t])?;
     let targets: Vec<i32> = fx.i64("input.targets")?.iter().map(|&x| x as i32).collect();
@@ -157,30 +174,34 @@ pub fn run(fx: &Fixture) -> Result<Vec<Check>> {
     let logits = gpt.forward(&idx)?;
     checks.push(Check {
         what: "logits".into(),
-        rel_err: rel_err(&logits.to_vec(), fx.f32("output.logits")?),
-        tol: TOL_OUTPUT,
+        rel_err: rel_err(&logits.try_to_vec()?, fx.f32("output.logits")?),
+        tol: tol_out,
     });
     let loss = gpt.loss(&idx, &targets, Reduction::Mean)?;
     checks.push(Check {
         what: "loss".into(),
-        rel_err: rel_err(&[loss.item()?], fx.f32("output.loss")?),
-        tol: TOL_OUTPUT,
+        rel_err: rel_err(&loss.try_to_vec()?, fx.f32("output.loss")?),
+        tol: tol_out,
     });
     let grads = loss.backward()?;
     for (name, p) in gpt.params().iter() {
-        let got = grads.get(p).map(Tensor::to_vec).unwrap_or_else(|| vec![0.0; p.numel()]);
-        checks.push(grad_check(format!("grad.{name}"), &got, fx.f32(&format!("grad.{name}"))?));
+        let got = match grads.get(p) {
+            Some(g) => g.try_to_vec()?,
+            None => vec![0.0; p.numel()],
+        };
+        let want = fx.f32(&format!("grad.{name}"))?;
+        checks.push(grad_check(format!("grad.{name}"), &got, want, tol_grad));
     }
 
     // One optimizer step from param.* with the reference gradients, so this checks the optimizer
     // alone.
-    let fresh = fx.model()?;
+    let fresh = fx.model_on(device)?;
     let mut opt =
         MuonAdamW::new(param_groups(&fx.config, &OptimizerConfig::default()), fresh.params())?;
     opt.step_with(fresh.params(), |_, n| fx.f32(&format!("grad.{n}")).ok().map(<[f32]>::to_vec))?;
     for (name, p) in fresh.params().iter() {
-        let e = rel_err(&p.to_vec(), fx.f32(&format!("step1.{name}"))?);
-        checks.push(Check { what: format!("step1.{name}"), rel_err: e, tol: TOL_GRAD });
+        let e = rel_err(&p.try_to_vec()?, fx.f32(&format!("step1.{name}"))?);
+        checks.push(Check { what: format!("step1.{name}"), rel_err: e, tol: tol_grad });
     }
 
     // KV cache: prefill P tokens, then decode; row k of decode.logits predicts token P + k.
@@ -195,22 +216,22 @@ pub fn run(fx: &Fixture) -> Result<Vec<Check>> {
         }
         let mut cache = KvCache::with_rows(&fx.config, 1, p + d);
         let pre = gpt.forward_cached(&Ids::new(tokens[..p].to_vec(), &[1, p])?, &mut cache)?;
-        let mut got = pre.data()[(p - 1) * v..].to_vec();
+        let mut got = pre.try_to_vec()?[(p - 1) * v..].to_vec();
         for k in 1..d {
             let step = Ids::new(vec![tokens[p + k - 1]], &[1, 1])?;
-            got.extend(gpt.forward_cached(&step, &mut cache)?.to_vec());
+            got.extend(gpt.forward_cached(&step, &mut cache)?.try_to_vec()?);
         }
         checks.push(Check {
             what: "decode.logits".into(),
             rel_err: rel_err(&got, fx.f32("decode.logits")?),
-            tol: TOL_OUTPUT,
+            tol: tol_out,
         });
         let n = p + d - 1;
-        let full = gpt.forward(&Ids::new(tokens[..n].to_vec(), &[1, n])?)?.to_vec();
+        let full = gpt.forward(&Ids::new(tokens[..n].to_vec(), &[1, n])?)?.try_to_vec()?;
         checks.push(Check {
             what: "decode.full_logits".into(),
             rel_err: rel_err(&full[(p - 1) * v..], fx.f32("decode.full_logits")?),
-            tol: TOL_OUTPUT,
+            tol: tol_out,
         });
     }
     Ok(checks)

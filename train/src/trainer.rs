@@ -276,7 +276,7 @@ impl Trainer {
                 }
                 loss_sum += value as f64;
                 // Mean over micro-batches: scale each loss before backward.
-                let g = loss.scale(1.0 / s.grad_accum_steps as f32).backward()?;
+                let g = loss.scale(1.0 / s.grad_accum_steps as f32)?.backward()?;
                 match grads.as_mut() {
                     None => grads = Some(g),
                     Some(acc) => femtochat_engine::Grads::accumulate(acc, g),

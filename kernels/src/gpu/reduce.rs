@@ -25,7 +25,12 @@ fn params() -> Params {
     bytemuck::Zeroable::zeroed()
 }
 
-/// out (1) (=|+=) alpha * sum(inp), one workgroup (fixed order, deterministic).
+/// Elements per workgroup above which `sum_all` first reduces to per-workgroup partials.
+const PARTIAL_CHUNK: usize = 16 * 256;
+const MAX_PARTIALS: usize = 1024;
+
+/// out (1) (=|+=) alpha * sum(inp): compensated per-thread sums and workgroup trees, in two
+/// stages for large inputs (fixed order, deterministic).
 pub fn sum_all(
     bt: &mut Batch,
     out: &GpuBuffer,
@@ -34,8 +39,18 @@ pub fn sum_all(
     accumulate: bool,
 ) -> Result<(), GpuError> {
     out.check("sum_all out", 1)?;
-    let p = Params { n: inp.len() as u32, alpha, accumulate: accumulate as u32, ..params() };
-    bt.dispatch("reduce", "sum_all", &p, &[out, inp], [1, 1, 1])
+    let n = inp.len();
+    let p = Params { alpha, accumulate: accumulate as u32, ..params() };
+    if n <= PARTIAL_CHUNK {
+        let p = Params { n: n as u32, ..p };
+        return bt.dispatch("reduce", "sum_all", &p, &[out, inp], [1, 1, 1]);
+    }
+    let groups = n.div_ceil(PARTIAL_CHUNK).min(MAX_PARTIALS);
+    let partials = bt.context().alloc(groups)?;
+    let p1 = Params { n: n as u32, ..params() };
+    bt.dispatch("reduce", "sum_partial", &p1, &[&partials, inp], [groups as u32, 1, 1])?;
+    let p2 = Params { n: groups as u32, ..p };
+    bt.dispatch("reduce", "sum_all", &p2, &[out, &partials], [1, 1, 1])
 }
 
 /// out (outer, inner) = inp (outer, n, inner) summed over n.
@@ -102,6 +117,10 @@ pub fn sum_to_shape(
     }
     if sn == 0 || dn == 0 {
         return Ok(());
+    }
+    if dn == 1 {
+        // Everything summed (a scalar parameter's gradient): the two-stage reduction.
+        return sum_all(bt, dst, src, alpha, true);
     }
     // Collapsed dims where dst has stride 0 are summed; the others are kept. The source is
     // contiguous over all collapsed dims.

@@ -1,5 +1,5 @@
 // Reductions. Each output element has one writer and sums in a fixed order (deterministic).
-//   sum_all:         one workgroup, strided partial sums + tree -> out[0] (=|+=) alpha * sum
+//   sum_all:         per-workgroup partials (sum_partial) then one workgroup -> out[0] (=|+=) alpha * sum
 //   sum_dim_forward: x (outer, n, inner) -> out (outer, inner), one thread per output
 //   sum_dim_backward: dinp (outer, n, inner) += dout (outer, inner), one thread per input
 //   sum_to_shape:    dst += alpha * src summed over the dims where dst was broadcast; one thread
@@ -34,19 +34,45 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.y * nwg.x * WG + gid.x;
 }
 
-@compute @workgroup_size(WG)
-fn sum_all(@builtin(local_invocation_id) lid: vec3<u32>) {
-    let t = lid.x;
-    var s = 0.0;
-    for (var i = t; i < p.n; i += WG) { s += x[i]; }
-    partial[t] = s;
+// Compensated (Kahan) running sum: a thread adds thousands of terms, and gradients of scalar
+// parameters are small differences of large sums, so plain f32 accumulation loses them.
+struct Kahan { s: f32, c: f32 }
+
+fn kahan_add(k: Kahan, v: f32) -> Kahan {
+    let y = v - k.c;
+    let t = k.s + y;
+    return Kahan(t, (t - k.s) - y);
+}
+
+fn tree_sum(t: u32, v: f32) -> f32 {
+    partial[t] = v;
     workgroupBarrier();
     for (var k = WG / 2u; k > 0u; k >>= 1u) {
         if (t < k) { partial[t] += partial[t + k]; }
         workgroupBarrier();
     }
+    return partial[0];
+}
+
+// Stage 1 of sum_all: workgroup g sums the elements g*WG + t + k*(G*WG) into out[g].
+@compute @workgroup_size(WG)
+fn sum_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = lid.x;
+    var acc = Kahan(0.0, 0.0);
+    for (var i = wg.x * WG + t; i < p.n; i += nwg.x * WG) { acc = kahan_add(acc, x[i]); }
+    let total = tree_sum(t, acc.s);
+    if (t == 0u) { out[wg.x] = total; }
+}
+
+// Stage 2 (or the only stage for small inputs): one workgroup, out[0] (=|+=) alpha * sum(x).
+@compute @workgroup_size(WG)
+fn sum_all(@builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = lid.x;
+    var acc = Kahan(0.0, 0.0);
+    for (var i = t; i < p.n; i += WG) { acc = kahan_add(acc, x[i]); }
+    let total = tree_sum(t, acc.s);
     if (t == 0u) {
-        let v = p.alpha * partial[0];
+        let v = p.alpha * total;
         if (p.accumulate != 0u) { out[0] += v; } else { out[0] = v; }
     }
 }
@@ -57,9 +83,9 @@ fn sum_dim_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     if (e >= p.n) { return; }
     let o = e / p.inner;
     let i = e % p.inner;
-    var s = 0.0;
-    for (var j = 0u; j < p.red; j++) { s += x[(o * p.red + j) * p.inner + i]; }
-    out[e] = s;
+    var acc = Kahan(0.0, 0.0);
+    for (var j = 0u; j < p.red; j++) { acc = kahan_add(acc, x[(o * p.red + j) * p.inner + i]); }
+    out[e] = acc.s;
 }
 
 @compute @workgroup_size(WG)
@@ -84,7 +110,7 @@ fn sum_to_shape(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         base += (rem % n) * p.keep_stride[d / 4u][d % 4u];
         rem = rem / n;
     }
-    var s = 0.0;
+    var acc = Kahan(0.0, 0.0);
     for (var r = 0u; r < p.red; r++) {
         var rr = r;
         var off = base;
@@ -94,7 +120,7 @@ fn sum_to_shape(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
             off += (rr % n) * p.red_stride[d / 4u][d % 4u];
             rr = rr / n;
         }
-        s += x[off];
+        acc = kahan_add(acc, x[off]);
     }
-    out[e] += p.alpha * s;
+    out[e] += p.alpha * acc.s;
 }
