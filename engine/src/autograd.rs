@@ -73,14 +73,13 @@ impl GradStore {
         if !t.requires_grad() {
             return Ok(None);
         }
-        if !self.bufs.contains_key(&t.id()) {
-            let z = record(|bt| bt.zeros(t.numel()))?;
-            self.bufs.insert(t.id(), Storage::Gpu(z));
-        }
-        match self.bufs.get(&t.id()) {
-            Some(s) => s.gpu_buf().map(Some),
-            None => Ok(None),
-        }
+        let s = match self.bufs.entry(t.id()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Storage::Gpu(record(|bt| bt.zeros(t.numel()))?))
+            }
+        };
+        s.gpu_buf().map(Some)
     }
 
     /// Take `t`'s host buffer out (zeros if absent), for a kernel that writes several gradients

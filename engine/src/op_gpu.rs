@@ -24,8 +24,10 @@ pub(crate) type BinaryKernel =
     fn(&mut Batch, &GpuBuffer, &GpuBuffer, &GpuBuffer, &Broadcast, bool) -> GpuResult;
 
 /// RoPE cos/sin tables on the GPU, uploaded on first use and shared by clones of the table.
+type CosSin = Arc<(GpuBuffer, GpuBuffer)>;
+
 #[derive(Clone, Default)]
-pub(crate) struct GpuTables(Arc<Mutex<Option<Arc<(GpuBuffer, GpuBuffer)>>>>);
+pub(crate) struct GpuTables(Arc<Mutex<Option<CosSin>>>);
 
 impl std::fmt::Debug for GpuTables {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,7 +36,7 @@ impl std::fmt::Debug for GpuTables {
 }
 
 impl GpuTables {
-    fn get(&self, table: &RopeTable) -> Result<Arc<(GpuBuffer, GpuBuffer)>> {
+    fn get(&self, table: &RopeTable) -> Result<CosSin> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = &*slot {
             return Ok(t.clone());

@@ -3,6 +3,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use femtochat_engine::Device;
 use femtochat_model::GPTConfig;
 use femtochat_model::generate::generate;
 use femtochat_model::sampler::{Sampler, SamplingParams};
@@ -94,9 +95,9 @@ pub struct Args {
     save_every: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// cpu (gpu: the WGSL backend, not available in this build yet).
+    /// cpu (rayon + SIMD) or gpu (WGSL kernels through wgpu: Vulkan, Metal or DX12).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: Device,
 }
 
 /// The corpus bundled with the repository (data/ at the workspace root).
@@ -156,9 +157,7 @@ fn settings(a: &Args, vocab_size: usize) -> Result<Settings> {
 }
 
 pub fn main(a: Args) -> Result<()> {
-    if a.device != "cpu" {
-        bail!("--device {}: only the cpu backend is available in this build", a.device);
-    }
+    a.device.ensure_available().with_context(|| format!("--device {}", a.device))?;
     let tok = Arc::new(
         Tokenizer::load(&a.tokenizer)
             .with_context(|| format!("loading tokenizer {}", a.tokenizer.display()))?,
@@ -197,7 +196,7 @@ pub fn main(a: Args) -> Result<()> {
             saved.model.sequence_len,
             true,
         )?;
-        Trainer::resume(&a.out, &mut loader)?
+        Trainer::resume(&a.out, &mut loader)?.with_device(a.device)?
     } else {
         let s = settings(&a, tok.vocab_size())?;
         loader = BestFitLoader::new(
@@ -207,8 +206,9 @@ pub fn main(a: Args) -> Result<()> {
             s.model.sequence_len,
             true,
         )?;
-        Trainer::new(s, &a.out)?
+        Trainer::new(s, &a.out)?.with_device(a.device)?
     };
+    eprintln!("device: {}", a.device.describe());
     tok.save(&a.out.join("tokenizer"))?;
     let s = trainer.settings.clone();
     let mut val = ValSet::new(

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use femtochat_engine::{GroupKind, Ids, MuonAdamW, Reduction};
+use femtochat_engine::{Device, GroupKind, Ids, MuonAdamW, Reduction};
 use femtochat_model::checkpoint::{
     Latest, latest_checkpoint, load_model, load_optimizer, save_model, save_optimizer, write_atomic,
 };
@@ -170,6 +170,12 @@ impl Trainer {
             .collect();
         write_atomic(&metrics, kept.as_bytes())?;
         Ok(Trainer { settings, gpt, opt, step: state.step, run_dir: run_dir.to_path_buf() })
+    }
+
+    /// Train on `device` (the optimizer state is keyed by name and stays put).
+    pub fn with_device(mut self, device: Device) -> Result<Trainer> {
+        self.gpt = self.gpt.to_device(device)?;
+        Ok(self)
     }
 
     pub fn step(&self) -> usize {
@@ -437,6 +443,29 @@ mod tests {
         }
         // The final checkpoint loads and names the last step.
         assert_eq!(Trainer::latest(a.path()).unwrap().unwrap().1, 6);
+    }
+
+    /// Six optimizer steps on the GPU (lavapipe in CI) track the CPU run's losses.
+    #[test]
+    fn gpu_training_tracks_cpu_losses() {
+        if let Err(e) = Device::Gpu.ensure_available() {
+            assert!(std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1"), "{e}");
+            return;
+        }
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut cpu = Trainer::new(settings(), a.path()).unwrap();
+        cpu.train(&mut source(None), None, None, |_, _, _| {}).unwrap();
+        let mut gpu = Trainer::new(settings(), b.path()).unwrap().with_device(Device::Gpu).unwrap();
+        assert_eq!(gpu.gpt.device(), Device::Gpu);
+        gpu.train(&mut source(None), None, None, |_, _, _| {}).unwrap();
+        let (lc, lg) = (losses(a.path()), losses(b.path()));
+        assert_eq!(lc.len(), 6);
+        assert_eq!(lc.len(), lg.len());
+        for ((sc, c), (sg, g)) in lc.iter().zip(&lg) {
+            let (c, g): (f64, f64) = (c.parse().unwrap(), g.parse().unwrap());
+            assert_eq!(sc, sg);
+            assert!((c - g).abs() < 1e-3 * c.abs(), "step {sc}: cpu loss {c}, gpu loss {g}");
+        }
     }
 
     #[test]
