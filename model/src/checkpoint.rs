@@ -204,7 +204,7 @@ fn build(config: GPTConfig, tensors: F32Tensors) -> Result<Gpt> {
 
 /// Save the optimizer's state to `path`.
 pub fn save_optimizer(path: &Path, opt: &MuonAdamW) -> Result<()> {
-    let (step, bufs) = opt.state_dict();
+    let (step, bufs) = opt.state_dict()?;
     let tensors: Vec<_> =
         bufs.iter().map(|(n, v)| (n.clone(), vec![v.len()], f32_bytes(v))).collect();
     let info = HashMap::from([("step".to_string(), step.to_string())]);

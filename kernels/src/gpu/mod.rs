@@ -9,6 +9,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
+pub mod optim;
 pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;

@@ -8,6 +8,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("elementwise", include_str!("../wgsl/elementwise.wgsl")),
     ("embedding", include_str!("../wgsl/embedding.wgsl")),
     ("matmul", include_str!("../wgsl/matmul.wgsl")),
+    ("optim", include_str!("../wgsl/optim.wgsl")),
     ("reduce", include_str!("../wgsl/reduce.wgsl")),
     ("rmsnorm", include_str!("../wgsl/rmsnorm.wgsl")),
     ("rope", include_str!("../wgsl/rope.wgsl")),
