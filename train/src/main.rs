@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod base;
+mod bench;
 mod docs;
 mod loader;
 mod parity;
@@ -36,6 +37,9 @@ enum Command {
     /// one MuonAdamW step, KV-cache decode logits). Prints the relative L2 error of every
     /// quantity and exits with status 1 if any is above its tolerance.
     Parity(parity::Args),
+    /// Time full training steps (forward, backward, optimizer) on random tokens; one JSON line
+    /// per step with ms, tokens/s, TFLOP/s and (with --peak-flops) MFU.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::TokenizerEval(args) => tokenizer_cmd::eval(args).map(|()| ExitCode::SUCCESS),
         Command::Base(args) => base::main(*args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::main(args),
+        Command::Bench(args) => bench::main(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

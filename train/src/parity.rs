@@ -3,7 +3,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use femtochat_model::parity::{Fixture, run};
+use femtochat_engine::Device;
+use femtochat_model::parity::{Fixture, run_on};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,6 +17,9 @@ pub struct Args {
     /// Print only the failing comparisons (and a summary per fixture).
     #[arg(long)]
     failures_only: bool,
+    /// Run the model on cpu (tolerances 1e-5 outputs / 1e-4 gradients) or gpu (1e-3).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
@@ -23,7 +27,8 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     for path in &args.fixtures {
         let fx =
             Fixture::load(path).with_context(|| format!("loading fixture {}", path.display()))?;
-        let checks = run(&fx).with_context(|| format!("running fixture {}", path.display()))?;
+        let checks = run_on(&fx, args.device)
+            .with_context(|| format!("running fixture {} on {}", path.display(), args.device))?;
         let failed = checks.iter().filter(|c| !c.ok()).count();
         all_ok &= failed == 0;
         for c in checks.iter().filter(|c| !args.failures_only || !c.ok()) {

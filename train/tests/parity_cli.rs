@@ -46,3 +46,70 @@ fn perturbed_fixture_fails_and_missing_file_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("absent.safetensors"));
 }
+
+/// The same fixtures through the GPU backend (lavapipe in CI).
+#[test]
+fn reference_fixtures_pass_on_gpu() {
+    let out = train()
+        .args(["parity", "--json", "--device", "gpu"])
+        .arg(fixtures().join("gqa_window.safetensors"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("no GPU adapter")
+        && std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1")
+    {
+        return;
+    }
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() > 40);
+    assert!(lines.iter().all(|l| l["ok"] == true));
+    let grads = lines.iter().filter(|l| l["tensor"].as_str().unwrap().starts_with("grad."));
+    assert!(grads.clone().count() > 10);
+    assert!(grads.into_iter().all(|l| l["tol"].as_f64() == Some(1e-3)));
+}
+
+/// `train bench` prints one JSON line per timed step; CPU and GPU compute the same first loss.
+#[test]
+fn bench_prints_steps_and_devices_agree() {
+    let run = |device: &str| -> Option<Vec<serde_json::Value>> {
+        let out = train()
+            .args(["bench", "--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2"])
+            .args(["--vocab-size", "300", "--steps", "2", "--peak-flops", "1e12"])
+            .args(["--device", device])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if device == "gpu"
+            && stderr.contains("no GPU adapter")
+            && std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1")
+        {
+            return None;
+        }
+        assert!(out.status.success(), "{stderr}");
+        Some(
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+        )
+    };
+    let cpu = run("cpu").unwrap();
+    assert_eq!(cpu.len(), 2);
+    for l in &cpu {
+        assert!(l["tok_per_s"].as_f64().unwrap() > 0.0 && l["mfu"].as_f64().unwrap() > 0.0);
+        assert_eq!(l["device"], "cpu");
+    }
+    if let Some(gpu) = run("gpu") {
+        let (c, g) = (cpu[0]["loss"].as_f64().unwrap(), gpu[0]["loss"].as_f64().unwrap());
+        assert!((c - g).abs() < 1e-3 * c, "cpu {c} gpu {g}");
+    }
+    let bad = train().args(["bench", "--steps", "0"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}

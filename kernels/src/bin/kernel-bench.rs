@@ -21,8 +21,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// C (M, N) = op(A) (M, K) · op(B) (K, N), f32 on the CPU.
+    /// C (M, N) = op(A) (M, K) · op(B) (K, N), f32 on the CPU or the GPU.
     Matmul(MatmulArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Device {
+    /// rayon + SIMD kernels.
+    Cpu,
+    /// The WGSL kernel through wgpu (Vulkan, Metal, DX12).
+    Gpu,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,6 +69,8 @@ struct MatmulArgs {
     /// Micro-kernel to force: avx512, avx2, neon, portable (default: the best this CPU runs).
     #[arg(long)]
     isa: Option<String>,
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
 }
 
 fn main() -> ExitCode {
@@ -94,6 +104,9 @@ fn parse_isa(name: &str) -> Result<Isa, String> {
 fn bench_matmul(args: MatmulArgs) -> Result<(), String> {
     if args.reps == 0 {
         return Err("--reps must be at least 1".into());
+    }
+    if args.device == Device::Gpu {
+        return bench_matmul_gpu(&args);
     }
     let isa = match &args.isa {
         Some(name) => parse_isa(name)?,
@@ -147,6 +160,53 @@ fn bench_matmul(args: MatmulArgs) -> Result<(), String> {
                     });
                     println!("{line}");
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// GPU matmul: `reps` launches recorded into one submission, timed to completion, so the
+/// per-launch time excludes submission and readback latency (reported separately as a
+/// single-launch round trip).
+fn bench_matmul_gpu(args: &MatmulArgs) -> Result<(), String> {
+    use femtochat_kernels::gpu::{GpuContext, matmul::matmul};
+    let ctx = GpuContext::get().map_err(|e| e.to_string())?;
+    let device = format!("{} ({:?})", ctx.info.name, ctx.info.backend);
+    for &m in &args.m {
+        for &k in &args.k {
+            for &n in &args.n {
+                let s = MatmulShape::new(m, k, n, args.trans_a, args.trans_b);
+                let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+                let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1).collect();
+                let e = |e: femtochat_kernels::gpu::GpuError| e.to_string();
+                let (ga, gb, gc) = (
+                    ctx.upload(&a).map_err(e)?,
+                    ctx.upload(&b).map_err(e)?,
+                    ctx.zeros(m * n).map_err(e)?,
+                );
+                let launch = |count: usize| -> Result<f64, String> {
+                    let t0 = Instant::now();
+                    let mut bt = ctx.batch();
+                    for _ in 0..count {
+                        matmul(&mut bt, &gc, &ga, &gb, s, false).map_err(e)?;
+                    }
+                    bt.submit();
+                    ctx.wait().map_err(e)?;
+                    Ok(t0.elapsed().as_secs_f64())
+                };
+                launch(1)?; // warm-up: pipeline creation, first-touch allocation
+                let round_trip = launch(1)?;
+                let total = launch(args.reps)?;
+                let per = total / args.reps as f64;
+                let line = serde_json::json!({
+                    "op": "matmul", "device": "gpu", "adapter": device, "m": m, "k": k, "n": n,
+                    "trans_a": args.trans_a, "trans_b": args.trans_b,
+                    "ms": per * 1e3, "gflops": s.flops() / per / 1e9,
+                    "single_launch_ms": round_trip * 1e3, "reps": args.reps,
+                    "impl": "wgsl_tiled_64x64_4x4",
+                });
+                println!("{line}");
             }
         }
     }

@@ -107,6 +107,14 @@ impl GpuContext {
         Batch { ctx: self, encoder }
     }
 
+    /// Block until all submitted work has finished.
+    pub fn wait(&self) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| GpuError::Readback(e.to_string()))
+    }
+
     /// Copy `buf` back to the host; waits for all submitted work.
     pub fn download<T: bytemuck::Pod>(&self, buf: &GpuBuffer) -> Result<Vec<T>, GpuError> {
         let bytes = (buf.len * 4) as u64;

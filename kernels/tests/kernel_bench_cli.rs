@@ -1,0 +1,52 @@
+//! `kernel-bench matmul` end to end: JSON lines on the CPU and the GPU, clear errors on bad input.
+use std::process::Command;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kernel-bench"))
+}
+
+fn lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn matmul_cpu_and_gpu_print_json() {
+    let out = bench()
+        .args(["matmul", "--m", "64,65", "--k", "32", "--n", "48", "--reps", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let l = lines(&out);
+    assert_eq!(l.len(), 2);
+    assert!(l.iter().all(|l| l["device"] == "cpu" && l["gflops"].as_f64().unwrap() > 0.0));
+
+    let out = bench()
+        .args(["matmul", "--device", "gpu", "--m", "33", "--k", "17", "--n", "40", "--reps", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("no GPU adapter")
+        && std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1")
+    {
+        return;
+    }
+    assert!(out.status.success(), "{stderr}");
+    let l = lines(&out);
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0]["device"], "gpu");
+    assert!(l[0]["adapter"].as_str().is_some_and(|a| !a.is_empty()));
+    assert!(l[0]["ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_arguments_are_errors_not_panics() {
+    for args in [
+        &["matmul", "--m", "4", "--k", "4", "--n", "4", "--reps", "0"][..],
+        &["matmul", "--m", "4", "--k", "4", "--n", "4", "--isa", "bogus"][..],
+        &["matmul", "--m", "x"][..],
+    ] {
+        let out = bench().args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{args:?}");
+    }
+}
