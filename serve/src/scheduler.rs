@@ -243,6 +243,20 @@ struct Specials {
     output_end: u32,
 }
 
+impl Specials {
+    fn of(tok: &Tokenizer) -> Specials {
+        // Tokenizer::load checks that every nanochat special exists.
+        let s = |name: &str| tok.special(name).unwrap_or(0);
+        Specials {
+            end: [s("<|assistant_end|>"), tok.bos()],
+            python_start: s("<|python_start|>"),
+            python_end: s("<|python_end|>"),
+            output_start: s("<|output_start|>"),
+            output_end: s("<|output_end|>"),
+        }
+    }
+}
+
 /// One sequence being generated.
 struct Row {
     index: usize,
@@ -395,14 +409,7 @@ impl Worker {
         config: EngineConfig,
         shared: Arc<Shared>,
     ) -> Worker {
-        let s = |name: &str| tok.special(name).unwrap_or(0);
-        let sp = Specials {
-            end: [s("<|assistant_end|>"), tok.bos()],
-            python_start: s("<|python_start|>"),
-            python_end: s("<|python_end|>"),
-            output_start: s("<|output_start|>"),
-            output_end: s("<|output_end|>"),
-        };
+        let sp = Specials::of(&tok);
         let cache = KvCache::new(gpt.config(), context);
         // Unseeded requests draw seeds from the clock, so two servers do not repeat each other.
         let seeds = std::time::SystemTime::now()
@@ -591,5 +598,130 @@ impl Worker {
                 self.remove(i);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use femtochat_model::tokenizer::{SPECIAL_TOKENS, SPLIT_PATTERN, parse_tiktoken};
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    fn tokenizer() -> Tokenizer {
+        let path =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tokenizer/ranks_2048.tiktoken");
+        let ranks = parse_tiktoken(&std::fs::read_to_string(path).unwrap()).unwrap();
+        Tokenizer::new(ranks, &SPECIAL_TOKENS, SPLIT_PATTERN).unwrap()
+    }
+
+    /// A greedy row, so one-hot logits choose each token.
+    fn row(stop: &[&str], max_tokens: usize) -> (Row, UnboundedReceiver<Event>) {
+        let (events, rx) = unbounded_channel();
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        let row = Row {
+            index: 0,
+            events,
+            sampler: Sampler::new(greedy, 0).unwrap(),
+            max_tokens,
+            stop: Arc::new(stop.iter().map(|s| s.to_string()).collect()),
+            generated: Vec::new(),
+            next: 0,
+            decoder: StreamDecoder::default(),
+            text: String::new(),
+            sent: 0,
+            in_python: None,
+            forced: VecDeque::new(),
+        };
+        (row, rx)
+    }
+
+    fn one_hot(tok: &Tokenizer, id: u32) -> Vec<f32> {
+        let mut l = vec![0.0; tok.vocab_size()];
+        l[id as usize] = 1.0;
+        l
+    }
+
+    fn drain(rx: &mut UnboundedReceiver<Event>) -> (String, Option<(Finish, usize)>) {
+        let (mut text, mut done) = (String::new(), None);
+        while let Ok(e) = rx.try_recv() {
+            match e {
+                Event::Text { text: t, .. } => {
+                    assert!(done.is_none(), "text after done");
+                    text.push_str(&t);
+                }
+                Event::Done { finish, tokens, .. } => done = Some((finish, tokens)),
+                Event::Error(m) => panic!("{m}"),
+            }
+        }
+        (text, done)
+    }
+
+    #[test]
+    fn calculator_answer_is_forced_into_the_stream() {
+        let tok = tokenizer();
+        let sp = Specials::of(&tok);
+        let (mut r, mut rx) = row(&[], 100);
+        let mut script = vec![sp.python_start];
+        script.extend(tok.encode("12 * 3,000"));
+        script.push(sp.python_end);
+        for &id in &script {
+            assert!(r.step(&one_hot(&tok, id), &tok, &sp));
+        }
+        // The answer comes next whatever the logits say (here: the end token).
+        let answer = tok.encode("36000");
+        for _ in 0..answer.len() + 2 {
+            assert!(r.step(&one_hot(&tok, sp.end[0]), &tok, &sp));
+        }
+        assert!(!r.step(&one_hot(&tok, sp.end[0]), &tok, &sp));
+        let (text, done) = drain(&mut rx);
+        assert_eq!(
+            text,
+            "<|python_start|>12 * 3,000<|python_end|><|output_start|>36000<|output_end|>"
+        );
+        assert_eq!(done, Some((Finish::Stop, script.len() + answer.len() + 3)));
+
+        // Not arithmetic: nothing is forced, the model's own token follows.
+        let (mut r, mut rx) = row(&[], 100);
+        let mut script = vec![sp.python_start];
+        script.extend(tok.encode("import os"));
+        script.push(sp.python_end);
+        for &id in &script {
+            assert!(r.step(&one_hot(&tok, id), &tok, &sp));
+        }
+        assert!(!r.step(&one_hot(&tok, sp.end[1]), &tok, &sp));
+        assert_eq!(drain(&mut rx).0, "<|python_start|>import os<|python_end|>");
+    }
+
+    #[test]
+    fn stop_strings_are_held_back_and_never_sent() {
+        let tok = tokenizer();
+        let sp = Specials::of(&tok);
+        let (mut r, mut rx) = row(&["o w", "zzz"], 100);
+        let ids: Vec<u32> =
+            "hello world".bytes().map(|b| tok.encode(&(b as char).to_string())[0]).collect();
+        let mut sent = String::new();
+        for (i, &id) in ids.iter().enumerate() {
+            let alive = r.step(&one_hot(&tok, id), &tok, &sp);
+            let (t, done) = drain(&mut rx);
+            sent.push_str(&t);
+            // "o" and "o " might begin the stop string, so they wait.
+            assert!(!sent.contains('o'), "sent {sent:?}");
+            if i == 6 {
+                assert!(!alive);
+                assert_eq!(done, Some((Finish::Stop, 7)));
+                break;
+            }
+            assert!(alive);
+        }
+        assert_eq!(sent, "hell");
+
+        // At max_tokens the held-back text is flushed.
+        let (mut r, mut rx) = row(&["zzz"], 3);
+        for c in ["a", "z", "z"] {
+            r.step(&one_hot(&tok, tok.encode(c)[0]), &tok, &sp);
+        }
+        let (text, done) = drain(&mut rx);
+        assert_eq!(done, Some((Finish::Length, 3)));
+        assert_eq!(text, "azz");
     }
 }
