@@ -168,7 +168,7 @@ impl RunningServer {
     pub fn stop(mut self) {
         let stop = self.handle.stop(false);
         // A throwaway runtime drives the stop future: the caller may be outside any runtime.
-        let _ = actix_web::rt::System::new().block_on(stop);
+        actix_web::rt::System::new().block_on(stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
