@@ -114,3 +114,31 @@ fn bad_runs_fail_at_startup_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--checkpoint"));
 }
+
+#[test]
+fn terminal_front_ends_still_work() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    write_run(&run, &model(), &tokenizer()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args(["generate", "--prompt", "Once", "--max-tokens", "5", "--checkpoint"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Once"));
+
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args(["chat", "--max-tokens", "5", "--checkpoint"])
+        .arg(&run)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin.take().unwrap().write_all(b"hello\n/quit\n").unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bot>"));
+}
