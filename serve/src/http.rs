@@ -498,13 +498,44 @@ async fn respond(
             .insert_header(("x-cache", "hit"))
             .body(body));
     }
-    let (tx, rx) = unbounded_channel();
+    let (tx, mut rx) = unbounded_channel();
     state.engine.submit(params, tx)?;
-    let (texts, finishes, completion_tokens) = collect(rx, n).await?;
+    // Wait for the first event, so a request that fails at once still gets its status code.
+    let first = rx.recv().await;
+    if let Some(Event::Error(m)) = first {
+        return Err(ServeError::Engine(m));
+    }
+    let mut resp = HttpResponse::Ok();
+    resp.content_type(ContentType::json());
+    if key.is_some() {
+        resp.insert_header(("x-cache", "miss"));
+    }
+    // The rest is sent as a body stream: actix drops a response body when its client hangs up,
+    // but not a handler that is still running, and dropping `rx` is what cancels generation.
+    let body = async move {
+        let (texts, finishes, tokens) = collect(first, rx, n).await?;
+        let body = completion_body(kind, model, prompt_tokens, texts, finishes, tokens)?;
+        if let Some(k) = key {
+            state.cache().insert(k, body.clone());
+        }
+        Ok::<_, ServeError>(web::Bytes::from(body))
+    };
+    Ok(resp.streaming(futures_util::stream::once(body)))
+}
+
+/// The whole (non-streamed) response of either endpoint.
+fn completion_body(
+    kind: Kind,
+    model: String,
+    prompt_tokens: usize,
+    texts: Vec<String>,
+    finishes: Vec<Finish>,
+    completion_tokens: usize,
+) -> Result<Vec<u8>> {
     let usage =
         Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
     let choices = texts.into_iter().zip(finishes).enumerate();
-    let body = match kind {
+    match kind {
         Kind::Chat => serde_json::to_vec(&ChatCompletion {
             id: new_id("chatcmpl"),
             object: "chat.completion".into(),
@@ -536,26 +567,26 @@ async fn respond(
             usage: Some(Some(usage)),
         }),
     }
-    .map_err(|e| ServeError::Engine(e.to_string()))?;
-    let mut resp = HttpResponse::Ok();
-    resp.content_type(ContentType::json());
-    if let Some(k) = key {
-        state.cache().insert(k, body.clone());
-        resp.insert_header(("x-cache", "miss"));
-    }
-    Ok(resp.body(body))
+    .map_err(|e| ServeError::Engine(e.to_string()))
 }
 
 /// Wait for all n choices: their texts, finish reasons, and the total tokens generated.
+/// `first` is the event already taken off `rx`.
 async fn collect(
+    first: Option<Event>,
     mut rx: UnboundedReceiver<Event>,
     n: usize,
 ) -> Result<(Vec<String>, Vec<Finish>, usize)> {
     let mut texts = vec![String::new(); n];
     let mut finishes = vec![None; n];
     let (mut done, mut tokens) = (0, 0);
+    let mut next = first;
     while done < n {
-        match rx.recv().await {
+        let event = match next.take() {
+            Some(e) => Some(e),
+            None => rx.recv().await,
+        };
+        match event {
             Some(Event::Text { index, text }) => texts[index].push_str(&text),
             Some(Event::Done { index, finish, tokens: t }) => {
                 finishes[index] = Some(finish);

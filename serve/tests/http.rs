@@ -536,3 +536,27 @@ fn response_cache_hits_and_clears() {
     // Same generation, new response id.
     assert_eq!(third.json()["choices"], first.json()["choices"]);
 }
+
+#[test]
+fn a_non_streaming_client_that_hangs_up_is_cancelled() {
+    use std::io::Write;
+    let s = serve(engine_config(2, 4, 10), no_cache());
+    let mut body = greedy_chat("hang up on me", 400);
+    body["temperature"] = json!(1.0);
+    body["seed"] = json!(9);
+    let body = body.to_string();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        sock,
+        "POST {CHAT} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    wait_until("row active", || health(&s.base)["active_rows"] == 1);
+    drop(sock);
+    // 400 tokens at 10 ms each would take 4 s.
+    let t = Instant::now();
+    wait_until("row freed", || health(&s.base)["active_rows"] == 0);
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+}
