@@ -1,7 +1,9 @@
-//! `serve`: talk to a trained model. This build has the terminal front ends (`serve chat`,
-//! `serve generate`); the OpenAI-compatible HTTP API is the next step (issue 8).
+//! `serve`: talk to a trained model. `serve --checkpoint RUN_DIR` starts the OpenAI-compatible
+//! HTTP API and web chat; `serve chat` and `serve generate` are the terminal front ends.
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -10,12 +12,64 @@ use femtochat_model::checkpoint::load_run;
 use femtochat_model::generate::{Finish, generate};
 use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_model::tokenizer::{ChatMessage, Content, Conversation, StreamDecoder, Tokenizer};
+use femtochat_serve::cache::CacheConfig;
+use femtochat_serve::http::{AppState, start};
+use femtochat_serve::scheduler::{Engine, EngineConfig};
 
+/// With no subcommand, `serve` is the HTTP server.
 #[derive(Parser)]
-#[command(name = "serve", version, about = "femtochat: chat with a trained model")]
+#[command(
+    name = "serve",
+    version,
+    about = "femtochat: serve a trained model over HTTP (OpenAI API + web chat), or chat in the terminal",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+#[derive(clap::Args)]
+struct HttpArgs {
+    /// Run directory written by `train` (its latest checkpoint is loaded).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Tokenizer directory (default: RUN_DIR/tokenizer).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Most sequences decoded together (continuous batching).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Most requests waiting for a free row; more get 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Tokens per sequence, prompt + reply (default: the model's sequence_len).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    http_workers: usize,
+    /// Model id in the API (default: the run directory's name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Response cache entries (0 = off).
+    #[arg(long, default_value_t = 1024)]
+    cache_entries: usize,
+    /// Response cache size in MiB.
+    #[arg(long, default_value_t = 64)]
+    cache_mib: usize,
+    /// Seconds a cached response stays valid.
+    #[arg(long, default_value_t = 600)]
+    cache_ttl: u64,
 }
 
 #[derive(clap::Args)]
@@ -174,10 +228,58 @@ fn chat(a: ModelArgs) -> Result<()> {
     Ok(())
 }
 
+fn http(a: HttpArgs) -> Result<()> {
+    let Some(run) = a.checkpoint.clone() else {
+        bail!(
+            "`serve` needs --checkpoint RUN_DIR (or a subcommand: `serve chat`, `serve generate`)"
+        );
+    };
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()?;
+    }
+    let model_name = match &a.model_name {
+        Some(n) => n.clone(),
+        None => run_name(&run),
+    };
+    let (tok_dir, run_dir) = (a.tokenizer.clone(), run.clone());
+    let config = EngineConfig {
+        max_batch: a.max_batch,
+        max_queue: a.max_queue,
+        context: a.context,
+        step_delay: Duration::ZERO,
+    };
+    let engine = Engine::spawn(config, Box::new(move || load_run(&run_dir, tok_dir.as_deref())))?;
+    // Fail at startup (not on the first request) when the run or tokenizer is unusable.
+    let info = engine.wait_ready().with_context(|| format!("loading {}", run.display()))?;
+    eprintln!(
+        "model {model_name}: vocab {}, context {} tokens, batch {}, queue {}",
+        info.vocab_size, info.context, a.max_batch, a.max_queue
+    );
+    let cache = CacheConfig {
+        max_entries: a.cache_entries,
+        max_bytes: a.cache_mib << 20,
+        ttl: Duration::from_secs(a.cache_ttl),
+    };
+    let state = Arc::new(AppState::new(engine, model_name, cache));
+    let server = start(state, &a.host, a.port, a.http_workers)
+        .with_context(|| format!("listening on {}:{}", a.host, a.port))?;
+    eprintln!("serving on http://{} (web chat at /, API at /v1)", server.addr);
+    server.join()?;
+    Ok(())
+}
+
+/// The run directory's own name (`runs/d12` -> `d12`).
+fn run_name(run: &Path) -> String {
+    let abs = std::fs::canonicalize(run).unwrap_or_else(|_| run.to_path_buf());
+    abs.file_name().map_or_else(|| "femtochat".into(), |n| n.to_string_lossy().into_owned())
+}
+
 fn main() -> std::process::ExitCode {
-    let result = match Cli::parse().command {
-        Command::Chat(a) => chat(a),
-        Command::Generate { model, prompt } => Session::open(&model).and_then(|mut s| {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => http(cli.http),
+        Some(Command::Chat(a)) => chat(a),
+        Some(Command::Generate { model, prompt }) => Session::open(&model).and_then(|mut s| {
             let mut ids = vec![s.tok.bos()];
             ids.extend(s.tok.encode(&prompt));
             print!("{prompt}");

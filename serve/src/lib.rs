@@ -1,0 +1,12 @@
+//! femtochat's server: an OpenAI-compatible HTTP API over a continuous-batching engine, a
+//! response cache, and a web chat page. The `serve` binary wires these to the command line;
+//! tests start the same server in-process.
+pub mod api;
+pub mod cache;
+pub mod error;
+pub mod fixture;
+pub mod http;
+pub mod scheduler;
+pub mod tool;
+
+pub use error::{Result, ServeError};

@@ -1,0 +1,144 @@
+//! The `serve` binary end to end with the official Python `openai` client: start the binary on a
+//! tiny run directory, wait for /health, run `openai_client.py` against it. Without python3 and
+//! the `openai` package the test is skipped with a message, except in CI (FEMTOCHAT_CI set),
+//! where it must run.
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use femtochat_serve::fixture::write_run;
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python_has_openai() -> bool {
+    Command::new("python3")
+        .args(["-c", "import openai"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn serve_bin(run: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_serve"))
+        .arg("--checkpoint")
+        .arg(run)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn openai_python_client_against_the_binary() {
+    if !python_has_openai() {
+        if std::env::var_os("FEMTOCHAT_CI").is_some() {
+            panic!("FEMTOCHAT_CI is set but python3 cannot import openai");
+        }
+        eprintln!(
+            "skipped: python3 with the `openai` package is not available (pip install openai)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("tiny-run");
+    write_run(&run, &model(), &tokenizer()).unwrap();
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .arg("--checkpoint")
+        .arg(&run)
+        .args(["--port", &port.to_string(), "--max-batch", "4", "--http-workers", "2"])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _guard = Kill(child);
+    let base = format!("http://127.0.0.1:{port}");
+    let t = Instant::now();
+    while get(&base, "/health").0 != 200 {
+        assert!(t.elapsed() < Duration::from_secs(60), "server did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("{base}/v1"))
+        .arg("tiny-run") // the default model name: the run directory's name
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "openai_client.py failed:\n{text}");
+    assert!(text.contains("all checks passed"), "{text}");
+}
+
+#[test]
+fn bad_runs_fail_at_startup_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = serve_bin(&dir.path().join("nope"), &["--port", "0"]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("latest.json"), "{err}");
+
+    // A tokenizer whose vocab does not match the model's.
+    let run = dir.path().join("run");
+    let small =
+        femtochat_model::tokenizer::Tokenizer::train(&["tiny text for a tiny tokenizer"], 300)
+            .unwrap();
+    write_run(&run, &model(), &small).unwrap();
+    let out = serve_bin(&run, &["--port", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokens but the model expects"), "{err}");
+
+    // A tokenizer directory that does not exist.
+    write_run(&run, &model(), &tokenizer()).unwrap();
+    let out = serve_bin(&run, &["--port", "0", "--tokenizer", "/nonexistent/tok"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tok"));
+
+    // No checkpoint at all.
+    let out = Command::new(env!("CARGO_BIN_EXE_serve")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--checkpoint"));
+}
+
+#[test]
+fn terminal_front_ends_still_work() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    write_run(&run, &model(), &tokenizer()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args(["generate", "--prompt", "Once", "--max-tokens", "5", "--checkpoint"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Once"));
+
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args(["chat", "--max-tokens", "5", "--checkpoint"])
+        .arg(&run)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin.take().unwrap().write_all(b"hello\n/quit\n").unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bot>"));
+}
