@@ -260,6 +260,16 @@ impl ValSet {
     pub fn tokens(&self) -> usize {
         self.rows.len() * self.t
     }
+
+    /// The rows of T + 1 tokens.
+    pub fn rows(&self) -> &[Vec<u32>] {
+        &self.rows
+    }
+
+    /// UTF-8 byte length of every token id (0 for specials).
+    pub fn token_bytes(&self) -> &[u32] {
+        &self.token_bytes
+    }
 }
 
 /// bits per byte = sum of losses over targets with byte length > 0 / (ln 2 * their total bytes).

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod base;
+mod batches;
 mod bench;
 mod docs;
 mod loader;
@@ -40,6 +41,9 @@ enum Command {
     /// Time full training steps (forward, backward, optimizer) on random tokens; one JSON line
     /// per step with ms, tokens/s, TFLOP/s and (with --peak-flops) MFU.
     Bench(bench::Args),
+    /// Write the token rows `train base` would train and validate on (u32 files + meta.json),
+    /// for training a reference implementation on exactly the same data.
+    Batches(batches::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Base(args) => base::main(*args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::main(args),
         Command::Bench(args) => bench::main(args).map(|()| ExitCode::SUCCESS),
+        Command::Batches(args) => batches::main(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

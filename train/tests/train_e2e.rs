@@ -158,3 +158,58 @@ fn bad_inputs_give_clear_errors() {
         "vocab size",
     );
 }
+
+/// `train batches` writes the rows `train base` trains on: BOS-led rows of T + 1 tokens, the
+/// validation rows and the byte length of every token.
+#[test]
+fn batches_writes_loader_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let out_dir = dir.path().join("rows");
+    let out = train(&[
+        "batches",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--device-batch-size",
+        "3",
+        "--max-seq-len",
+        "32",
+        "--micro-batches",
+        "5",
+        "--eval-tokens",
+        "256",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let u32s = |name: &str| -> Vec<u32> {
+        std::fs::read(out_dir.join(name))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let (rows, val, bytes) = (u32s("train.u32"), u32s("val.u32"), u32s("token_bytes.u32"));
+    assert_eq!(rows.len(), 5 * 3 * 33);
+    assert_eq!(val.len() % 33, 0);
+    assert!(val.len() / 33 >= 256 / 32);
+    assert_eq!(bytes.len(), 512);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("meta.json")).unwrap()).unwrap();
+    let bos = 512 - 9; // the first of the 9 specials appended after the BPE ranks
+    assert_eq!(bytes[bos], 0, "specials have no bytes");
+    for row in rows.chunks(33).chain(val.chunks(33)) {
+        assert_eq!(row[0], bos as u32, "every row starts with BOS");
+    }
+    assert_eq!(meta["micro_batches"], 5);
+    let bad = train(&[
+        "batches",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        "x",
+        "--micro-batches",
+        "0",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+}
