@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use femtochat_engine::Device;
 use femtochat_model::Gpt;
 use femtochat_model::checkpoint::load_run;
 use femtochat_model::generate::{Finish, generate};
@@ -55,6 +56,9 @@ struct HttpArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Run the model on cpu or gpu (WGSL kernels through wgpu).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
     /// HTTP worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     http_workers: usize,
@@ -96,6 +100,9 @@ struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Run the model on cpu or gpu (WGSL kernels through wgpu).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 #[derive(Subcommand)]
@@ -125,6 +132,7 @@ impl Session {
         }
         let (gpt, tok) = load_run(&a.checkpoint, a.tokenizer.as_deref())
             .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+        let gpt = gpt.to_device(a.device).with_context(|| format!("--device {}", a.device))?;
         let params = SamplingParams {
             temperature: a.temperature,
             top_k: a.top_k,
@@ -248,7 +256,12 @@ fn http(a: HttpArgs) -> Result<()> {
         context: a.context,
         step_delay: Duration::ZERO,
     };
-    let engine = Engine::spawn(config, Box::new(move || load_run(&run_dir, tok_dir.as_deref())))?;
+    let device = a.device;
+    let load = move || {
+        let (gpt, tok) = load_run(&run_dir, tok_dir.as_deref())?;
+        Ok((gpt.to_device(device)?, tok))
+    };
+    let engine = Engine::spawn(config, Box::new(load))?;
     // Fail at startup (not on the first request) when the run or tokenizer is unusable.
     let info = engine.wait_ready().with_context(|| format!("loading {}", run.display()))?;
     eprintln!(

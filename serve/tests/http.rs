@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use femtochat_model::Gpt;
 use femtochat_model::generate::generate;
 use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_serve::cache::CacheConfig;
@@ -28,11 +29,15 @@ fn assert_usage(u: &Value) {
 /// The reference: single-sequence greedy generation with the model crate, decoded the way the
 /// server decodes (end tokens dropped).
 fn reference_greedy(prompt: &[u32], max_tokens: usize) -> (String, &'static str) {
+    reference_greedy_with(&model(), prompt, max_tokens)
+}
+
+fn reference_greedy_with(gpt: &Gpt, prompt: &[u32], max_tokens: usize) -> (String, &'static str) {
     let tok = tokenizer();
     let end = [tok.special("<|assistant_end|>").unwrap(), tok.bos()];
     let mut sampler =
         Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }, 0).unwrap();
-    let (ids, _) = generate(&model(), prompt, &mut sampler, max_tokens, &end, |_| true).unwrap();
+    let (ids, _) = generate(gpt, prompt, &mut sampler, max_tokens, &end, |_| true).unwrap();
     let stopped = ids.last().is_some_and(|t| end.contains(t));
     let body: Vec<u32> = ids.into_iter().filter(|t| !end.contains(t)).collect();
     (tok.decode(&body).unwrap(), if stopped { "stop" } else { "length" })
@@ -559,4 +564,37 @@ fn a_non_streaming_client_that_hangs_up_is_cancelled() {
     let t = Instant::now();
     wait_until("row freed", || health(&s.base)["active_rows"] == 0);
     assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+}
+
+/// The model on the GPU (lavapipe in CI): concurrent greedy requests, batched in shared decode
+/// steps, give single-sequence generation's text on the same device. (Not the CPU's: the test
+/// model's logits sit at the softcap, where greedy ties hinge on the last bit of tanh.)
+#[test]
+fn gpu_batched_greedy_equals_single_sequence() {
+    use femtochat_engine::Device;
+    if let Err(e) = Device::Gpu.ensure_available() {
+        assert!(std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1"), "{e}");
+        return;
+    }
+    let loader: femtochat_serve::scheduler::Loader =
+        Box::new(|| Ok((model().to_device(Device::Gpu)?, tokenizer())));
+    let s = serve_with(engine_config(4, 8, 0), no_cache(), Some(loader));
+    wait_healthy(&s.base);
+    let gpu_model = model().to_device(Device::Gpu).unwrap();
+    let prompts = ["Hello there", "Tell me a story", "What is two plus two?", "hi"];
+    let replies: Vec<Value> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let base = s.base.clone();
+                sc.spawn(move || post(&base, CHAT, &greedy_chat(p, 10)).json())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (p, v) in prompts.iter().zip(&replies) {
+        let (want, finish) = reference_greedy_with(&gpu_model, &chat_prompt_ids(p), 10);
+        assert_eq!(v["choices"][0]["message"]["content"], want.as_str(), "{p}");
+        assert_eq!(v["choices"][0]["finish_reason"], finish, "{p}");
+    }
 }
