@@ -42,6 +42,78 @@ fn serve_bin(run: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The `serve` binary on a tiny run directory `DIR/tiny-run`, once /health answers.
+fn spawn_server(dir: &Path) -> (Kill, String) {
+    let run = dir.join("tiny-run");
+    write_run(&run, &model(), &tokenizer()).unwrap();
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .arg("--checkpoint")
+        .arg(&run)
+        .args(["--port", &port.to_string(), "--max-batch", "4", "--http-workers", "2"])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let guard = Kill(child);
+    let base = format!("http://127.0.0.1:{port}");
+    let t = Instant::now();
+    while get(&base, "/health").0 != 200 {
+        assert!(t.elapsed() < Duration::from_secs(60), "server did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (guard, base)
+}
+
+/// Skip (with a message) when a tool is missing, except in CI (FEMTOCHAT_CI set).
+fn require(available: bool, what: &str) -> bool {
+    if !available {
+        if std::env::var_os("FEMTOCHAT_CI").is_some() {
+            panic!("FEMTOCHAT_CI is set but {what} is not available");
+        }
+        eprintln!("skipped: {what} is not available");
+    }
+    available
+}
+
+/// The web chat page in headless Chromium (Debian `chromium` + `playwright-core` from npm, both
+/// installed by .ci/run): at phone width, send a message and watch the reply stream in, then a
+/// screenshot (kept in target/web_page.png).
+#[test]
+fn web_page_streams_a_reply_in_headless_chromium() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let modules = root.join(".ci/node/node_modules");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let node_ok = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !require(
+        node_ok && modules.join("playwright-core").exists() && Path::new(&chromium).exists(),
+        "node + .ci/node/node_modules/playwright-core + chromium",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_guard, base) = spawn_server(dir.path());
+    let shot = root.join("target/web_page.png");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web_page.cjs");
+    let out = Command::new("node")
+        .arg(script)
+        .arg(format!("{base}/"))
+        .arg(&shot)
+        .env("NODE_PATH", &modules)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "web_page.cjs failed:\n{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["user"], "Hello there");
+    assert!(r["reply"].as_str().is_some_and(|t| !t.is_empty()), "{r}");
+    // Each streamed chunk rewrites the reply bubble: several updates mean it streamed.
+    assert!(r["updates"].as_u64().unwrap() >= 3, "{r}");
+    assert!(r["status"].as_str().unwrap().contains('·'), "{r}");
+    assert_eq!(r["overflow"], false, "the page scrolls sideways at 375px: {r}");
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000);
+}
+
 #[test]
 fn openai_python_client_against_the_binary() {
     if !python_has_openai() {
@@ -54,23 +126,7 @@ fn openai_python_client_against_the_binary() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("tiny-run");
-    write_run(&run, &model(), &tokenizer()).unwrap();
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_serve"))
-        .arg("--checkpoint")
-        .arg(&run)
-        .args(["--port", &port.to_string(), "--max-batch", "4", "--http-workers", "2"])
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let _guard = Kill(child);
-    let base = format!("http://127.0.0.1:{port}");
-    let t = Instant::now();
-    while get(&base, "/health").0 != 200 {
-        assert!(t.elapsed() < Duration::from_secs(60), "server did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_guard, base) = spawn_server(dir.path());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let out = Command::new("python3")
         .arg(script)
