@@ -11,8 +11,11 @@ use femtochat_model::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::docs;
-use crate::loader::{BestFitLoader, ValSet};
+use crate::loader::{BestFitLoader, Prefetch, ValSet};
 use crate::trainer::{Settings, Trainer};
+
+/// Micro-batches the loader thread prepares ahead of the model.
+const PREFETCH_BATCHES: usize = 4;
 
 /// Prompts sampled during training to watch the model learn.
 const SAMPLE_PROMPTS: [&str; 3] = ["The meaning of life is", "Once upon a time", "The king said"];
@@ -189,22 +192,28 @@ pub fn main(a: Args) -> Result<()> {
                 tok.vocab_size()
             );
         }
-        loader = BestFitLoader::new(
-            files,
-            tok.clone(),
-            saved.device_batch_size,
-            saved.model.sequence_len,
-            true,
+        loader = Prefetch::new(
+            BestFitLoader::new(
+                files,
+                tok.clone(),
+                saved.device_batch_size,
+                saved.model.sequence_len,
+                true,
+            )?,
+            PREFETCH_BATCHES,
         )?;
         Trainer::resume(&a.out, &mut loader)?.with_device(a.device)?
     } else {
         let s = settings(&a, tok.vocab_size())?;
-        loader = BestFitLoader::new(
-            files,
-            tok.clone(),
-            s.device_batch_size,
-            s.model.sequence_len,
-            true,
+        loader = Prefetch::new(
+            BestFitLoader::new(
+                files,
+                tok.clone(),
+                s.device_batch_size,
+                s.model.sequence_len,
+                true,
+            )?,
+            PREFETCH_BATCHES,
         )?;
         Trainer::new(s, &a.out)?.with_device(a.device)?
     };

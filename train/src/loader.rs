@@ -12,6 +12,8 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, bail};
 use femtochat_engine::{Ids, Reduction, no_grad};
@@ -307,6 +309,81 @@ impl Validator for ValSet {
     }
 }
 
+/// A loader running on its own thread, `depth` batches ahead of the model, so reading and
+/// tokenizing documents overlap the forward/backward instead of stalling it.
+///
+/// Each batch travels with the loader state right after it was made, so `state()` describes the
+/// batches *consumed*, not the ones prefetched: a resumed run still sees exactly the batches an
+/// uninterrupted one would have.
+pub struct Prefetch {
+    rx: Option<Receiver<(Result<Batch>, serde_json::Value)>>,
+    worker: Option<JoinHandle<BestFitLoader>>,
+    state: serde_json::Value,
+    depth: usize,
+}
+
+impl Prefetch {
+    pub fn new(loader: BestFitLoader, depth: usize) -> Result<Prefetch> {
+        let state = loader.state_json();
+        let depth = depth.max(1);
+        let (tx, rx) = sync_channel(depth);
+        let worker = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || produce(loader, tx))
+            .context("starting the data loader thread")?;
+        Ok(Prefetch { rx: Some(rx), worker: Some(worker), state, depth })
+    }
+
+    /// Stop the worker (it notices the closed channel at its next send) and take the loader back.
+    fn stop(&mut self) -> Result<BestFitLoader> {
+        drop(self.rx.take());
+        let worker = self.worker.take().context("the data loader thread is gone")?;
+        worker.join().map_err(|_| anyhow::anyhow!("the data loader thread panicked"))
+    }
+}
+
+fn produce(
+    mut loader: BestFitLoader,
+    tx: SyncSender<(Result<Batch>, serde_json::Value)>,
+) -> BestFitLoader {
+    loop {
+        let batch = loader.next_batch();
+        let failed = batch.is_err();
+        if tx.send((batch, loader.state_json())).is_err() || failed {
+            return loader;
+        }
+    }
+}
+
+impl BatchSource for Prefetch {
+    fn next_batch(&mut self) -> Result<Batch> {
+        let rx = self.rx.as_ref().context("the data loader was stopped")?;
+        let (batch, state) = rx.recv().context("the data loader thread stopped")?;
+        self.state = state;
+        batch
+    }
+
+    fn state(&self) -> serde_json::Value {
+        self.state.clone()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        let mut loader = self.stop()?;
+        loader.restore_json(state)?;
+        *self = Prefetch::new(loader, self.depth)?;
+        Ok(())
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +410,35 @@ mod tests {
                 std::iter::repeat_n((b'a' + (i % 26) as u8) as char, 3 + (i * 7) % 23).collect()
             })
             .collect()
+    }
+
+    /// The prefetching loader yields the plain loader's batches, reports the state after the
+    /// batches it handed out (not the ones it ran ahead to), and restores from it.
+    #[test]
+    fn prefetch_matches_plain_loader_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = tok();
+        let file = write_docs(dir.path(), &docs(80));
+        let plain = || BestFitLoader::new(vec![file.clone()], tok.clone(), 3, 24, true).unwrap();
+        let mut a = plain();
+        let mut p = Prefetch::new(plain(), 4).unwrap();
+        let mut saved = None;
+        for i in 0..12 {
+            assert_eq!(a.next_batch().unwrap(), p.next_batch().unwrap(), "batch {i}");
+            assert_eq!(a.state(), p.state(), "state after batch {i}");
+            if i == 5 {
+                saved = Some(p.state());
+            }
+        }
+        let want: Vec<Batch> = (0..5).map(|_| a.next_batch().unwrap()).collect();
+        // Resume from the state after batch 5: batches 6.. again, then the same as `a`.
+        let mut r = Prefetch::new(plain(), 2).unwrap();
+        r.restore(saved.as_ref().unwrap()).unwrap();
+        for _ in 6..12 {
+            r.next_batch().unwrap();
+        }
+        let got: Vec<Batch> = (0..5).map(|_| r.next_batch().unwrap()).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
