@@ -450,3 +450,48 @@ fn attention_matches_cpu() {
         assert_close(&format!("attn dv {tag}"), &get(&dv), &wdv, 1e-4);
     }
 }
+
+#[test]
+fn flash_attention_matches_cpu_reference() {
+    use cpu::attention::AttnShape;
+    let Some(ctx) = ctx() else { return };
+    let shape =
+        |b, tq, tk, h, hkv, d, window, pos0| AttnShape { b, tq, tk, h, hkv, d, window, pos0 };
+    for s in [
+        shape(1, 1, 1, 1, 1, 4, usize::MAX, 0),
+        shape(2, 70, 70, 4, 2, 8, usize::MAX, 0), // two row blocks, GQA 2
+        shape(1, 130, 130, 3, 1, 16, 40, 0),      // window, ragged blocks, GQA 3
+        shape(1, 65, 65, 2, 2, 256, usize::MAX, 0), // the largest head dim: 8-row tiles
+        shape(1, 7, 100, 2, 2, 32, usize::MAX, 93), // cache prefill after 93 positions
+        shape(1, 1, 300, 6, 2, 64, 50, 299),      // one-token decode with a window
+        shape(1, 33, 33, 2, 1, 72, 0, 0),         // window 0: each row sees itself
+    ] {
+        let (nq, nk) = (s.b * s.tq * s.h * s.d, s.b * s.tk * s.hkv * s.d);
+        let (q, k, v, g) = (rand(nq, 200), rand(nk, 201), rand(nk, 202), rand(nq, 203));
+        let up = |x: &[f32]| ctx.upload(x).unwrap();
+        let (gq, gk, gv, gg) = (up(&q), up(&k), up(&v), up(&g));
+        let rows = s.b * s.tq * s.h;
+        let (out, lse) = (ctx.zeros(nq).unwrap(), ctx.zeros(rows).unwrap());
+        let (dq0, dk0, dv0) = (rand(nq, 204), rand(nk, 205), rand(nk, 206));
+        let (dq, dk, dv) = (up(&dq0), up(&dk0), up(&dv0));
+        run(ctx, |bt| {
+            gpu::flash_attention::flash_forward(bt, &out, &lse, &gq, &gk, &gv, s).unwrap();
+            gpu::flash_attention::flash_backward(
+                bt, &dq, &dk, &dv, &gg, &gq, &gk, &gv, &out, &lse, s,
+            )
+            .unwrap();
+        });
+        let (mut wo, mut wl) = (vec![0.0; nq], vec![0.0; rows]);
+        cpu::attention::attention_forward(&mut wo, &mut wl, &q, &k, &v, s);
+        let (mut wdq, mut wdk, mut wdv) = (dq0.clone(), dk0.clone(), dv0.clone());
+        cpu::attention::attention_backward(
+            &mut wdq, &mut wdk, &mut wdv, &g, &q, &k, &v, &wo, &wl, s,
+        );
+        let tag = format!("{s:?}");
+        assert_close(&format!("flash out {tag}"), &get(&out), &wo, 1e-4);
+        assert_close(&format!("flash lse {tag}"), &get(&lse), &wl, 1e-4);
+        assert_close(&format!("flash dq {tag}"), &get(&dq), &wdq, 1e-4);
+        assert_close(&format!("flash dk {tag}"), &get(&dk), &wdk, 1e-4);
+        assert_close(&format!("flash dv {tag}"), &get(&dv), &wdv, 1e-4);
+    }
+}

@@ -108,7 +108,7 @@ pub(crate) fn attention(
     let (out, lse) = (alloc(q.numel())?, alloc(s.b * s.tq * s.h)?);
     let (sq, sk, sv) = (q.storage(), k.storage(), v.storage());
     let (qb, kb, vb) = (sq.gpu_buf()?, sk.gpu_buf()?, sv.gpu_buf()?);
-    record(|bt| gk::attention::attention_forward(bt, &out, &lse, qb, kb, vb, s))?;
+    record(|bt| gk::flash_attention::flash_forward(bt, &out, &lse, qb, kb, vb, s))?;
     Ok((out, lse))
 }
 
@@ -278,7 +278,7 @@ impl Op {
                         (sq.gpu_buf()?, sk.gpu_buf()?, sv.gpu_buf()?, so.gpu_buf()?);
                     let lb = lse.gpu_buf()?;
                     record(|bt| {
-                        gk::attention::attention_backward(
+                        gk::flash_attention::flash_backward(
                             bt, &dq, &dk, &dv, &dout, qb, kb, vb, ob, lb, *s,
                         )
                     })?;

@@ -8,6 +8,7 @@ mod pool;
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod flash_attention;
 pub mod matmul;
 pub mod optim;
 pub mod reduce;

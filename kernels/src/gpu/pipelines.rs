@@ -7,6 +7,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("attention", include_str!("../wgsl/attention.wgsl")),
     ("elementwise", include_str!("../wgsl/elementwise.wgsl")),
     ("embedding", include_str!("../wgsl/embedding.wgsl")),
+    ("flash_attention", include_str!("../wgsl/flash_attention.wgsl")),
     ("matmul", include_str!("../wgsl/matmul.wgsl")),
     ("optim", include_str!("../wgsl/optim.wgsl")),
     ("reduce", include_str!("../wgsl/reduce.wgsl")),

@@ -1,0 +1,111 @@
+//! Launchers for `wgsl/flash_attention.wgsl`: tiled flash attention, forward (saves lse) and
+//! backward with recomputation (a dQ pass, then a dK/dV pass), the GPU twin of
+//! `cpu::flash_attention`. Extra memory: delta (B, Tq, H), nothing of size T x T.
+use super::context::{Batch, GpuBuffer, GpuError, grid_1d};
+use crate::cpu::attention::AttnShape;
+
+/// Rows per workgroup (`BR` in the WGSL).
+const BR: usize = 64;
+/// Largest head dim the kernel's private arrays hold (`MAX_D` in the WGSL).
+pub const MAX_HEAD_DIM: usize = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    b: u32,
+    tq: u32,
+    tk: u32,
+    h: u32,
+    hkv: u32,
+    d: u32,
+    window: u32,
+    pos0: u32,
+    scale: f32,
+    blocks: u32,
+    _pad: [u32; 2],
+}
+
+fn params(s: AttnShape, rows: usize) -> Result<Params, GpuError> {
+    if s.d == 0 || s.d > MAX_HEAD_DIM {
+        return Err(GpuError::Unsupported(format!(
+            "flash attention head dim {} (1..={MAX_HEAD_DIM})",
+            s.d
+        )));
+    }
+    if s.hkv == 0 || !s.h.is_multiple_of(s.hkv) || s.tk < s.pos0 + s.tq {
+        return Err(GpuError::Unsupported(format!("flash attention shape {s:?}")));
+    }
+    Ok(Params {
+        b: s.b as u32,
+        tq: s.tq as u32,
+        tk: s.tk as u32,
+        h: s.h as u32,
+        hkv: s.hkv as u32,
+        d: s.d as u32,
+        // usize::MAX means plain causal; any window >= Tk is the same and fits in u32.
+        window: s.window.min(s.tk) as u32,
+        pos0: s.pos0 as u32,
+        scale: 1.0 / (s.d as f32).sqrt(),
+        blocks: rows.div_ceil(BR) as u32,
+        _pad: [0; 2],
+    })
+}
+
+fn check_io(s: AttnShape, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer) -> Result<(), GpuError> {
+    q.check("flash attention q", s.b * s.tq * s.h * s.d)?;
+    k.check("flash attention k", s.b * s.tk * s.hkv * s.d)?;
+    v.check("flash attention v", s.b * s.tk * s.hkv * s.d)
+}
+
+/// out (B, Tq, H, D) = attention(q, k, v); lse (B, Tq, H) saved for backward.
+pub fn flash_forward(
+    bt: &mut Batch,
+    out: &GpuBuffer,
+    lse: &GpuBuffer,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    s: AttnShape,
+) -> Result<(), GpuError> {
+    let p = params(s, s.tq)?;
+    check_io(s, q, k, v)?;
+    out.check("flash attention out", q.len())?;
+    lse.check("flash attention lse", s.b * s.tq * s.h)?;
+    let groups = grid_1d(s.b * s.h * p.blocks as usize, 1);
+    let bufs = [(1, out), (2, lse), (3, q), (4, k), (5, v)];
+    bt.dispatch_bound("flash_attention", "flash_forward", &p, &bufs, groups)
+}
+
+/// dq += .., dk += .., dv += .. given dout and the forward's out and lse.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward(
+    bt: &mut Batch,
+    dq: &GpuBuffer,
+    dk: &GpuBuffer,
+    dv: &GpuBuffer,
+    dout: &GpuBuffer,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    out: &GpuBuffer,
+    lse: &GpuBuffer,
+    s: AttnShape,
+) -> Result<(), GpuError> {
+    let pq = params(s, s.tq)?;
+    let pk = params(s, s.tk)?;
+    check_io(s, q, k, v)?;
+    for (what, b) in [("flash dq", dq), ("flash dout", dout), ("flash out", out)] {
+        b.check(what, q.len())?;
+    }
+    dk.check("flash dk", k.len())?;
+    dv.check("flash dv", k.len())?;
+    let rows = s.b * s.tq * s.h;
+    lse.check("flash lse", rows)?;
+    let delta = bt.context().alloc(rows)?;
+    let b1 = [(1, dq), (2, lse), (3, q), (4, k), (5, v), (6, dout), (7, out), (8, &delta)];
+    let g1 = grid_1d(s.b * s.h * pq.blocks as usize, 1);
+    bt.dispatch_bound("flash_attention", "flash_backward_dq", &pq, &b1, g1)?;
+    let b2 = [(1, dk), (2, lse), (3, q), (4, k), (5, v), (6, dout), (8, &delta), (9, dv)];
+    let g2 = grid_1d(s.b * s.hkv * pk.blocks as usize, 1);
+    bt.dispatch_bound("flash_attention", "flash_backward_dkv", &pk, &b2, g2)
+}
