@@ -2,11 +2,75 @@
 //! different machines, thread counts and commits compare directly.
 //!
 //! `kernel-bench matmul --m 1024 --k 1024 --n 1024 --threads 2`; lists sweep: `--m 512,1024`.
+//! `kernel-bench attention --b 1 --h 4 --hkv 4 --t 2048 --d 64 --impl flash,reference`.
+//!
+//! A counting global allocator measures each op's peak extra memory: the high-water mark of
+//! live heap bytes during the call, above what was live when it started (inputs and outputs
+//! are allocated before).
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand, ValueEnum};
+use femtochat_kernels::cpu::attention::{AttnShape, attention_backward, attention_forward};
+use femtochat_kernels::cpu::flash_attention::{
+    FlashBlocks, flash_attention_backward, flash_attention_forward,
+};
 use femtochat_kernels::cpu::matmul::{Isa, MatmulShape, matmul_naive, matmul_with};
+
+/// The system allocator, counting live bytes and their high-water mark.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+impl Counting {
+    fn grew(n: usize) {
+        let live = LIVE.fetch_add(n, Ordering::Relaxed) + n;
+        PEAK.fetch_max(live, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call forwards to `System` unchanged; the counters only observe sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Counting::grew(layout.size());
+        // SAFETY: forwarded.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Counting::grew(layout.size());
+        // SAFETY: forwarded.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: forwarded.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        Counting::grew(new_size);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: forwarded.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Runs `f` and returns the peak of live heap bytes during it above the live bytes before it.
+fn peak_extra_bytes(f: impl FnOnce()) -> usize {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    f();
+    PEAK.load(Ordering::Relaxed).saturating_sub(base)
+}
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +87,8 @@ struct Cli {
 enum Command {
     /// C (M, N) = op(A) (M, K) · op(B) (K, N), f32 on the CPU.
     Matmul(MatmulArgs),
+    /// Causal (sliding-window) GQA attention, q (B, T, H, D), k, v (B, T, Hkv, D).
+    Attention(AttentionArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,12 +132,13 @@ struct MatmulArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Matmul(args) => bench_matmul(args),
+        Command::Matmul(args) => bench_matmul(args).map_err(anyhow::Error::msg),
+        Command::Attention(args) => bench_attention(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
@@ -151,4 +218,232 @@ fn bench_matmul(args: MatmulArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Device {
+    Cpu,
+    Gpu,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AttnImpl {
+    /// Tiled flash attention (`cpu/flash_attention.rs`).
+    Flash,
+    /// The reference kernel (`cpu/attention.rs`): query tiles of 4 rows against all keys.
+    Reference,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Pass {
+    /// Forward only.
+    Fwd,
+    /// Backward only (from a saved forward).
+    Bwd,
+    /// Forward then backward, timed together.
+    Both,
+}
+
+/// Sequence lengths of `--sweep`.
+const SWEEP_T: [usize; 5] = [512, 1024, 2048, 4096, 8192];
+
+#[derive(clap::Args)]
+struct AttentionArgs {
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Batch size.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    b: u32,
+    /// Query heads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    h: u32,
+    /// Key/value heads (divides H; default H).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    hkv: Option<u32>,
+    /// Keys per batch element (comma-separated list to sweep).
+    #[arg(long, value_delimiter = ',', default_value = "2048",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    t: Vec<u32>,
+    /// Query rows, the last TQ positions of the T keys (default T: training; 1: decode).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    tq: Option<u32>,
+    /// Head dimension.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=256))]
+    d: u32,
+    /// Sliding window (max query-key distance); default: full causal.
+    #[arg(long)]
+    window: Option<usize>,
+    /// Flash query rows per tile.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    block_r: u32,
+    /// Flash key rows per tile.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    block_c: u32,
+    /// Passes to time (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fwd")]
+    pass: Vec<Pass>,
+    /// Implementations to time (comma-separated).
+    #[arg(long = "impl", value_enum, value_delimiter = ',', default_value = "flash")]
+    imp: Vec<AttnImpl>,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// Run T = 512, 1024, 2048, 4096, 8192 (overrides --t) and print a table on stderr too.
+    #[arg(long)]
+    sweep: bool,
+    /// Timed repetitions; the median is reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
+}
+
+/// One measured case, as printed.
+struct AttnRow {
+    imp: &'static str,
+    pass: &'static str,
+    t: usize,
+    ms: f64,
+    tflops: f64,
+    extra: usize,
+}
+
+fn bench_attention(args: AttentionArgs) -> Result<()> {
+    if args.device == Device::Gpu {
+        bail!("GPU flash attention not built yet (only --device cpu)");
+    }
+    let (b, h, d) = (args.b as usize, args.h as usize, args.d as usize);
+    let hkv = args.hkv.map_or(h, |x| x as usize);
+    ensure!(h.is_multiple_of(hkv), "--h {h} is not a multiple of --hkv {hkv}");
+    let window = args.window.unwrap_or(usize::MAX);
+    let bl = FlashBlocks { br: args.block_r as usize, bc: args.block_c as usize };
+    let ts: Vec<usize> =
+        if args.sweep { SWEEP_T.to_vec() } else { args.t.iter().map(|&t| t as usize).collect() };
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = args.threads {
+        pool = pool.num_threads(n as usize);
+    }
+    let pool = pool.build().context("building the thread pool")?;
+    let threads = pool.current_num_threads();
+    let mut rows = Vec::new();
+    for &t in &ts {
+        let tq = args.tq.map_or(t, |x| x as usize);
+        ensure!(tq <= t, "--tq {tq} exceeds --t {t}");
+        let s = AttnShape { b, tq, tk: t, h, hkv, d, window, pos0: t - tq };
+        let sizes = [b.checked_mul(tq * h * d), b.checked_mul(t * hkv * d)];
+        let [Some(nq), Some(nk)] = sizes else { bail!("shape overflows at T = {t}") };
+        let (q, k, v) = (filled(nq, 1), filled(nk, 2), filled(nk, 3));
+        let dout = filled(nq, 4);
+        // Attended (query, key) pairs: 2 D FLOPs for q.k and 2 D for p v each.
+        let pairs: usize = (0..tq).map(|i| (s.pos0 + i).min(window) + 1).sum();
+        let fwd_flops = 4.0 * (b * h * d) as f64 * pairs as f64;
+        for &imp in &args.imp {
+            for &pass in &args.pass {
+                let case = AttnCase { s, bl, imp, q: &q, k: &k, v: &v, dout: &dout };
+                let (ms, extra) = pool.install(|| time_attention(&case, pass, args.reps as usize));
+                // FLOP convention (FlashAttention-2 paper): backward = 2.5x forward (5 matmuls
+                // of the tile against 2), whatever a kernel recomputes.
+                let flops = fwd_flops
+                    * match pass {
+                        Pass::Fwd => 1.0,
+                        Pass::Bwd => 2.5,
+                        Pass::Both => 3.5,
+                    };
+                let (imp, pass) = (imp_name(imp), pass_name(pass));
+                let tflops = flops / (ms * 1e-3) / 1e12;
+                let line = serde_json::json!({
+                    "kernel": "attention", "impl": imp, "device": "cpu",
+                    "b": b, "h": h, "hkv": hkv, "t": t, "tq": tq, "d": d,
+                    "window": args.window, "br": bl.br, "bc": bl.bc, "pass": pass,
+                    "threads": threads, "ms": ms, "tflops": tflops, "peak_extra_bytes": extra,
+                });
+                println!("{line}");
+                rows.push(AttnRow { imp, pass, t, ms, tflops, extra });
+            }
+        }
+    }
+    if args.sweep {
+        eprintln!(
+            "{:>6} {:>5} {:>10} {:>10} {:>8} {:>14}",
+            "T", "pass", "impl", "ms", "TFLOP/s", "extra bytes"
+        );
+        for r in &rows {
+            eprintln!(
+                "{:>6} {:>5} {:>10} {:>10.3} {:>8.4} {:>14}",
+                r.t, r.pass, r.imp, r.ms, r.tflops, r.extra
+            );
+        }
+    }
+    Ok(())
+}
+
+fn imp_name(imp: AttnImpl) -> &'static str {
+    match imp {
+        AttnImpl::Flash => "flash",
+        AttnImpl::Reference => "reference",
+    }
+}
+
+fn pass_name(pass: Pass) -> &'static str {
+    match pass {
+        Pass::Fwd => "fwd",
+        Pass::Bwd => "bwd",
+        Pass::Both => "both",
+    }
+}
+
+/// Deterministic values in [-1, 1).
+fn filled(n: usize, seed: u32) -> Vec<f32> {
+    let hash = |i: usize| (i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8;
+    (0..n).map(|i| hash(i) as f32 / (1u32 << 23) as f32 - 1.0).collect()
+}
+
+struct AttnCase<'a> {
+    s: AttnShape,
+    bl: FlashBlocks,
+    imp: AttnImpl,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    dout: &'a [f32],
+}
+
+/// Median ms over `reps` timed calls after a warm-up, and the peak extra bytes of one call.
+fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> (f64, usize) {
+    let s = c.s;
+    let (mut out, mut lse) = (vec![0.0f32; c.q.len()], vec![0.0f32; s.b * s.tq * s.h]);
+    let (mut dq, mut dk, mut dv) =
+        (vec![0.0; c.q.len()], vec![0.0; c.k.len()], vec![0.0; c.k.len()]);
+    let (q, k, v, dout) = (c.q, c.k, c.v, c.dout);
+    let forward = |out: &mut [f32], lse: &mut [f32]| match c.imp {
+        AttnImpl::Flash => flash_attention_forward(out, lse, q, k, v, s, c.bl),
+        AttnImpl::Reference => attention_forward(out, lse, q, k, v, s),
+    };
+    let backward =
+        |dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], out: &[f32], lse: &[f32]| match c.imp {
+            AttnImpl::Flash => {
+                flash_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s, c.bl)
+            }
+            AttnImpl::Reference => attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s),
+        };
+    if pass == Pass::Bwd {
+        forward(&mut out, &mut lse); // the saved forward that backward reads
+    }
+    let mut run = || {
+        if pass != Pass::Bwd {
+            forward(&mut out, &mut lse);
+        }
+        if pass != Pass::Fwd {
+            backward(&mut dq, &mut dk, &mut dv, &out, &lse);
+        }
+    };
+    run(); // warm-up: page faults, caches, thread start
+    let extra = peak_extra_bytes(&mut run);
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            run();
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], extra)
 }

@@ -56,8 +56,9 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
-/// Per-thread tiles: s (Br, Bc) scores / probabilities, dp (Br, Bc), kt, vt (D, Bc) transposed
-/// key and value blocks, m, l (Br) running max and sum (backward: lse and delta).
+/// Per-thread tiles: s (Br, Bc) scores / probabilities, dp (Br, Bc), kt, vt (D, max(Br, Bc))
+/// transposed query, key, value or dout blocks, m, l (Br) running max and sum (backward: lse and
+/// delta), tm, al (Br) a tile's row maxima and rescale factors.
 struct Scratch {
     s: Vec<f32>,
     dp: Vec<f32>,
@@ -65,11 +66,13 @@ struct Scratch {
     vt: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
+    tm: Vec<f32>,
+    al: Vec<f32>,
 }
 
 impl Scratch {
     fn new(s: AttnShape, bl: FlashBlocks, backward: bool) -> Scratch {
-        let (sb, tb) = (bl.br * bl.bc, s.d * bl.bc);
+        let (sb, tb) = (bl.br * bl.bc, s.d * bl.br.max(bl.bc));
         let (dp, vt) = if backward { (sb, tb) } else { (0, 0) };
         Scratch {
             s: vec![0.0; sb],
@@ -78,6 +81,8 @@ impl Scratch {
             vt: vec![0.0; vt],
             m: vec![0.0; bl.br],
             l: vec![0.0; bl.br],
+            tm: vec![0.0; if backward { 0 } else { bl.br }],
+            al: vec![0.0; if backward { 0 } else { bl.br }],
         }
     }
 }
@@ -152,7 +157,26 @@ unsafe fn row_mut<'a>(p: *mut f32, d: usize) -> &'a mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(p, d) }
 }
 
+/// Visible query columns a..=z of key j in the query tile i0..i0+n, or `None`.
+#[inline(always)]
+fn qcols(s: &AttnShape, j: usize, i0: usize, n: usize) -> Option<(usize, usize)> {
+    let (lo, hi) = s.query_range(j)?;
+    let (a, z) = (lo.max(i0), hi.min(i0 + n - 1));
+    (a <= z).then(|| (a - i0, z - i0))
+}
+
+/// Whether every query row i0..i0+nr sees every key j0..j0+nc (the tile needs no mask): the
+/// first row's position bounds the keys above, the last row's window start below.
+#[inline(always)]
+fn full_tile(s: &AttnShape, i0: usize, nr: usize, j0: usize, nc: usize) -> bool {
+    j0 + nc - 1 <= s.key_range(i0).1 && j0 >= s.key_range(i0 + nr - 1).0
+}
+
 /// Forward of query rows i0..i0+Br of (batch b, head h): out rows (Br, D) of that head, lse.
+///
+/// Scores are computed transposed, St (nc, nr) = K (nc, D) · Qt (D, nr), so the query block is
+/// packed once per task instead of a key block per tile, and the softmax statistics of all nr
+/// rows update together along contiguous St rows.
 #[inline(always)]
 fn forward_task<G: BlockGemm>(sc: &mut Scratch, cx: &Fwd, b: usize, h: usize, i0: usize) {
     let (s, bc) = (cx.s, cx.bl.bc);
@@ -166,7 +190,9 @@ fn forward_task<G: BlockGemm>(sc: &mut Scratch, cx: &Fwd, b: usize, h: usize, i0
     for r in 0..nr {
         unsafe { row_mut(o.add(r * qs), d) }.fill(0.0);
     }
-    let (m, l) = (&mut sc.m[..nr], &mut sc.l[..nr]);
+    let qt = &mut sc.kt[..d * nr];
+    pack_t(qt, cx.q, q0, qs, nr, d);
+    let (m, l, tm) = (&mut sc.m[..nr], &mut sc.l[..nr], &mut sc.tm[..nr]);
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);
     let (lo, hi) = (s.key_range(i0).0, s.key_range(i0 + nr - 1).1);
@@ -174,37 +200,56 @@ fn forward_task<G: BlockGemm>(sc: &mut Scratch, cx: &Fwd, b: usize, h: usize, i0
     while j0 <= hi {
         let nc = bc.min(hi + 1 - j0);
         let k0 = s.kv_at(b, j0, g);
-        pack_t(&mut sc.kt, cx.k, k0, kvs, nc, d);
-        let st = &mut sc.s[..nr * nc];
-        // S (nr, nc) = Q (nr, D) · Kt (D, nc); bounds: nr query rows and the packed block.
+        let st = &mut sc.s[..nc * nr];
+        // St (nc, nr) = K (nc, D) · Qt (D, nr); bounds: nc key rows and the packed block.
         unsafe {
-            let qp = cx.q.as_ptr().add(q0);
-            G::gemm(st.as_mut_ptr(), nc, qp, qs, 1, sc.kt.as_ptr(), nc, nr, nc, d, false);
+            let kp = cx.k.as_ptr().add(k0);
+            G::gemm(st.as_mut_ptr(), nr, kp, kvs, 1, qt.as_ptr(), nr, nc, nr, d, false);
         }
-        for (r, row) in st.chunks_exact_mut(nc).enumerate() {
-            let Some((a, z)) = cols(&s, i0 + r, j0, nc) else {
-                row.fill(0.0);
-                continue;
-            };
-            let m_new = m[r].max(scale * max_lanes(&row[a..=z]));
-            let vis = &mut row[a..=z];
-            vis.iter_mut().for_each(|x| *x = fast_exp(*x * scale - m_new));
-            let sum = sum_lanes(vis);
-            row[..a].fill(0.0);
-            row[z + 1..].fill(0.0);
-            if m_new > m[r] && l[r] > 0.0 {
-                // A larger max: earlier terms were weighted e^(s - m_old), now e^(s - m_new).
-                let alpha = fast_exp(m[r] - m_new);
-                l[r] *= alpha;
+        let full = full_tile(&s, i0, nr, j0, nc);
+        if !full {
+            for (c, row) in st.chunks_exact_mut(nr).enumerate() {
+                let (a, z) = qcols(&s, j0 + c, i0, nr).unwrap_or((nr, nr));
+                row[..a].fill(f32::NEG_INFINITY);
+                row[(z + 1).min(nr)..].fill(f32::NEG_INFINITY);
+            }
+        }
+        tm.fill(f32::NEG_INFINITY);
+        for row in st.chunks_exact(nr) {
+            tm.iter_mut().zip(row).for_each(|(t, &x)| *t = if x > *t { x } else { *t });
+        }
+        // m_new = max(m, scale tm); old terms were weighted e^(s - m), now e^(s - m_new), so l
+        // and out rows scale by alpha. tm becomes the shift of this tile's exps: a row with
+        // nothing visible yet shifts by 0 (its exps of -inf stay finite and are zeroed below)
+        // and keeps m = -inf, so alpha = 0 drops nothing real once its first key arrives.
+        let al = &mut sc.al[..nr];
+        for (((t, mr), lr), a) in
+            tm.iter_mut().zip(m.iter_mut()).zip(l.iter_mut()).zip(al.iter_mut())
+        {
+            let m_new = mr.max(scale * *t);
+            *a = if *mr == f32::NEG_INFINITY { 0.0 } else { fast_exp(*mr - m_new) };
+            *lr *= *a;
+            *mr = m_new;
+            *t = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
+        }
+        for (c, row) in st.chunks_exact_mut(nr).enumerate() {
+            row.iter_mut().zip(&*tm).for_each(|(x, &mx)| *x = fast_exp(*x * scale - mx));
+            if !full {
+                let (a, z) = qcols(&s, j0 + c, i0, nr).unwrap_or((nr, nr));
+                row[..a].fill(0.0);
+                row[(z + 1).min(nr)..].fill(0.0);
+            }
+            l.iter_mut().zip(&*row).for_each(|(l, &p)| *l += p);
+        }
+        for (r, &alpha) in al.iter().enumerate() {
+            if alpha != 1.0 {
                 unsafe { row_mut(o.add(r * qs), d) }.iter_mut().for_each(|x| *x *= alpha);
             }
-            l[r] += sum;
-            m[r] = m_new;
         }
-        // out (nr, D) += P (nr, nc) · V (nc, D)
+        // out (nr, D) += P (nr, nc) · V (nc, D), P read through St's strides.
         unsafe {
             let vp = cx.v.as_ptr().add(k0);
-            G::gemm(o, qs, st.as_ptr(), nc, 1, vp, kvs, nr, d, nc, true);
+            G::gemm(o, qs, st.as_ptr(), 1, nr, vp, kvs, nr, d, nc, true);
         }
         j0 += nc;
     }
@@ -315,28 +360,50 @@ fn dkv_task<G: BlockGemm, L: Lanes>(sc: &mut Scratch, cx: &Bwd, b: usize, g: usi
     }
 }
 
-/// Backward pass 2 for query rows i0..i0+Br of (batch b, head h): dq rows +=.
+/// Backward pass 2 for query rows i0..i0+Br of (batch b, head h): dq rows +=. Transposed
+/// like the forward: Qt and dout^T are packed once, St = K Qt and dPt = V dout^T per tile.
 #[inline(always)]
 fn dq_task<G: BlockGemm, L: Lanes>(sc: &mut Scratch, cx: &Bwd, b: usize, h: usize, i0: usize) {
     let (s, bc) = (cx.s, cx.bl.bc);
-    let (d, qs, kvs) = (s.d, s.h * s.d, s.hkv * s.d);
+    let (d, qs, kvs, scale) = (s.d, s.h * s.d, s.hkv * s.d, s.scale());
     let nr = cx.bl.br.min(s.tq - i0);
     let g = h / (s.h / s.hkv);
     let q0 = s.q_at(b, i0, h);
     row_stats::<L>(cx, b, h, i0, &mut sc.m[..nr], &mut sc.l[..nr]);
+    let (qt, dot) = (&mut sc.kt[..d * nr], &mut sc.vt[..d * nr]);
+    pack_t(qt, cx.q, q0, qs, nr, d);
+    pack_t(dot, cx.dout, q0, qs, nr, d);
+    let (lse_r, delta_r) = (&sc.m[..nr], &sc.l[..nr]);
     let (lo, hi) = (s.key_range(i0).0, s.key_range(i0 + nr - 1).1);
     let mut j0 = lo;
     while j0 <= hi {
         let nc = bc.min(hi + 1 - j0);
         let k0 = s.kv_at(b, j0, g);
-        pack_t(&mut sc.kt, cx.k, k0, kvs, nc, d);
-        pack_t(&mut sc.vt, cx.v, k0, kvs, nc, d);
-        tile_grads::<G>(sc, cx, b, h, i0, nr, j0, nc);
-        // dq (nr, D) += (scale dS) (nr, nc) · K (nc, D). SAFETY: dq rows (b, i0..i0+nr, h)
-        // belong to this task alone.
+        let (st, dpt) = (&mut sc.s[..nc * nr], &mut sc.dp[..nc * nr]);
+        // St (nc, nr) = K Qt, dPt = V dout^T: nc key rows and the packed (D, nr) blocks.
+        unsafe {
+            let (kp, vp) = (cx.k.as_ptr().add(k0), cx.v.as_ptr().add(k0));
+            G::gemm(st.as_mut_ptr(), nr, kp, kvs, 1, qt.as_ptr(), nr, nc, nr, d, false);
+            G::gemm(dpt.as_mut_ptr(), nr, vp, kvs, 1, dot.as_ptr(), nr, nc, nr, d, false);
+        }
+        let full = full_tile(&s, i0, nr, j0, nc);
+        for (c, (sr, dr)) in st.chunks_exact(nr).zip(dpt.chunks_exact_mut(nr)).enumerate() {
+            let (a, z) =
+                if full { (0, nr - 1) } else { qcols(&s, j0 + c, i0, nr).unwrap_or((nr, nr)) };
+            if a < nr {
+                let vis = sr[a..=z].iter().zip(&mut dr[a..=z]);
+                for ((&x, y), (&l, &dl)) in vis.zip(lse_r[a..=z].iter().zip(&delta_r[a..=z])) {
+                    *y = scale * fast_exp(x * scale - l) * (*y - dl);
+                }
+            }
+            dr[..a.min(nr)].fill(0.0);
+            dr[(z + 1).min(nr)..].fill(0.0);
+        }
+        // dq (nr, D) += (scale dS) (nr, nc) · K (nc, D), dS read through dPt's strides.
+        // SAFETY: dq rows (b, i0..i0+nr, h) belong to this task alone.
         unsafe {
             let kp = cx.k.as_ptr().add(k0);
-            G::gemm(cx.dq.0.add(q0), qs, sc.dp.as_ptr(), nc, 1, kp, kvs, nr, d, nc, true);
+            G::gemm(cx.dq.0.add(q0), qs, dpt.as_ptr(), 1, nr, kp, kvs, nr, d, nc, true);
         }
         j0 += nc;
     }
@@ -584,6 +651,8 @@ pub fn flash_decode_with(
             vt: Vec::new(),
             m: Vec::new(),
             l: Vec::new(),
+            tm: Vec::new(),
+            al: Vec::new(),
         },
         |sc, (t, ((po, pm), pl))| {
             let (c, g, b) = (t % nch, t / nch % s.hkv, t / (nch * s.hkv));
