@@ -338,7 +338,8 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
         for &imp in &args.imp {
             for &pass in &args.pass {
                 let case = AttnCase { s, bl, imp, q: &q, k: &k, v: &v, dout: &dout };
-                let (ms, extra) = pool.install(|| time_attention(&case, pass, args.reps as usize));
+                let (ms, best_ms, extra) =
+                    pool.install(|| time_attention(&case, pass, args.reps as usize));
                 // FLOP convention (FlashAttention-2 paper): backward = 2.5x forward (5 matmuls
                 // of the tile against 2), whatever a kernel recomputes.
                 let flops = fwd_flops
@@ -353,7 +354,8 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
                     "kernel": "attention", "impl": imp, "device": "cpu",
                     "b": b, "h": h, "hkv": hkv, "t": t, "tq": tq, "d": d,
                     "window": args.window, "br": bl.br, "bc": bl.bc, "pass": pass,
-                    "threads": threads, "ms": ms, "tflops": tflops, "peak_extra_bytes": extra,
+                    "threads": threads, "ms": ms, "best_ms": best_ms, "tflops": tflops,
+                    "peak_extra_bytes": extra,
                 });
                 println!("{line}");
                 rows.push(AttnRow { imp, pass, t, ms, tflops, extra });
@@ -406,8 +408,9 @@ struct AttnCase<'a> {
     dout: &'a [f32],
 }
 
-/// Median ms over `reps` timed calls after a warm-up, and the peak extra bytes of one call.
-fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> (f64, usize) {
+/// Median and best ms over `reps` timed calls after a warm-up, and the peak extra bytes of one
+/// call.
+fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> (f64, f64, usize) {
     let s = c.s;
     let (mut out, mut lse) = (vec![0.0f32; c.q.len()], vec![0.0f32; s.b * s.tq * s.h]);
     let (mut dq, mut dk, mut dv) =
@@ -445,5 +448,5 @@ fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> (f64, usize) {
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    (times[times.len() / 2], extra)
+    (times[times.len() / 2], times[0], extra)
 }

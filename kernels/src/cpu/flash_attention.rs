@@ -437,8 +437,9 @@ fn decode_task<L: Lanes>(
         let nr = TILE.min(nv - v0);
         if nr == 1 {
             // One row (MHA decode): the 4-row micro-kernel would compute 4x the scores.
+            let qv = q_row(v0);
             for (jj, x) in p[..n].iter_mut().enumerate() {
-                *x = L::dot(q_row(v0), &kb[jj * kvs..][..d]);
+                *x = L::dot(qv, &kb[jj * kvs..][..d]);
             }
         } else {
             let qa = std::array::from_fn(|r| q_row(v0 + r.min(nr - 1)));
