@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use super::attention::AttnShape;
 use super::matmul::Isa;
-use super::simd::{BlockGemm, Lanes, Portable, TILE, fast_exp, sum_lanes};
+use super::simd::{BlockGemm, Lanes, Portable, TILE, fast_exp, fast_exp_by, sum_lanes};
 
 /// Query rows (Br) and key rows (Bc) of one tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,7 +233,8 @@ fn forward_task<G: BlockGemm>(sc: &mut Scratch, cx: &Fwd, b: usize, h: usize, i0
             *t = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
         }
         for (c, row) in st.chunks_exact_mut(nr).enumerate() {
-            row.iter_mut().zip(&*tm).for_each(|(x, &mx)| *x = fast_exp(*x * scale - mx));
+            let exp = |x: f32, mx: f32| fast_exp_by(G::mul_add(x, scale, -mx), G::mul_add);
+            row.iter_mut().zip(&*tm).for_each(|(x, &mx)| *x = exp(*x, mx));
             if !full {
                 let (a, z) = qcols(&s, j0 + c, i0, nr).unwrap_or((nr, nr));
                 row[..a].fill(0.0);
@@ -311,7 +312,7 @@ fn tile_grads<G: BlockGemm>(
         };
         let (l, dl) = (sc.m[r], sc.l[r]);
         for (x, y) in pr[a..=z].iter_mut().zip(&mut dpr[a..=z]) {
-            let p = fast_exp(*x * scale - l);
+            let p = fast_exp_by(G::mul_add(*x, scale, -l), G::mul_add);
             *x = p;
             *y = scale * p * (*y - dl);
         }
@@ -393,7 +394,7 @@ fn dq_task<G: BlockGemm, L: Lanes>(sc: &mut Scratch, cx: &Bwd, b: usize, h: usiz
             if a < nr {
                 let vis = sr[a..=z].iter().zip(&mut dr[a..=z]);
                 for ((&x, y), (&l, &dl)) in vis.zip(lse_r[a..=z].iter().zip(&delta_r[a..=z])) {
-                    *y = scale * fast_exp(x * scale - l) * (*y - dl);
+                    *y = scale * fast_exp_by(G::mul_add(x, scale, -l), G::mul_add) * (*y - dl);
                 }
             }
             dr[..a.min(nr)].fill(0.0);
