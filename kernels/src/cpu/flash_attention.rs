@@ -3,7 +3,11 @@
 //! absolute position pos0 + i, scale 1/sqrt(D). `attention.rs` stays as the reference.
 //!
 //! Work is cut into Br x Bc tiles (`FlashBlocks`); no buffer ever spans all keys, so the extra
-//! memory is O(threads (Br Bc + Bc D)) whatever T is.
+//! memory is O(threads (Br Bc + D max(Br, Bc))) whatever T is. Tile products run on the
+//! `simd::BlockGemm` broadcast-FMA micro-kernels, whose B operand must be contiguous along the
+//! output columns, so one operand of each score product is packed transposed: the query block
+//! once per forward / dQ task (scores come out transposed, St = K Qt), the key and value blocks
+//! once per dK/dV task.
 //! - Forward: one task per (b, h, block of Br query rows). It walks the Bc-key blocks its rows
 //!   see, keeping a running max m and sum l per row (online softmax) and accumulating out in
 //!   place, rescaled by e^(m_old - m_new) when the max grows. Saves lse (B, Tq, H) for backward.
@@ -35,8 +39,8 @@ pub struct FlashBlocks {
 }
 
 impl Default for FlashBlocks {
-    /// 64 x 64: S, Kt and a D = 64 out block are 16 KiB each, so a tile's working set stays in
-    /// L1/L2, and 64 is a multiple of both register tiles (8 x 32, 6 x 16 columns).
+    /// 64 x 64: St, a packed D = 64 block and a tile of K or V are 16 KiB each, so a tile's
+    /// working set stays in L1/L2, and 64 is a multiple of both register tiles' widths (32, 16).
     fn default() -> Self {
         FlashBlocks { br: 64, bc: 64 }
     }
@@ -45,7 +49,7 @@ impl Default for FlashBlocks {
 /// At or below this many query rows the forward splits keys instead of queries.
 pub const DECODE_MAX_TQ: usize = 4;
 /// Keys per split-K chunk. Fixed (not derived from the thread count) so results do not depend
-/// on the machine; 256 keys amortise a chunk's combine cost (D + 2 floats a row) 100x.
+/// on the machine; a chunk's 256 keys (2 D FMAs each per row) dwarf its D + 2 partial floats.
 const DECODE_CHUNK: usize = 256;
 
 /// A buffer that tasks write in disjoint rows. Rows of one head interleave with other heads'
@@ -72,7 +76,9 @@ struct Scratch {
 
 impl Scratch {
     fn new(s: AttnShape, bl: FlashBlocks, backward: bool) -> Scratch {
-        let (sb, tb) = (bl.br * bl.bc, s.d * bl.br.max(bl.bc));
+        // Forward packs Qt (D, Br); backward Qt, dout^T (D, Br) or Kt, Vt (D, Bc).
+        let sb = bl.br * bl.bc;
+        let tb = if backward { s.d * bl.br.max(bl.bc) } else { s.d * bl.br };
         let (dp, vt) = if backward { (sb, tb) } else { (0, 0) };
         Scratch {
             s: vec![0.0; sb],
@@ -113,8 +119,8 @@ struct Bwd<'a> {
     dv: SyncPtr,
 }
 
-/// dst (D, n) = the n rows src[at + jj stride..][..D] transposed, so S = Q K^T becomes a
-/// broadcast-FMA GEMM over contiguous key columns (no horizontal sums).
+/// dst (D, n) = the n rows src[at + jj stride..][..D] transposed: the B operand of a score
+/// product, contiguous along its output columns as `BlockGemm` needs (no horizontal sums).
 #[inline(always)]
 fn pack_t(dst: &mut [f32], src: &[f32], at: usize, stride: usize, n: usize, d: usize) {
     for jj in 0..n {
