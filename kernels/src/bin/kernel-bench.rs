@@ -330,8 +330,8 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
         let s = AttnShape { b, tq, tk: t, h, hkv, d, window, pos0: t - tq };
         let sizes = [b.checked_mul(tq * h * d), b.checked_mul(t * hkv * d)];
         let [Some(nq), Some(nk)] = sizes else { bail!("shape overflows at T = {t}") };
-        let (q, k, v) = (filled(nq, 1), filled(nk, 2), filled(nk, 3));
-        let dout = filled(nq, 4);
+        let (q, k, v) = (filled(nq, 1)?, filled(nk, 2)?, filled(nk, 3)?);
+        let dout = filled(nq, 4)?;
         // Attended (query, key) pairs: 2 D FLOPs for q.k and 2 D for p v each.
         let pairs: usize = (0..tq).map(|i| (s.pos0 + i).min(window) + 1).sum();
         let fwd_flops = 4.0 * (b * h * d) as f64 * pairs as f64;
@@ -339,7 +339,7 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
             for &pass in &args.pass {
                 let case = AttnCase { s, bl, imp, q: &q, k: &k, v: &v, dout: &dout };
                 let (ms, best_ms, extra) =
-                    pool.install(|| time_attention(&case, pass, args.reps as usize));
+                    pool.install(|| time_attention(&case, pass, args.reps as usize))?;
                 // FLOP convention (FlashAttention-2 paper): backward = 2.5x forward (5 matmuls
                 // of the tile against 2), whatever a kernel recomputes.
                 let flops = fwd_flops
@@ -392,10 +392,20 @@ fn pass_name(pass: Pass) -> &'static str {
     }
 }
 
+/// n zeros, or an error (not an abort) when the allocator refuses a huge request.
+fn zeros(n: usize) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).with_context(|| format!("allocating {n} floats"))?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
 /// Deterministic values in [-1, 1).
-fn filled(n: usize, seed: u32) -> Vec<f32> {
+fn filled(n: usize, seed: u32) -> Result<Vec<f32>> {
     let hash = |i: usize| (i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8;
-    (0..n).map(|i| hash(i) as f32 / (1u32 << 23) as f32 - 1.0).collect()
+    let mut v = zeros(n)?;
+    v.iter_mut().enumerate().for_each(|(i, x)| *x = hash(i) as f32 / (1u32 << 23) as f32 - 1.0);
+    Ok(v)
 }
 
 struct AttnCase<'a> {
@@ -410,11 +420,10 @@ struct AttnCase<'a> {
 
 /// Median and best ms over `reps` timed calls after a warm-up, and the peak extra bytes of one
 /// call.
-fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> (f64, f64, usize) {
+fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64, usize)> {
     let s = c.s;
-    let (mut out, mut lse) = (vec![0.0f32; c.q.len()], vec![0.0f32; s.b * s.tq * s.h]);
-    let (mut dq, mut dk, mut dv) =
-        (vec![0.0; c.q.len()], vec![0.0; c.k.len()], vec![0.0; c.k.len()]);
+    let (mut out, mut lse) = (zeros(c.q.len())?, zeros(s.b * s.tq * s.h)?);
+    let (mut dq, mut dk, mut dv) = (zeros(c.q.len())?, zeros(c.k.len())?, zeros(c.k.len())?);
     let (q, k, v, dout) = (c.q, c.k, c.v, c.dout);
     let forward = |out: &mut [f32], lse: &mut [f32]| match c.imp {
         AttnImpl::Flash => flash_attention_forward(out, lse, q, k, v, s, c.bl),
@@ -448,5 +457,5 @@ fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> (f64, f64, usize) {
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    (times[times.len() / 2], times[0], extra)
+    Ok((times[times.len() / 2], times[0], extra))
 }
