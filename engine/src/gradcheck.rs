@@ -181,6 +181,29 @@ fn attention_op() {
 }
 
 #[test]
+fn attention_op_matches_reference_kernel() {
+    // The op runs flash attention (tiled, or split-K for a few query rows); the reference
+    // kernel must agree, across several 64-row blocks, GQA, a window and a decode step.
+    use femtochat_kernels::cpu::attention::{AttnShape, attention_forward};
+    let mut rng = Rng(11);
+    for (tq, pos0, h, hkv, d, window) in
+        [(130, 0, 4, 2, 16, usize::MAX), (100, 0, 3, 1, 24, 37), (1, 300, 4, 2, 16, usize::MAX)]
+    {
+        let tk = pos0 + tq;
+        let q = Tensor::from_vec(rng.vec(tq * h * d), &[1, tq, h, d]).unwrap();
+        let k = Tensor::from_vec(rng.vec(tk * hkv * d), &[1, tk, hkv, d]).unwrap();
+        let v = Tensor::from_vec(rng.vec(tk * hkv * d), &[1, tk, hkv, d]).unwrap();
+        let got = Tensor::attention(&q, &k, &v, window, pos0).unwrap().to_vec();
+        let s = AttnShape { b: 1, tq, tk, h, hkv, d, window, pos0 };
+        let (mut want, mut lse) = (vec![0.0; got.len()], vec![0.0; tq * h]);
+        attention_forward(&mut want, &mut lse, &q.to_vec(), &k.to_vec(), &v.to_vec(), s);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{s:?}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
 fn cross_entropy_op() {
     let targets = [2, -1, 0, 4, 4];
     gradcheck("ce mean", &[&[5, 6]], 90, |x| {

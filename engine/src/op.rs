@@ -5,8 +5,11 @@
 //! on first use), so an input used twice simply receives two contributions.
 use std::sync::Arc;
 
-use femtochat_kernels::cpu::attention::{self, AttnShape};
+use femtochat_kernels::cpu::attention::AttnShape;
 use femtochat_kernels::cpu::elementwise::{self as ew, Broadcast};
+use femtochat_kernels::cpu::flash_attention::{
+    FlashBlocks, flash_attention_backward, flash_attention_forward,
+};
 use femtochat_kernels::cpu::matmul::{MatmulShape, matmul};
 use femtochat_kernels::cpu::slice::{BlockView, copy_block};
 use femtochat_kernels::cpu::{embedding, reduce, rmsnorm, rope, softmax};
@@ -520,7 +523,10 @@ impl Tensor {
         } else {
             let mut out = alloc_uninit(q.numel());
             let mut lse = alloc_uninit(s.b * s.tq * s.h);
-            attention::attention_forward(&mut out, &mut lse, &q.data(), &k.data(), &v.data(), s);
+            // Tiled flash attention (split-K when Tq is small); `attention::attention_forward` is
+            // the reference it is tested against.
+            let (qd, kd, vd) = (q.data(), k.data(), v.data());
+            flash_attention_forward(&mut out, &mut lse, &qd, &kd, &vd, s, FlashBlocks::default());
             (Storage::Cpu(out), Storage::Cpu(lse))
         };
         let op = should_record(&[q, k, v]).then(|| Op::Attention {
@@ -823,11 +829,12 @@ impl Op {
                     embedding::embedding_backward(dw, &dout, ids.data(), c);
                 }
             }
-            // see attention_backward in the kernel
+            // see flash_attention_backward in the kernel (recomputes P from lse)
             Op::Attention { q, k, v, lse, s } => {
                 let (mut dq, mut dk, mut dv) = (g.take(q), g.take(k), g.take(v));
                 let (qd, kd, vd, od) = (q.data(), k.data(), v.data(), out.data());
-                attention::attention_backward(
+                let bl = FlashBlocks::default();
+                flash_attention_backward(
                     &mut dq,
                     &mut dk,
                     &mut dv,
@@ -838,6 +845,7 @@ impl Op {
                     &od,
                     lse.host(),
                     *s,
+                    bl,
                 );
                 g.put(q, dq);
                 g.put(k, dk);

@@ -50,3 +50,28 @@ fn bad_arguments_are_errors_not_panics() {
         assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{args:?}");
     }
 }
+
+#[test]
+fn attention_cpu_and_gpu_print_json() {
+    let args = ["attention", "--t", "96", "--d", "16", "--h", "2", "--pass", "fwd,both"];
+    let out =
+        bench().args(args).args(["--impl", "flash,reference", "--reps", "1"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let l = lines(&out);
+    assert_eq!(l.len(), 4);
+    assert!(l.iter().all(|l| l["device"] == "cpu" && l["ms"].as_f64().unwrap() > 0.0));
+
+    let out = bench().args(args).args(["--device", "gpu", "--reps", "1"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("no GPU adapter")
+        && std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1")
+    {
+        return;
+    }
+    assert!(out.status.success(), "{stderr}");
+    let l = lines(&out);
+    assert_eq!(l.len(), 2);
+    assert!(l.iter().all(|l| l["device"].as_str().unwrap().starts_with("gpu")));
+    // Backward's only extra buffer is delta (B, Tq, H) floats.
+    assert_eq!(l[1]["peak_extra_bytes"], 96 * 2 * 4);
+}

@@ -37,20 +37,20 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    fn scale(&self) -> f32 {
+    pub(crate) fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
     }
 
     /// Attended keys of query row i: lo..=p.
     #[inline]
-    fn key_range(&self, i: usize) -> (usize, usize) {
+    pub(crate) fn key_range(&self, i: usize) -> (usize, usize) {
         let p = self.pos0 + i;
         (p.saturating_sub(self.window), p)
     }
 
     /// Query rows that attend key j: lo..=hi, or `None` when no query sees it.
     #[inline]
-    fn query_range(&self, j: usize) -> Option<(usize, usize)> {
+    pub(crate) fn query_range(&self, j: usize) -> Option<(usize, usize)> {
         let last = self.pos0 + self.tq.checked_sub(1)?;
         let hi = j.saturating_add(self.window).min(last);
         let lo = j.max(self.pos0);
@@ -58,16 +58,16 @@ impl AttnShape {
     }
 
     #[inline]
-    fn q_at(&self, b: usize, i: usize, h: usize) -> usize {
+    pub(crate) fn q_at(&self, b: usize, i: usize, h: usize) -> usize {
         ((b * self.tq + i) * self.h + h) * self.d
     }
 
     #[inline]
-    fn kv_at(&self, b: usize, j: usize, g: usize) -> usize {
+    pub(crate) fn kv_at(&self, b: usize, j: usize, g: usize) -> usize {
         ((b * self.tk + j) * self.hkv + g) * self.d
     }
 
-    fn check(&self) {
+    pub(crate) fn check(&self) {
         debug_assert!(self.hkv > 0 && self.h.is_multiple_of(self.hkv));
         debug_assert!(self.tk >= self.pos0 + self.tq);
     }

@@ -2,6 +2,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod flash_attention;
 pub mod matmul;
 pub mod reduce;
 pub mod rmsnorm;

@@ -5,6 +5,8 @@
 //!   target) and, on x86_64 CPUs that have them, explicit AVX2 + FMA intrinsics (`Avx2Fma`).
 //!   Callers monomorphise their block function over `Lanes` and call the AVX2 instance from a
 //!   `#[target_feature(enable = "avx2,fma")]` wrapper, so the intrinsics inline into it.
+//! - `BlockGemm`: C (m, n) (+)= A (m, k) · B (k, n) on small strided blocks (the tiles of flash
+//!   attention), register-blocked with AVX-512 (8 x 32), AVX2 + FMA (6 x 16) or plain loops.
 //! - `vectorized`: runs a plain loop compiled for AVX2 + FMA when available.
 //! - `fast_exp`, `fast_tanh`: branch-free approximations (a few ulp) that vectorise.
 //!
@@ -70,6 +72,132 @@ impl Lanes for Portable {
     }
 }
 
+/// Small-block GEMM for tiled attention: C (m, n) (+)= A (m, k) · B (k, n) with
+/// A (i, p) = a[i a_rs + p a_cs] (row-major when a_cs = 1, a transposed view when a_rs = 1),
+/// B row p = b[p ldb..][..n] and C row i = c[i ldc..][..n]. Strided rows let the kernel read and
+/// write heads of (B, T, H, D) buffers in place; raw pointers because C rows of one head
+/// interleave with rows other tasks own, so no `&mut` slice may cover them.
+pub trait BlockGemm: Copy + Send + Sync {
+    /// a b + c, fused where the ISA has FMA (`f32::mul_add` without it is a slow libm call).
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+
+    /// # Safety
+    /// Every addressed element of a, b and c is in bounds; c overlaps neither a nor b, and no
+    /// other thread accesses the m x n block of c during the call. Implementations other than
+    /// `Portable` may only run on CPUs with their features (callers check `Isa::supported`).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        c: *mut f32,
+        ldc: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        ldb: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    );
+}
+
+impl BlockGemm for Portable {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+
+    #[inline(always)]
+    unsafe fn gemm(
+        c: *mut f32,
+        ldc: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        ldb: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) {
+        // Row by row, saxpy over B rows: the inner loop is contiguous and vectorises.
+        // SAFETY: the caller guarantees the bounds and exclusivity (see the trait).
+        unsafe {
+            for i in 0..m {
+                let ci = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+                if !accumulate {
+                    ci.fill(0.0);
+                }
+                for p in 0..k {
+                    let av = *a.add(i * a_rs + p * a_cs);
+                    let bp = std::slice::from_raw_parts(b.add(p * ldb), n);
+                    ci.iter_mut().zip(bp).for_each(|(c, &b)| *c += av * b);
+                }
+            }
+        }
+    }
+}
+
+/// Only meaningful after `Isa::Avx512.supported()`: its methods execute AVX-512F instructions.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl BlockGemm for Avx512 {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+
+    #[inline(always)]
+    unsafe fn gemm(
+        c: *mut f32,
+        ldc: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        ldb: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) {
+        let g = x86::Gemm { c, ldc, a, a_rs, a_cs, b, ldb, k, accumulate };
+        // SAFETY: the caller guarantees bounds, exclusivity and the CPU features.
+        unsafe { x86::gemm_512(g, m, n) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl BlockGemm for Avx2Fma {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+
+    #[inline(always)]
+    unsafe fn gemm(
+        c: *mut f32,
+        ldc: usize,
+        a: *const f32,
+        a_rs: usize,
+        a_cs: usize,
+        b: *const f32,
+        ldb: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) {
+        let g = x86::Gemm { c, ldc, a, a_rs, a_cs, b, ldb, k, accumulate };
+        // SAFETY: the caller guarantees bounds, exclusivity and the CPU features.
+        unsafe { x86::gemm_256(g, m, n) }
+    }
+}
+
 /// Sum in 8 lanes so it vectorises.
 #[inline(always)]
 pub fn sum_lanes(x: &[f32]) -> f32 {
@@ -89,6 +217,13 @@ pub fn sum_lanes(x: &[f32]) -> f32 {
 /// subnormal or 0, which is harmless in the max-shifted sums it serves; NaN stays NaN.
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
+    fast_exp_by(x, |a, b, c| a * b + c)
+}
+
+/// `fast_exp` with a given multiply-add: `BlockGemm::mul_add` fuses it where the CPU has FMA,
+/// which halves the instructions of the reduction and the polynomial.
+#[inline(always)]
+pub fn fast_exp_by(x: f32, mul_add: impl Fn(f32, f32, f32) -> f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so n * LN2_HI is exact for |n| < 2^9 (Cody-Waite reduction).
     const LN2_HI: f32 = 0.693_145_75;
@@ -96,18 +231,18 @@ pub fn fast_exp(x: f32) -> f32 {
     // Adding then subtracting 1.5 * 2^23 rounds to nearest without SSE4.1's roundps.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let t = x * LOG2E + ROUND;
+    let t = mul_add(x, LOG2E, ROUND);
     let n = t - ROUND;
-    let f = (x - n * LN2_HI) - n * LN2_LO; // |f| <= ln2 / 2
+    let f = mul_add(n, -LN2_LO, mul_add(n, -LN2_HI, x)); // |f| <= ln2 / 2
     // Taylor to degree 7: truncation error f^8 / 8! < 6e-9 on that interval.
     let p = 1.0 / 5040.0;
-    let p = p * f + 1.0 / 720.0;
-    let p = p * f + 1.0 / 120.0;
-    let p = p * f + 1.0 / 24.0;
-    let p = p * f + 1.0 / 6.0;
-    let p = p * f + 0.5;
-    let p = p * f + 1.0;
-    let p = p * f + 1.0;
+    let p = mul_add(p, f, 1.0 / 720.0);
+    let p = mul_add(p, f, 1.0 / 120.0);
+    let p = mul_add(p, f, 1.0 / 24.0);
+    let p = mul_add(p, f, 1.0 / 6.0);
+    let p = mul_add(p, f, 0.5);
+    let p = mul_add(p, f, 1.0);
+    let p = mul_add(p, f, 1.0);
     // t's low mantissa bits hold n itself (t = 1.5 * 2^23 + n), which spares a saturating
     // float-to-int cast that would block vectorisation; wrapping ops keep it branch-free under
     // overflow checks too.
@@ -326,6 +461,158 @@ mod x86 {
         }
     }
 
+    /// Operands of one `BlockGemm::gemm` call (see the trait for the layout).
+    #[derive(Clone, Copy)]
+    pub struct Gemm {
+        pub c: *mut f32,
+        pub ldc: usize,
+        pub a: *const f32,
+        pub a_rs: usize,
+        pub a_cs: usize,
+        pub b: *const f32,
+        pub ldb: usize,
+        pub k: usize,
+        pub accumulate: bool,
+    }
+
+    /// Lanes 0..w of a 16-lane mask.
+    #[inline(always)]
+    fn mask16(w: usize) -> __mmask16 {
+        if w >= 16 { 0xFFFF } else { (1u16 << w) - 1 }
+    }
+
+    /// 8 x 32 register tiles (16 zmm accumulators hide the FMA latency on two pipes); ragged
+    /// rows take a smaller const tile, ragged columns masked loads and stores (masked-off lanes
+    /// never fault, so B and C are read only where they exist).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn gemm_512(g: Gemm, m: usize, n: usize) {
+        let mut j = 0;
+        while j < n {
+            let w = (n - j).min(32);
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(8);
+                // SAFETY: rows i..i+r and columns j..j+w are inside the caller's block.
+                unsafe {
+                    match r {
+                        8 => tile_512::<8>(g, i, j, w),
+                        7 => tile_512::<7>(g, i, j, w),
+                        6 => tile_512::<6>(g, i, j, w),
+                        5 => tile_512::<5>(g, i, j, w),
+                        4 => tile_512::<4>(g, i, j, w),
+                        3 => tile_512::<3>(g, i, j, w),
+                        2 => tile_512::<2>(g, i, j, w),
+                        _ => tile_512::<1>(g, i, j, w),
+                    }
+                }
+                i += r;
+            }
+            j += 32;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile_512<const R: usize>(g: Gemm, i: usize, j: usize, w: usize) {
+        let (m0, m1) = (mask16(w), mask16(w.saturating_sub(16)));
+        let mut t = [[_mm512_setzero_ps(); 2]; R];
+        // SAFETY: A rows i..i+R, B columns j..j+w of rows 0..k and C rows i..i+R are in bounds
+        // (caller); lanes past w are masked off. `wrapping_add` because a masked-off half may
+        // start past the end of B's allocation.
+        unsafe {
+            let a = g.a.add(i * g.a_rs);
+            for p in 0..g.k {
+                let bp = g.b.wrapping_add(p * g.ldb + j);
+                let b0 = _mm512_maskz_loadu_ps(m0, bp);
+                let b1 = _mm512_maskz_loadu_ps(m1, bp.wrapping_add(16));
+                let ap = a.add(p * g.a_cs);
+                for (r, tr) in t.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*ap.add(r * g.a_rs));
+                    tr[0] = _mm512_fmadd_ps(x, b0, tr[0]);
+                    tr[1] = _mm512_fmadd_ps(x, b1, tr[1]);
+                }
+            }
+            for (r, tr) in t.iter().enumerate() {
+                let cr = g.c.wrapping_add((i + r) * g.ldc + j);
+                let (mut c0, mut c1) = (tr[0], tr[1]);
+                if g.accumulate {
+                    c0 = _mm512_add_ps(c0, _mm512_maskz_loadu_ps(m0, cr));
+                    c1 = _mm512_add_ps(c1, _mm512_maskz_loadu_ps(m1, cr.wrapping_add(16)));
+                }
+                _mm512_mask_storeu_ps(cr, m0, c0);
+                _mm512_mask_storeu_ps(cr.wrapping_add(16), m1, c1);
+            }
+        }
+    }
+
+    /// Lanes 0..w of an 8-lane `maskload` mask.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn mask8(w: usize) -> __m256i {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(w.min(8) as i32), lanes)
+    }
+
+    /// 6 x 16 register tiles (12 ymm accumulators), ragged edges as in `gemm_512`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn gemm_256(g: Gemm, m: usize, n: usize) {
+        let mut j = 0;
+        while j < n {
+            let w = (n - j).min(16);
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(6);
+                // SAFETY: rows i..i+r and columns j..j+w are inside the caller's block.
+                unsafe {
+                    match r {
+                        6 => tile_256::<6>(g, i, j, w),
+                        5 => tile_256::<5>(g, i, j, w),
+                        4 => tile_256::<4>(g, i, j, w),
+                        3 => tile_256::<3>(g, i, j, w),
+                        2 => tile_256::<2>(g, i, j, w),
+                        _ => tile_256::<1>(g, i, j, w),
+                    }
+                }
+                i += r;
+            }
+            j += 16;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile_256<const R: usize>(g: Gemm, i: usize, j: usize, w: usize) {
+        let (m0, m1) = (mask8(w), mask8(w.saturating_sub(8)));
+        let mut t = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY: as in `tile_512`; `maskload` does not fault on masked-off lanes.
+        unsafe {
+            let a = g.a.add(i * g.a_rs);
+            for p in 0..g.k {
+                let bp = g.b.wrapping_add(p * g.ldb + j);
+                let b0 = _mm256_maskload_ps(bp, m0);
+                let b1 = _mm256_maskload_ps(bp.wrapping_add(8), m1);
+                let ap = a.add(p * g.a_cs);
+                for (r, tr) in t.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*ap.add(r * g.a_rs));
+                    tr[0] = _mm256_fmadd_ps(x, b0, tr[0]);
+                    tr[1] = _mm256_fmadd_ps(x, b1, tr[1]);
+                }
+            }
+            for (r, tr) in t.iter().enumerate() {
+                let cr = g.c.wrapping_add((i + r) * g.ldc + j);
+                let (mut c0, mut c1) = (tr[0], tr[1]);
+                if g.accumulate {
+                    c0 = _mm256_add_ps(c0, _mm256_maskload_ps(cr, m0));
+                    c1 = _mm256_add_ps(c1, _mm256_maskload_ps(cr.wrapping_add(8), m1));
+                }
+                _mm256_maskstore_ps(cr, m0, c0);
+                _mm256_maskstore_ps(cr.wrapping_add(8), m1, c1);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -391,7 +678,8 @@ mod tests {
             let x = i as f32 * 4.3e-4; // [-86, 86]
             let (e, t) = (fast_exp(x) as f64, fast_tanh(x * 0.1) as f64);
             let (we, wt) = ((x as f64).exp(), (x as f64 * 0.1).tanh());
-            worst.0 = worst.0.max(((e - we) / we).abs());
+            let fused = fast_exp_by(x, f32::mul_add) as f64;
+            worst.0 = worst.0.max(((e - we) / we).abs()).max(((fused - we) / we).abs());
             worst.1 = worst.1.max((t - wt).abs() / wt.abs().max(1.0));
         }
         assert!(worst.0 < 5e-7, "exp rel err {}", worst.0);
@@ -441,6 +729,81 @@ mod tests {
                 // Small integers: exact in any summation order.
                 assert_eq!(got, want);
                 assert_eq!(got_nn, want_nn);
+            }
+        }
+    }
+
+    /// `BlockGemm::gemm` of one implementation.
+    type GemmFn = unsafe fn(
+        *mut f32,
+        usize,
+        *const f32,
+        usize,
+        usize,
+        *const f32,
+        usize,
+        usize,
+        usize,
+        usize,
+        bool,
+    );
+
+    #[test]
+    fn block_gemm_matches_naive() {
+        // Shapes straddle both register tiles (8 x 32, 6 x 16) and their ragged edges; A is read
+        // row-major and transposed; C and B rows are strided.
+        let cases = [(1usize, 1usize, 1usize), (3, 5, 2), (8, 32, 64), (13, 37, 9), (64, 72, 64)];
+        for (m, n, k) in cases {
+            for transposed in [false, true] {
+                let (a_rs, a_cs) = if transposed { (1, m + 1) } else { (k + 2, 1) };
+                let a: Vec<f32> =
+                    (0..m * a_rs + k * a_cs + 1).map(|i| (i % 7) as f32 - 3.0).collect();
+                let (ldb, ldc) = (n + 3, n + 5);
+                let b: Vec<f32> = (0..k * ldb).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
+                let c0: Vec<f32> = (0..m * ldc).map(|i| (i % 3) as f32).collect();
+                for accumulate in [false, true] {
+                    let mut want = c0.clone();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f32 =
+                                (0..k).map(|p| a[i * a_rs + p * a_cs] * b[p * ldb + j]).sum();
+                            let w = &mut want[i * ldc + j];
+                            *w = if accumulate { *w + dot } else { dot };
+                        }
+                    }
+                    let run = |f: GemmFn| {
+                        let mut c = c0.clone();
+                        // SAFETY: the buffers above cover every addressed element.
+                        unsafe {
+                            f(
+                                c.as_mut_ptr(),
+                                ldc,
+                                a.as_ptr(),
+                                a_rs,
+                                a_cs,
+                                b.as_ptr(),
+                                ldb,
+                                m,
+                                n,
+                                k,
+                                accumulate,
+                            )
+                        };
+                        c
+                    };
+                    // Small integers and halves: exact in any summation order.
+                    assert_eq!(run(Portable::gemm), want, "portable {m}x{n}x{k}");
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        use crate::cpu::matmul::Isa;
+                        if Isa::Avx2.supported() {
+                            assert_eq!(run(Avx2Fma::gemm), want, "avx2 {m}x{n}x{k}");
+                        }
+                        if Isa::Avx512.supported() {
+                            assert_eq!(run(Avx512::gemm), want, "avx512 {m}x{n}x{k}");
+                        }
+                    }
+                }
             }
         }
     }
