@@ -98,6 +98,10 @@ pub struct Args {
     save_every: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Peak FLOP/s of the device, for the MFU shown in the progress bar (e.g. 67e12 for an
+    /// H100's fp32; default: the TFLOP/s alone).
+    #[arg(long)]
+    peak_flops: Option<f64>,
     /// cpu (rayon + SIMD) or gpu (WGSL kernels through wgpu: Vulkan, Metal or DX12).
     #[arg(long, default_value = "cpu")]
     device: Device,
@@ -263,8 +267,11 @@ pub fn main(a: Args) -> Result<()> {
     let summary =
         trainer.train(&mut loader, Some(&mut val), Some(&mut sample), |step, loss, tps| {
             bar.set_position(step as u64 + 1);
+            let mfu = a
+                .peak_flops
+                .map_or(String::new(), |p| format!(" | MFU {:.1}%", 100.0 * flops * tps / p));
             bar.set_message(format!(
-                "loss {loss:.4} | {tps:.0} tok/s | {:.2} TFLOP/s",
+                "loss {loss:.4} | {tps:.0} tok/s | {:.2} TFLOP/s{mfu}",
                 flops * tps / 1e12
             ));
         })?;
