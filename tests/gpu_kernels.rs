@@ -403,69 +403,38 @@ fn embedding_and_copy_block_match_cpu() {
     assert_close("narrow back", &get(&back), &wb, 0.0);
 }
 
-#[test]
-fn attention_matches_cpu() {
-    use cpu::attention::AttnShape;
-    let Some(ctx) = ctx() else { return };
-    let shape =
-        |b, tq, tk, h, hkv, d, window, pos0| AttnShape { b, tq, tk, h, hkv, d, window, pos0 };
-    for s in [
-        shape(1, 1, 1, 1, 1, 4, usize::MAX, 0),
-        shape(2, 9, 9, 4, 2, 8, usize::MAX, 0),
-        shape(1, 13, 13, 3, 1, 16, 4, 0),
-        shape(1, 3, 12, 2, 2, 32, usize::MAX, 7), // cache prefill after 7 positions
-        shape(1, 1, 20, 6, 2, 64, 5, 15),         // one-token decode with a window
-    ] {
-        let (nq, nk) = (s.b * s.tq * s.h * s.d, s.b * s.tk * s.hkv * s.d);
-        let (q, k, v, g) = (rand(nq, 100), rand(nk, 101), rand(nk, 102), rand(nq, 103));
-        let (gq, gk, gv, gg) = (
-            ctx.upload(&q).unwrap(),
-            ctx.upload(&k).unwrap(),
-            ctx.upload(&v).unwrap(),
-            ctx.upload(&g).unwrap(),
-        );
-        let rows = s.b * s.tq * s.h;
-        let (out, lse) = (ctx.zeros(nq).unwrap(), ctx.zeros(rows).unwrap());
-        let (dq0, dk0, dv0) = (rand(nq, 104), rand(nk, 105), rand(nk, 106));
-        let (dq, dk, dv) =
-            (ctx.upload(&dq0).unwrap(), ctx.upload(&dk0).unwrap(), ctx.upload(&dv0).unwrap());
-        run(ctx, |bt| {
-            gpu::attention::attention_forward(bt, &out, &lse, &gq, &gk, &gv, s).unwrap();
-            gpu::attention::attention_backward(
-                bt, &dq, &dk, &dv, &gg, &gq, &gk, &gv, &out, &lse, s,
-            )
-            .unwrap();
-        });
-        let (mut wo, mut wl) = (vec![0.0; nq], vec![0.0; rows]);
-        cpu::attention::attention_forward(&mut wo, &mut wl, &q, &k, &v, s);
-        let (mut wdq, mut wdk, mut wdv) = (dq0.clone(), dk0.clone(), dv0.clone());
-        cpu::attention::attention_backward(
-            &mut wdq, &mut wdk, &mut wdv, &g, &q, &k, &v, &wo, &wl, s,
-        );
-        let tag = format!("{s:?}");
-        assert_close(&format!("attn out {tag}"), &get(&out), &wo, 1e-4);
-        assert_close(&format!("attn lse {tag}"), &get(&lse), &wl, 1e-4);
-        assert_close(&format!("attn dq {tag}"), &get(&dq), &wdq, 1e-4);
-        assert_close(&format!("attn dk {tag}"), &get(&dk), &wdk, 1e-4);
-        assert_close(&format!("attn dv {tag}"), &get(&dv), &wdv, 1e-4);
-    }
-}
+type AttnFwd = fn(
+    &mut gpu::Batch,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    cpu::attention::AttnShape,
+) -> Result<(), gpu::GpuError>;
+type AttnBwd = fn(
+    &mut gpu::Batch,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    &gpu::GpuBuffer,
+    cpu::attention::AttnShape,
+) -> Result<(), gpu::GpuError>;
 
-#[test]
-fn flash_attention_matches_cpu_reference() {
+/// (b, tq, tk, h, hkv, d, window, pos0)
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+/// A GPU attention kernel pair (forward, backward) against the CPU reference kernel on `shapes`.
+fn check_attention(name: &str, fwd: AttnFwd, bwd: AttnBwd, shapes: &[Case]) {
     use cpu::attention::AttnShape;
     let Some(ctx) = ctx() else { return };
-    let shape =
-        |b, tq, tk, h, hkv, d, window, pos0| AttnShape { b, tq, tk, h, hkv, d, window, pos0 };
-    for s in [
-        shape(1, 1, 1, 1, 1, 4, usize::MAX, 0),
-        shape(2, 70, 70, 4, 2, 8, usize::MAX, 0), // two row blocks, GQA 2
-        shape(1, 130, 130, 3, 1, 16, 40, 0),      // window, ragged blocks, GQA 3
-        shape(1, 65, 65, 2, 2, 256, usize::MAX, 0), // the largest head dim: 8-row tiles
-        shape(1, 7, 100, 2, 2, 32, usize::MAX, 93), // cache prefill after 93 positions
-        shape(1, 1, 300, 6, 2, 64, 50, 299),      // one-token decode with a window
-        shape(1, 33, 33, 2, 1, 72, 0, 0),         // window 0: each row sees itself
-    ] {
+    for &(b, tq, tk, h, hkv, d, window, pos0) in shapes {
+        let s = AttnShape { b, tq, tk, h, hkv, d, window, pos0 };
         let (nq, nk) = (s.b * s.tq * s.h * s.d, s.b * s.tk * s.hkv * s.d);
         let (q, k, v, g) = (rand(nq, 200), rand(nk, 201), rand(nk, 202), rand(nq, 203));
         let up = |x: &[f32]| ctx.upload(x).unwrap();
@@ -475,11 +444,8 @@ fn flash_attention_matches_cpu_reference() {
         let (dq0, dk0, dv0) = (rand(nq, 204), rand(nk, 205), rand(nk, 206));
         let (dq, dk, dv) = (up(&dq0), up(&dk0), up(&dv0));
         run(ctx, |bt| {
-            gpu::flash_attention::flash_forward(bt, &out, &lse, &gq, &gk, &gv, s).unwrap();
-            gpu::flash_attention::flash_backward(
-                bt, &dq, &dk, &dv, &gg, &gq, &gk, &gv, &out, &lse, s,
-            )
-            .unwrap();
+            fwd(bt, &out, &lse, &gq, &gk, &gv, s).unwrap();
+            bwd(bt, &dq, &dk, &dv, &gg, &gq, &gk, &gv, &out, &lse, s).unwrap();
         });
         let (mut wo, mut wl) = (vec![0.0; nq], vec![0.0; rows]);
         cpu::attention::attention_forward(&mut wo, &mut wl, &q, &k, &v, s);
@@ -487,11 +453,48 @@ fn flash_attention_matches_cpu_reference() {
         cpu::attention::attention_backward(
             &mut wdq, &mut wdk, &mut wdv, &g, &q, &k, &v, &wo, &wl, s,
         );
-        let tag = format!("{s:?}");
-        assert_close(&format!("flash out {tag}"), &get(&out), &wo, 1e-4);
-        assert_close(&format!("flash lse {tag}"), &get(&lse), &wl, 1e-4);
-        assert_close(&format!("flash dq {tag}"), &get(&dq), &wdq, 1e-4);
-        assert_close(&format!("flash dk {tag}"), &get(&dk), &wdk, 1e-4);
-        assert_close(&format!("flash dv {tag}"), &get(&dv), &wdv, 1e-4);
+        let tag = format!("{name} {s:?}");
+        assert_close(&format!("out {tag}"), &get(&out), &wo, 1e-4);
+        assert_close(&format!("lse {tag}"), &get(&lse), &wl, 1e-4);
+        assert_close(&format!("dq {tag}"), &get(&dq), &wdq, 1e-4);
+        assert_close(&format!("dk {tag}"), &get(&dk), &wdk, 1e-4);
+        assert_close(&format!("dv {tag}"), &get(&dv), &wdv, 1e-4);
     }
+}
+
+const MAX: usize = usize::MAX;
+
+#[test]
+fn attention_matches_cpu() {
+    check_attention(
+        "attention",
+        gpu::attention::attention_forward,
+        gpu::attention::attention_backward,
+        &[
+            (1, 1, 1, 1, 1, 4, MAX, 0),
+            (2, 9, 9, 4, 2, 8, MAX, 0),
+            (1, 13, 13, 3, 1, 16, 4, 0),
+            (1, 3, 12, 2, 2, 32, MAX, 7), // cache prefill after 7 positions
+            (1, 1, 20, 6, 2, 64, 5, 15),  // one-token decode with a window
+        ],
+    );
+}
+
+/// (b, tq, tk, h, hkv, d, window, pos0) cases chosen for the flash tiling.
+#[test]
+fn flash_attention_matches_cpu_reference() {
+    check_attention(
+        "flash",
+        gpu::flash_attention::flash_forward,
+        gpu::flash_attention::flash_backward,
+        &[
+            (1, 1, 1, 1, 1, 4, MAX, 0),
+            (2, 70, 70, 4, 2, 8, MAX, 0),   // two row blocks, GQA 2
+            (1, 130, 130, 3, 1, 16, 40, 0), // window, ragged blocks, GQA 3
+            (1, 65, 65, 2, 2, 256, MAX, 0), // the largest head dim: 8-row tiles
+            (1, 7, 100, 2, 2, 32, MAX, 93), // cache prefill after 93 positions
+            (1, 1, 300, 6, 2, 64, 50, 299), // one-token decode with a window
+            (1, 33, 33, 2, 1, 72, 0, 0),    // window 0: each row sees itself
+        ],
+    );
 }

@@ -554,11 +554,12 @@ pub fn attention_forward_naive(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) (xorshift).
+    pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
         (0..n)
             .map(|_| {
@@ -614,25 +615,40 @@ mod tests {
             let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
             let avx = !portable && has_avx2_fma();
             backward_with(avx, &mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &out, &lse, s);
-            let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
-                let o = attention_forward_naive(q, k, v, s);
-                o.iter().zip(&w).map(|(o, &w)| o * w as f64).sum()
-            };
-            let eps = 1e-2f32;
-            for which in 0..3 {
-                let (grad, n) = match which { 0 => (&dq, nq), 1 => (&dk, nk), _ => (&dv, nk) };
-                for idx in [0, n / 3, n / 2, n - 1] {
-                    let mut bufs = [q.clone(), k.clone(), v.clone()];
-                    bufs[which][idx] += eps;
-                    let up = loss(&bufs[0], &bufs[1], &bufs[2]);
-                    bufs[which][idx] -= 2.0 * eps;
-                    let down = loss(&bufs[0], &bufs[1], &bufs[2]);
-                    let num = (up - down) / (2.0 * eps as f64);
-                    let got = grad[idx] as f64;
-                    prop_assert!((got - num).abs() < 2e-3 + 1e-2 * num.abs(),
-                        "which {which} idx {idx}: {got} vs {num} ({s:?})");
+            let bad = finite_difference_mismatch(s, [&q, &k, &v], &w, [&dq, &dk, &dv], 1e-2);
+            prop_assert!(bad.is_none(), "{} ({s:?})", bad.unwrap_or_default());
+        }
+    }
+
+    /// With L = sum(out * w), compare `grads` (dq, dk, dv) at a few coordinates with f64 central
+    /// differences of the naive forward (eps 1e-2); the first mismatch, described.
+    pub(crate) fn finite_difference_mismatch(
+        s: AttnShape,
+        qkv: [&[f32]; 3],
+        w: &[f32],
+        grads: [&[f32]; 3],
+        rel_tol: f64,
+    ) -> Option<String> {
+        let loss = |b: &[Vec<f32>; 3]| -> f64 {
+            let o = attention_forward_naive(&b[0], &b[1], &b[2], s);
+            o.iter().zip(w).map(|(o, &w)| o * w as f64).sum()
+        };
+        let eps = 1e-2f32;
+        for (which, grad) in grads.iter().enumerate() {
+            let n = grad.len();
+            for idx in [0, n / 3, n / 2, n - 1] {
+                let mut bufs = qkv.map(<[f32]>::to_vec);
+                bufs[which][idx] += eps;
+                let up = loss(&bufs);
+                bufs[which][idx] -= 2.0 * eps;
+                let down = loss(&bufs);
+                let num = (up - down) / (2.0 * eps as f64);
+                let got = grad[idx] as f64;
+                if (got - num).abs() >= 2e-3 + rel_tol * num.abs() {
+                    return Some(format!("input {which} idx {idx}: {got} vs {num}"));
                 }
             }
         }
+        None
     }
 }

@@ -770,20 +770,9 @@ pub fn flash_backward_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::attention::tests::{finite_difference_mismatch, rand_vec};
     use crate::cpu::attention::{attention_backward, attention_forward, attention_forward_naive};
     use proptest::prelude::*;
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     /// ||a - b|| / ||b||, in f64.
     fn rel_l2(a: &[f32], b: impl IntoIterator<Item = f64>) -> f64 {
@@ -956,24 +945,8 @@ mod tests {
             let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
             let (q, k, v, w) = (&c.q, &c.k, &c.v, &c.dout);
             flash_attention_backward(&mut dq, &mut dk, &mut dv, w, q, k, v, &out, &lse, s, bl);
-            let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
-                let o = attention_forward_naive(q, k, v, s);
-                o.iter().zip(w).map(|(o, &w)| o * w as f64).sum()
-            };
-            let eps = 1e-2f32;
-            for (which, (grad, n)) in [(&dq, nq), (&dk, nk), (&dv, nk)].into_iter().enumerate() {
-                for idx in [0, n / 3, n / 2, n - 1] {
-                    let mut bufs = [c.q.clone(), c.k.clone(), c.v.clone()];
-                    bufs[which][idx] += eps;
-                    let up = loss(&bufs[0], &bufs[1], &bufs[2]);
-                    bufs[which][idx] -= 2.0 * eps;
-                    let down = loss(&bufs[0], &bufs[1], &bufs[2]);
-                    let num = (up - down) / (2.0 * eps as f64);
-                    let got = grad[idx] as f64;
-                    prop_assert!((got - num).abs() < 2e-3 + 2e-2 * num.abs(),
-                        "input {which} idx {idx}: {got} vs {num} ({s:?} {bl:?})");
-                }
-            }
+            let bad = finite_difference_mismatch(s, [q, k, v], w, [&dq, &dk, &dv], 2e-2);
+            prop_assert!(bad.is_none(), "{} ({s:?} {bl:?})", bad.unwrap_or_default());
         }
     }
 }

@@ -7,9 +7,10 @@ use crate::cpu::attention::AttnShape;
 pub const MAX_HEAD_DIM: usize = 256;
 const WG: usize = 64;
 
+/// The uniform of both attention shaders (`attention.wgsl`, `flash_attention.wgsl`).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+pub(crate) struct Params {
     b: u32,
     tq: u32,
     tk: u32,
@@ -19,13 +20,16 @@ struct Params {
     window: u32,
     pos0: u32,
     scale: f32,
-    _pad: [u32; 3],
+    /// Row blocks per (batch, head) (flash only).
+    pub(crate) blocks: u32,
+    _pad: [u32; 2],
 }
 
-fn params(s: AttnShape) -> Result<Params, GpuError> {
-    if s.d > MAX_HEAD_DIM {
+/// Validated uniform for shape `s`, with `blocks` row blocks per (batch, head).
+pub(crate) fn params(s: AttnShape, blocks: usize) -> Result<Params, GpuError> {
+    if s.d == 0 || s.d > MAX_HEAD_DIM {
         return Err(GpuError::Unsupported(format!(
-            "attention head dim {} (at most {MAX_HEAD_DIM})",
+            "attention head dim {} (1..={MAX_HEAD_DIM})",
             s.d
         )));
     }
@@ -43,11 +47,17 @@ fn params(s: AttnShape) -> Result<Params, GpuError> {
         window: s.window.min(s.tk) as u32,
         pos0: s.pos0 as u32,
         scale: 1.0 / (s.d as f32).sqrt(),
-        _pad: [0; 3],
+        blocks: blocks as u32,
+        _pad: [0; 2],
     })
 }
 
-fn check_io(s: AttnShape, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer) -> Result<(), GpuError> {
+pub(crate) fn check_io(
+    s: AttnShape,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+) -> Result<(), GpuError> {
     q.check("attention q", s.b * s.tq * s.h * s.d)?;
     k.check("attention k", s.b * s.tk * s.hkv * s.d)?;
     v.check("attention v", s.b * s.tk * s.hkv * s.d)
@@ -63,7 +73,7 @@ pub fn attention_forward(
     v: &GpuBuffer,
     s: AttnShape,
 ) -> Result<(), GpuError> {
-    let p = params(s)?;
+    let p = params(s, 0)?;
     check_io(s, q, k, v)?;
     out.check("attention out", q.len())?;
     lse.check("attention lse", s.b * s.tq * s.h)?;
@@ -87,7 +97,7 @@ pub fn attention_backward(
     lse: &GpuBuffer,
     s: AttnShape,
 ) -> Result<(), GpuError> {
-    let p = params(s)?;
+    let p = params(s, 0)?;
     check_io(s, q, k, v)?;
     for (what, b) in [("attention dq", dq), ("attention dout", dout), ("attention out", out)] {
         b.check(what, q.len())?;

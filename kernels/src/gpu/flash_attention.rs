@@ -1,60 +1,17 @@
 //! Launchers for `wgsl/flash_attention.wgsl`: tiled flash attention, forward (saves lse) and
 //! backward with recomputation (a dQ pass, then a dK/dV pass), the GPU twin of
 //! `cpu::flash_attention`. Extra memory: delta (B, Tq, H), nothing of size T x T.
+use super::attention::{Params, check_io};
 use super::context::{Batch, GpuBuffer, GpuError, grid_1d};
 use crate::cpu::attention::AttnShape;
 
 /// Rows per workgroup (`BR` in the WGSL).
 const BR: usize = 64;
 /// Largest head dim the kernel's private arrays hold (`MAX_D` in the WGSL).
-pub const MAX_HEAD_DIM: usize = 256;
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    b: u32,
-    tq: u32,
-    tk: u32,
-    h: u32,
-    hkv: u32,
-    d: u32,
-    window: u32,
-    pos0: u32,
-    scale: f32,
-    blocks: u32,
-    _pad: [u32; 2],
-}
+pub const MAX_HEAD_DIM: usize = super::attention::MAX_HEAD_DIM;
 
 fn params(s: AttnShape, rows: usize) -> Result<Params, GpuError> {
-    if s.d == 0 || s.d > MAX_HEAD_DIM {
-        return Err(GpuError::Unsupported(format!(
-            "flash attention head dim {} (1..={MAX_HEAD_DIM})",
-            s.d
-        )));
-    }
-    if s.hkv == 0 || !s.h.is_multiple_of(s.hkv) || s.tk < s.pos0 + s.tq {
-        return Err(GpuError::Unsupported(format!("flash attention shape {s:?}")));
-    }
-    Ok(Params {
-        b: s.b as u32,
-        tq: s.tq as u32,
-        tk: s.tk as u32,
-        h: s.h as u32,
-        hkv: s.hkv as u32,
-        d: s.d as u32,
-        // usize::MAX means plain causal; any window >= Tk is the same and fits in u32.
-        window: s.window.min(s.tk) as u32,
-        pos0: s.pos0 as u32,
-        scale: 1.0 / (s.d as f32).sqrt(),
-        blocks: rows.div_ceil(BR) as u32,
-        _pad: [0; 2],
-    })
-}
-
-fn check_io(s: AttnShape, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer) -> Result<(), GpuError> {
-    q.check("flash attention q", s.b * s.tq * s.h * s.d)?;
-    k.check("flash attention k", s.b * s.tk * s.hkv * s.d)?;
-    v.check("flash attention v", s.b * s.tk * s.hkv * s.d)
+    super::attention::params(s, rows.div_ceil(BR))
 }
 
 /// out (B, Tq, H, D) = attention(q, k, v); lse (B, Tq, H) saved for backward.

@@ -21,7 +21,7 @@ struct Params {
     window: u32, // clamped to Tk by the host (usize::MAX = plain causal)
     pos0: u32,
     scale: f32,
-    _pad0: u32,
+    _blocks: u32, // used by flash_attention.wgsl, which shares this layout
     _pad1: u32,
     _pad2: u32,
 }
