@@ -60,7 +60,7 @@ struct HttpArgs {
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// HTTP worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, visible_alias = "workers", default_value_t = 0)]
     http_workers: usize,
     /// Model id in the API (default: the run directory's name).
     #[arg(long)]
