@@ -2,6 +2,7 @@
 //! tiktoken's (lowest-rank merge first), decoding, streaming decoding, chat rendering (`chat.rs`),
 //! and tiktoken's `.tiktoken` file format plus a small JSON for the pattern and specials.
 mod chat;
+pub mod split;
 mod train;
 
 use rustc_hash::FxHashMap as HashMap;
@@ -14,6 +15,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use chat::{ChatMessage, Content, Conversation, DEFAULT_MAX_TOKENS, Part};
+pub use split::Splitter;
 pub use train::train_bpe;
 
 use crate::error::{ModelError, Result};
@@ -54,7 +56,28 @@ pub struct Tokenizer {
     vocab: Vec<Vec<u8>>,
     specials: HashMap<String, u32>,
     pattern: String,
-    regex: Regex,
+    splitter: PreSplit,
+}
+
+/// How a tokenizer cuts text into chunks before byte-pair merging.
+#[derive(Clone, Debug)]
+enum PreSplit {
+    /// The hand-written splitter, for the default [`SPLIT_PATTERN`] (same chunks, much faster).
+    Builtin(Splitter),
+    /// fancy-regex, for any other pattern a tokenizer was saved with.
+    Regex(Box<Regex>),
+}
+
+impl PreSplit {
+    fn new(pattern: &str) -> Result<PreSplit> {
+        if pattern == SPLIT_PATTERN {
+            Ok(PreSplit::Builtin(Splitter::new().map_err(tok_err)?))
+        } else {
+            let regex =
+                Regex::new(pattern).map_err(|e| tok_err(format!("bad split pattern: {e}")))?;
+            Ok(PreSplit::Regex(Box::new(regex)))
+        }
+    }
 }
 
 impl Tokenizer {
@@ -88,8 +111,8 @@ impl Tokenizer {
             spec.insert(s.to_string(), (n + i) as u32);
             vocab.push(s.as_bytes().to_vec());
         }
-        let regex = Regex::new(pattern).map_err(|e| tok_err(format!("bad split pattern: {e}")))?;
-        Ok(Tokenizer { ranks, vocab, specials: spec, pattern: pattern.to_string(), regex })
+        let splitter = PreSplit::new(pattern)?;
+        Ok(Tokenizer { ranks, vocab, specials: spec, pattern: pattern.to_string(), splitter })
     }
 
     /// Train on documents (SPEC.md §9): `vocab_size` includes the 9 special tokens.
@@ -101,8 +124,7 @@ impl Tokenizer {
                 256 + n_special
             )));
         }
-        let regex = Regex::new(SPLIT_PATTERN).map_err(|e| tok_err(e.to_string()))?;
-        let counts = train::count_chunks(docs, &regex)?;
+        let counts = train::count_chunks(docs, Splitter::new().map_err(tok_err)?);
         let ranks = train_bpe(counts, vocab_size - n_special);
         Tokenizer::new(ranks, &SPECIAL_TOKENS, SPLIT_PATTERN)
     }
@@ -138,15 +160,28 @@ impl Tokenizer {
     /// Encode text without special tokens (their text is encoded as ordinary bytes).
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3);
-        for m in self.regex.find_iter(text) {
-            // The pattern has no construct that can fail at run time on valid UTF-8 (no
-            // backtracking limit is reachable with these look-arounds), so a failed match would be
-            // a bug; skip nothing silently: fall back to encoding the rest as bytes.
-            match m {
-                Ok(m) => self.encode_chunk(m.as_str().as_bytes(), &mut out),
-                Err(_) => {
-                    out.extend(text.as_bytes().iter().map(|&b| self.ranks[&[b][..]]));
-                    break;
+        match &self.splitter {
+            PreSplit::Builtin(s) => {
+                for chunk in s.split(text) {
+                    self.encode_chunk(chunk.as_bytes(), &mut out);
+                }
+            }
+            PreSplit::Regex(regex) => {
+                let mut done = 0;
+                for m in regex.find_iter(text) {
+                    match m {
+                        Ok(m) => {
+                            self.encode_chunk(m.as_str().as_bytes(), &mut out);
+                            done = m.end();
+                        }
+                        // fancy-regex gives up after its backtracking limit (a custom pattern
+                        // can reach it); encode the rest as single bytes rather than drop it.
+                        Err(_) => {
+                            let rest = text.as_bytes().get(done..).unwrap_or_default();
+                            out.extend(rest.iter().map(|&b| self.ranks[&[b][..]]));
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -279,18 +314,17 @@ impl Tokenizer {
 /// Streaming tokenizer training: feed documents in batches (counted in parallel, only chunk
 /// counts are kept), then train.
 pub struct ChunkCounter {
-    regex: Regex,
+    splitter: Splitter,
     counts: HashMap<Vec<u8>, i64>,
 }
 
 impl ChunkCounter {
     pub fn new() -> Result<ChunkCounter> {
-        let regex = Regex::new(SPLIT_PATTERN).map_err(|e| tok_err(e.to_string()))?;
-        Ok(ChunkCounter { regex, counts: HashMap::default() })
+        Ok(ChunkCounter { splitter: Splitter::new().map_err(tok_err)?, counts: HashMap::default() })
     }
 
     pub fn add<S: AsRef<str> + Sync>(&mut self, docs: &[S]) -> Result<()> {
-        for (k, v) in train::count_chunks(docs, &self.regex)? {
+        for (k, v) in train::count_chunks(docs, self.splitter) {
             *self.counts.entry(k).or_default() += v;
         }
         Ok(())

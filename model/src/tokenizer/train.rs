@@ -11,39 +11,38 @@ use std::collections::BinaryHeap;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
-use fancy_regex::Regex;
 use rayon::prelude::*;
 
-use crate::error::{ModelError, Result};
+use super::Splitter;
 
 type Pair = (u32, u32);
 
-/// Distinct pre-split chunks of `docs` with their counts.
+/// Distinct pre-split chunks of `docs` with their counts (training always uses the default
+/// pattern, hence the built-in splitter).
 pub(crate) fn count_chunks<S: AsRef<str> + Sync>(
     docs: &[S],
-    regex: &Regex,
-) -> Result<HashMap<Vec<u8>, i64>> {
+    splitter: Splitter,
+) -> HashMap<Vec<u8>, i64> {
     docs.par_iter()
-        .try_fold(HashMap::default, |mut m: HashMap<Vec<u8>, i64>, doc| {
-            for piece in regex.find_iter(doc.as_ref()) {
-                let piece =
-                    piece.map_err(|e| ModelError::Tokenizer(format!("split failed: {e}")))?;
-                match m.get_mut(piece.as_str().as_bytes()) {
+        .fold(HashMap::default, |mut m: HashMap<Vec<u8>, i64>, doc| {
+            for piece in splitter.split(doc.as_ref()) {
+                // Look up by slice first: most chunks repeat, and only new ones need an owned key.
+                match m.get_mut(piece.as_bytes()) {
                     Some(c) => *c += 1,
                     None => {
-                        m.insert(piece.as_str().as_bytes().to_vec(), 1);
+                        m.insert(piece.as_bytes().to_vec(), 1);
                     }
                 }
             }
-            Ok(m)
+            m
         })
-        .try_reduce(HashMap::default, |mut a, b| {
+        .reduce(HashMap::default, |mut a, b| {
             let (mut big, small) =
                 if a.len() >= b.len() { (a, b) } else { (b, std::mem::take(&mut a)) };
             for (k, v) in small {
                 *big.entry(k).or_default() += v;
             }
-            Ok(big)
+            big
         })
 }
 
