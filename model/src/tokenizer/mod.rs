@@ -40,6 +40,26 @@ fn tok_err(msg: impl Into<String>) -> ModelError {
     ModelError::Tokenizer(msg.into())
 }
 
+/// One part of a chunk being merged (see `Tokenizer::encode_chunk`).
+#[derive(Clone, Copy, Debug)]
+struct MergePart {
+    start: usize,
+    id: u32,
+    pair: u32,
+}
+
+/// `bytes` as one integer (bytes in the low 15 bytes, the length in the top one), if it fits.
+#[inline(always)]
+fn pack(bytes: &[u8]) -> Option<u128> {
+    if bytes.len() > 15 {
+        return None;
+    }
+    let mut buf = [0u8; 16];
+    buf[..bytes.len()].copy_from_slice(bytes);
+    buf[15] = bytes.len() as u8;
+    Some(u128::from_le_bytes(buf))
+}
+
 /// The JSON beside the ranks file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct TokenizerJson {
@@ -52,6 +72,10 @@ struct TokenizerJson {
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
     ranks: HashMap<Vec<u8>, u32>,
+    /// The ranks of tokens of up to 15 bytes again, keyed by `pack`.
+    short_ranks: HashMap<u128, u32>,
+    /// Rank of each single byte.
+    byte_ranks: [u32; 256],
     /// id -> bytes for every id, specials included.
     vocab: Vec<Vec<u8>>,
     specials: HashMap<String, u32>,
@@ -112,7 +136,19 @@ impl Tokenizer {
             vocab.push(s.as_bytes().to_vec());
         }
         let splitter = PreSplit::new(pattern)?;
-        Ok(Tokenizer { ranks, vocab, specials: spec, pattern: pattern.to_string(), splitter })
+        let short_ranks =
+            ranks.iter().filter_map(|(b, &id)| Some((pack(b)?, id))).collect::<HashMap<_, _>>();
+        // All 256 bytes were checked to have a rank above.
+        let byte_ranks = std::array::from_fn(|b| ranks.get(&[b as u8][..]).copied().unwrap_or(0));
+        Ok(Tokenizer {
+            ranks,
+            short_ranks,
+            byte_ranks,
+            vocab,
+            specials: spec,
+            pattern: pattern.to_string(),
+            splitter,
+        })
     }
 
     /// Train on documents (SPEC.md §9): `vocab_size` includes the 9 special tokens.
@@ -160,10 +196,11 @@ impl Tokenizer {
     /// Encode text without special tokens (their text is encoded as ordinary bytes).
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3);
+        let mut parts = Vec::new();
         match &self.splitter {
             PreSplit::Builtin(s) => {
                 for chunk in s.split(text) {
-                    self.encode_chunk(chunk.as_bytes(), &mut out);
+                    self.encode_chunk(chunk.as_bytes(), &mut out, &mut parts);
                 }
             }
             PreSplit::Regex(regex) => {
@@ -171,14 +208,14 @@ impl Tokenizer {
                 for m in regex.find_iter(text) {
                     match m {
                         Ok(m) => {
-                            self.encode_chunk(m.as_str().as_bytes(), &mut out);
+                            self.encode_chunk(m.as_str().as_bytes(), &mut out, &mut parts);
                             done = m.end();
                         }
                         // fancy-regex gives up after its backtracking limit (a custom pattern
                         // can reach it); encode the rest as single bytes rather than drop it.
                         Err(_) => {
                             let rest = text.as_bytes().get(done..).unwrap_or_default();
-                            out.extend(rest.iter().map(|&b| self.ranks[&[b][..]]));
+                            out.extend(rest.iter().map(|&b| self.byte_ranks[b as usize]));
                             break;
                         }
                     }
@@ -193,44 +230,63 @@ impl Tokenizer {
         texts.par_iter().map(|t| self.encode(t.as_ref())).collect()
     }
 
+    /// Rank of a token's bytes. Tokens of up to 15 bytes (nearly all lookups: whole words and
+    /// the pairs tried while merging) are found by a packed integer key, which hashes and compares
+    /// in a few instructions instead of hashing a slice and calling memcmp.
+    #[inline]
+    fn rank(&self, bytes: &[u8]) -> Option<u32> {
+        match pack(bytes) {
+            Some(key) => self.short_ranks.get(&key).copied(),
+            None => self.ranks.get(bytes).copied(),
+        }
+    }
+
     /// tiktoken's byte-pair merge of one pre-split chunk: repeatedly merge the adjacent pair whose
-    /// concatenation has the lowest rank (leftmost on ties).
-    fn encode_chunk(&self, bytes: &[u8], out: &mut Vec<u32>) {
-        if let Some(&id) = self.ranks.get(bytes) {
+    /// concatenation has the lowest rank (leftmost on ties). `parts` is scratch space, reused
+    /// across chunks so that merging allocates nothing.
+    fn encode_chunk(&self, bytes: &[u8], out: &mut Vec<u32>, parts: &mut Vec<MergePart>) {
+        if let Some(id) = self.rank(bytes) {
             out.push(id);
             return;
         }
-        // Part boundaries: part i is bytes[bounds[i]..bounds[i+1]].
-        let mut bounds: Vec<usize> = (0..=bytes.len()).collect();
-        let rank_of = |b: &[usize], i: usize| -> u32 {
-            if i + 2 < b.len() {
-                self.ranks.get(&bytes[b[i]..b[i + 2]]).copied().unwrap_or(u32::MAX)
-            } else {
-                u32::MAX
+        // parts[i] covers bytes[parts[i].start..parts[i + 1].start] (the last one runs to the
+        // end); `pair` is the rank of it merged with the next part, u32::MAX if that is no token.
+        parts.clear();
+        parts.extend(bytes.iter().enumerate().map(|(i, &b)| MergePart {
+            start: i,
+            id: self.byte_ranks[b as usize],
+            pair: u32::MAX,
+        }));
+        let pair_rank = |parts: &[MergePart], i: usize| -> u32 {
+            let end = parts.get(i + 2).map_or(bytes.len(), |p| p.start);
+            match (parts.get(i), i + 1 < parts.len()) {
+                (Some(p), true) => self.rank(&bytes[p.start..end]).unwrap_or(u32::MAX),
+                _ => u32::MAX,
             }
         };
-        let mut pair_ranks: Vec<u32> = (0..bounds.len() - 1).map(|i| rank_of(&bounds, i)).collect();
+        for i in 0..parts.len() {
+            parts[i].pair = pair_rank(parts, i);
+        }
         loop {
-            let (mut best, mut at) = (u32::MAX, usize::MAX);
-            for (i, &r) in pair_ranks.iter().enumerate() {
-                if r < best {
-                    best = r;
+            let (mut best, mut at) = (u32::MAX, 0);
+            for (i, p) in parts.iter().enumerate() {
+                if p.pair < best {
+                    best = p.pair;
                     at = i;
                 }
             }
             if best == u32::MAX {
                 break;
             }
-            bounds.remove(at + 1);
-            pair_ranks.remove(at + 1);
-            pair_ranks[at] = rank_of(&bounds, at);
+            // The merged part's token is the pair's token, whose id is its rank.
+            parts[at].id = best;
+            parts.remove(at + 1);
+            parts[at].pair = pair_rank(parts, at);
             if at > 0 {
-                pair_ranks[at - 1] = rank_of(&bounds, at - 1);
+                parts[at - 1].pair = pair_rank(parts, at - 1);
             }
         }
-        for w in bounds.windows(2) {
-            out.push(self.ranks[&bytes[w[0]..w[1]]]);
-        }
+        out.extend(parts.iter().map(|p| p.id));
     }
 
     /// Bytes of a token sequence; unknown ids are an error.
