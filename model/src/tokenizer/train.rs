@@ -73,31 +73,34 @@ impl Ord for Job {
 
 /// Merge every occurrence of `pair` in `word` (left to right, non-overlapping) into `new`;
 /// push the pair-count changes this makes (per occurrence of the word) into `deltas`.
+/// In place: the write index never passes the read index, so nothing is allocated.
 fn merge_word(word: &mut Vec<u32>, pair: Pair, new: u32, deltas: &mut Vec<(Pair, i64)>) {
     let (a, b) = pair;
     let n = word.len();
-    let mut out = Vec::with_capacity(n);
-    let mut i = 0;
-    while i < n {
-        if i + 1 < n && word[i] == a && word[i + 1] == b {
+    let (mut r, mut w) = (0, 0);
+    while r < n {
+        if r + 1 < n && word[r] == a && word[r + 1] == b {
             // The left neighbour is what is already written (possibly a fresh `new`).
-            if let Some(&x) = out.last() {
+            if w > 0 {
+                let x = word[w - 1];
                 deltas.push(((x, a), -1));
                 deltas.push(((x, new), 1));
             }
             deltas.push(((a, b), -1));
-            if let Some(&y) = word.get(i + 2) {
+            // Unread yet, since r + 2 > w.
+            if let Some(&y) = word.get(r + 2) {
                 deltas.push(((b, y), -1));
                 deltas.push(((new, y), 1));
             }
-            out.push(new);
-            i += 2;
+            word[w] = new;
+            r += 2;
         } else {
-            out.push(word[i]);
-            i += 1;
+            word[w] = word[r];
+            r += 1;
         }
+        w += 1;
     }
-    *word = out;
+    word.truncate(w);
 }
 
 /// Train `vocab_size - 256` merges over counted chunks; returns mergeable ranks (bytes -> id)
