@@ -201,20 +201,20 @@ impl Tables {
             Some((c2, _, n2)) if set.contains(&c2) => Some(i + n1 + n2),
             _ => None,
         };
-        if self.fold_l.contains(&c1) {
-            if let Some(e) = second(&self.fold_l) {
-                return Some(e);
-            }
+        if self.fold_l.contains(&c1)
+            && let Some(e) = second(&self.fold_l)
+        {
+            return Some(e);
         }
-        if self.fold_v.contains(&c1) {
-            if let Some(e) = second(&self.fold_e) {
-                return Some(e);
-            }
+        if self.fold_v.contains(&c1)
+            && let Some(e) = second(&self.fold_e)
+        {
+            return Some(e);
         }
-        if self.fold_r.contains(&c1) {
-            if let Some(e) = second(&self.fold_e) {
-                return Some(e);
-            }
+        if self.fold_r.contains(&c1)
+            && let Some(e) = second(&self.fold_e)
+        {
+            return Some(e);
         }
         None
     }
@@ -227,17 +227,17 @@ impl Tables {
         let is_symbol = |k: u8| k & (SPACE | LETTER | NUMBER) == 0;
 
         // 1. '(?i:[sdmt]|ll|ve|re)
-        if c0 == '\'' {
-            if let Some(e) = self.contraction(text, i + n0) {
-                return e;
-            }
+        if c0 == '\''
+            && let Some(e) = self.contraction(text, i + n0)
+        {
+            return e;
         }
         // 2. [^\r\n\p{L}\p{N}]?+\p{L}+
         let j = if k0 & (NEWLINE | LETTER | NUMBER) == 0 { i + n0 } else { i };
-        if let Some((_, k, n)) = self.at(text, j) {
-            if is_letter(k) {
-                return self.run(text, j + n, is_letter);
-            }
+        if let Some((_, k, n)) = self.at(text, j)
+            && is_letter(k)
+        {
+            return self.run(text, j + n, is_letter);
         }
         // 3. \p{N}{1,2}
         if k0 & NUMBER != 0 {
@@ -249,11 +249,11 @@ impl Tables {
         // 4.  ?[^\s\p{L}\p{N}]++[\r\n]*  (the optional space first, then without it)
         let with_space = if c0 == ' ' { Some(i + 1) } else { None };
         for s in with_space.into_iter().chain(Some(i)) {
-            if let Some((_, k, n)) = self.at(text, s) {
-                if is_symbol(k) {
-                    let e = self.run(text, s + n, is_symbol);
-                    return self.run(text, e, |k| k & NEWLINE != 0);
-                }
+            if let Some((_, k, n)) = self.at(text, s)
+                && is_symbol(k)
+            {
+                let e = self.run(text, s + n, is_symbol);
+                return self.run(text, e, |k| k & NEWLINE != 0);
             }
         }
         if k0 & SPACE != 0 {
@@ -417,10 +417,11 @@ mod tests {
         let (l, n, s) = (re(r"\p{L}"), re(r"\p{N}"), re(r"\s"));
         for c in (0..0x11_0000).step_by(7).filter_map(char::from_u32) {
             let text = c.to_string();
-            let want = (l.is_match(&text).unwrap() as u8) * LETTER
-                | (n.is_match(&text).unwrap() as u8) * NUMBER
-                | (s.is_match(&text).unwrap() as u8) * SPACE
-                | ((c == '\r' || c == '\n') as u8) * NEWLINE;
+            let bit = |yes: bool, bit: u8| if yes { bit } else { 0 };
+            let want = bit(l.is_match(&text).unwrap(), LETTER)
+                | bit(n.is_match(&text).unwrap(), NUMBER)
+                | bit(s.is_match(&text).unwrap(), SPACE)
+                | bit(c == '\r' || c == '\n', NEWLINE);
             assert_eq!(t.bits(c), want, "char {c:?} U+{:04X}", c as u32);
         }
     }
