@@ -119,3 +119,33 @@ fn custom_patterns_still_split_with_fancy_regex() {
     assert_eq!(loaded.pattern(), r"(?s:.)");
     assert_eq!(loaded.encode(ascii), chars.encode(ascii));
 }
+
+/// Throughput of the splitter alone against fancy-regex alone, one thread, on the bundled
+/// corpora (not a correctness test; run with `cargo test --release --test tokenizer_split --
+/// --ignored --nocapture`).
+#[test]
+#[ignore]
+fn splitter_throughput() {
+    let docs: Vec<String> = ["data/gutenberg.jsonl.gz", "data/shakespeare.jsonl.gz"]
+        .iter()
+        .flat_map(|f| strings(&root().join(f)))
+        .collect();
+    let bytes: usize = docs.iter().map(String::len).sum();
+    let regex = Regex::new(SPLIT_PATTERN).unwrap();
+    let splitter = Splitter::new().unwrap();
+    for round in 0..3 {
+        let t = std::time::Instant::now();
+        let a: usize = docs.iter().map(|d| regex.find_iter(d).count()).sum();
+        let regex_s = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let b: usize = docs.iter().map(|d| splitter.split(d).count()).sum();
+        let split_s = t.elapsed().as_secs_f64();
+        assert_eq!(a, b);
+        println!(
+            "round {round}: {:.1} MB, {a} chunks: fancy-regex {:.1} MB/s, splitter {:.1} MB/s",
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / regex_s,
+            bytes as f64 / 1e6 / split_s
+        );
+    }
+}

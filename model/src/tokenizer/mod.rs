@@ -107,7 +107,29 @@ pub struct Tokenizer {
     specials: HashMap<String, u32>,
     pattern: String,
     splitter: PreSplit,
+    /// Identifies these ranks for the per-thread `MISSES` cache (clones share it: same ranks).
+    id: u64,
 }
+
+/// Most chunks `MISSES` keeps per thread.
+const MISS_CACHE_ENTRIES: usize = 1 << 15;
+
+/// Chunks that are not a single token, with their ids, for one tokenizer (`owner`), plus scratch
+/// space for merging. Rare words recur within and across documents; merging one costs several
+/// rank lookups per byte, looking it up here costs one.
+#[derive(Default)]
+struct MissCache {
+    owner: u64,
+    ids: HashMap<Box<[u8]>, Box<[u32]>>,
+    parts: Vec<MergePart>,
+}
+
+thread_local! {
+    static MISSES: std::cell::RefCell<MissCache> = std::cell::RefCell::default();
+}
+
+/// Source of `Tokenizer::id`s; 0 is never handed out, so a fresh cache belongs to no tokenizer.
+static NEXT_TOKENIZER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// How a tokenizer cuts text into chunks before byte-pair merging.
 #[derive(Clone, Debug)]
@@ -180,6 +202,7 @@ impl Tokenizer {
             specials: spec,
             pattern: pattern.to_string(),
             splitter,
+            id: NEXT_TOKENIZER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -227,12 +250,29 @@ impl Tokenizer {
 
     /// Encode text without special tokens (their text is encoded as ordinary bytes).
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        let fresh = |t: &str| self.encode_with(t, &mut MissCache::default());
+        MISSES
+            .try_with(|cell| match cell.try_borrow_mut() {
+                Ok(mut cache) => {
+                    if cache.owner != self.id {
+                        cache.ids.clear();
+                        cache.owner = self.id;
+                    }
+                    self.encode_with(text, &mut cache)
+                }
+                // Only if encode were re-entered on this thread; never expected.
+                Err(_) => fresh(text),
+            })
+            // The thread is being torn down: no cache.
+            .unwrap_or_else(|_| fresh(text))
+    }
+
+    fn encode_with(&self, text: &str, cache: &mut MissCache) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3);
-        let mut parts = Vec::new();
         match &self.splitter {
             PreSplit::Builtin(s) => {
                 for chunk in s.split(text) {
-                    self.encode_chunk(chunk.as_bytes(), &mut out, &mut parts);
+                    self.encode_chunk(chunk.as_bytes(), &mut out, cache);
                 }
             }
             PreSplit::Regex(regex) => {
@@ -240,7 +280,7 @@ impl Tokenizer {
                 for m in regex.find_iter(text) {
                     match m {
                         Ok(m) => {
-                            self.encode_chunk(m.as_str().as_bytes(), &mut out, &mut parts);
+                            self.encode_chunk(m.as_str().as_bytes(), &mut out, cache);
                             done = m.end();
                         }
                         // fancy-regex gives up after its backtracking limit (a custom pattern
@@ -277,13 +317,18 @@ impl Tokenizer {
     }
 
     /// tiktoken's byte-pair merge of one pre-split chunk: repeatedly merge the adjacent pair whose
-    /// concatenation has the lowest rank (leftmost on ties). `parts` is scratch space, reused
-    /// across chunks so that merging allocates nothing.
-    fn encode_chunk(&self, bytes: &[u8], out: &mut Vec<u32>, parts: &mut Vec<MergePart>) {
+    /// concatenation has the lowest rank (leftmost on ties). Chunks that are not one token are
+    /// remembered in `cache` (whose scratch space also makes merging allocation-free).
+    fn encode_chunk(&self, bytes: &[u8], out: &mut Vec<u32>, cache: &mut MissCache) {
         if let Some(id) = self.rank(bytes) {
             out.push(id);
             return;
         }
+        if let Some(ids) = cache.ids.get(bytes) {
+            out.extend_from_slice(ids);
+            return;
+        }
+        let parts = &mut cache.parts;
         // parts[i] covers bytes[parts[i].start..parts[i + 1].start] (the last one runs to the
         // end); `pair` is the rank of it merged with the next part, u32::MAX if that is no token.
         parts.clear();
@@ -321,7 +366,14 @@ impl Tokenizer {
                 parts[at - 1].pair = pair_rank(parts, at - 1);
             }
         }
+        let start = out.len();
         out.extend(parts.iter().map(|p| p.id));
+        // Bounded memory: start over when full (cheaper than tracking recency, and a full cache
+        // refills with the words that are frequent now).
+        if cache.ids.len() >= MISS_CACHE_ENTRIES {
+            cache.ids.clear();
+        }
+        cache.ids.insert(bytes.into(), out[start..].into());
     }
 
     /// Bytes of a token sequence; unknown ids are an error.
