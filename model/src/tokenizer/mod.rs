@@ -283,8 +283,9 @@ impl Tokenizer {
                             self.encode_chunk(m.as_str().as_bytes(), &mut out, cache);
                             done = m.end();
                         }
-                        // fancy-regex gives up after its backtracking limit (a custom pattern
-                        // can reach it); encode the rest as single bytes rather than drop it.
+                        // fancy-regex can give up at run time (its backtracking limit, or its
+                        // stack guard on very long runs); encode the rest as single bytes rather
+                        // than drop it.
                         Err(_) => {
                             let rest = text.as_bytes().get(done..).unwrap_or_default();
                             out.extend(rest.iter().map(|&b| self.byte_ranks[b as usize]));
