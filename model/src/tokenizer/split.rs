@@ -416,7 +416,7 @@ mod tests {
         // Every char of every class, as the regex engine decides it.
         let re = |p: &str| fancy_regex::Regex::new(&format!("^{p}$")).unwrap();
         let (l, n, s) = (re(r"\p{L}"), re(r"\p{N}"), re(r"\s"));
-        for c in (0..0x11_0000).step_by(7).filter_map(char::from_u32) {
+        for c in (0..0x11_0000).filter_map(char::from_u32) {
             let text = c.to_string();
             let bit = |yes: bool, bit: u8| if yes { bit } else { 0 };
             let want = bit(l.is_match(&text).unwrap(), LETTER)
