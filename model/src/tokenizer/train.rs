@@ -9,7 +9,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 
 use rayon::prelude::*;
 
@@ -110,18 +110,20 @@ pub fn train_bpe(chunks: HashMap<Vec<u8>, i64>, vocab_size: usize) -> HashMap<Ve
         chunks.into_iter().map(|(bytes, c)| (bytes.iter().map(|&b| b as u32).collect(), c)).unzip();
 
     let mut pair_counts: HashMap<Pair, i64> = HashMap::default();
-    let mut where_: HashMap<Pair, HashSet<usize>> = HashMap::default();
+    // Positions are pushed in increasing chunk order, so skipping a repeat of the last one keeps
+    // each list sorted and unique without a set.
+    let mut where_: HashMap<Pair, Vec<usize>> = HashMap::default();
     for (i, w) in words.iter().enumerate() {
         for p in w.windows(2) {
             *pair_counts.entry((p[0], p[1])).or_default() += counts[i];
-            where_.entry((p[0], p[1])).or_default().insert(i);
+            push_new(where_.entry((p[0], p[1])).or_default(), i);
         }
     }
     let mut heap: BinaryHeap<Job> = where_
         .into_iter()
         .filter_map(|(pair, pos)| {
             let count = pair_counts[&pair];
-            (count > 0).then(|| Job { pair, count, pos: sorted(pos) })
+            (count > 0).then_some(Job { pair, count, pos })
         })
         .collect();
 
@@ -145,30 +147,32 @@ pub fn train_bpe(chunks: HashMap<Vec<u8>, i64>, vocab_size: usize) -> HashMap<Ve
         bytes.extend_from_slice(&vocab[top.pair.1 as usize]);
         vocab.push(bytes);
 
-        let mut fresh: HashMap<Pair, HashSet<usize>> = HashMap::default();
+        // `top.pos` is increasing, so `push_new` keeps these sorted and unique too.
+        let mut fresh: HashMap<Pair, Vec<usize>> = HashMap::default();
         for &wi in &top.pos {
             deltas.clear();
             merge_word(&mut words[wi], top.pair, new, &mut deltas);
             for &(pair, d) in &deltas {
                 *pair_counts.entry(pair).or_default() += d * counts[wi];
                 if d > 0 {
-                    fresh.entry(pair).or_default().insert(wi);
+                    push_new(fresh.entry(pair).or_default(), wi);
                 }
             }
         }
         for (pair, pos) in fresh {
             let count = pair_counts.get(&pair).copied().unwrap_or(0);
             if count > 0 {
-                heap.push(Job { pair, count, pos: sorted(pos) });
+                heap.push(Job { pair, count, pos });
             }
         }
     }
     vocab.into_iter().enumerate().map(|(id, bytes)| (bytes, id as u32)).collect()
 }
 
-/// Chunk indices in increasing order, so merges visit chunks deterministically.
-fn sorted(set: HashSet<usize>) -> Vec<usize> {
-    let mut v: Vec<usize> = set.into_iter().collect();
-    v.sort_unstable();
-    v
+/// Append chunk index `i` unless it is already the last one: callers push in increasing order,
+/// so the list stays sorted (merges visit chunks deterministically) and unique.
+fn push_new(pos: &mut Vec<usize>, i: usize) {
+    if pos.last() != Some(&i) {
+        pos.push(i);
+    }
 }
