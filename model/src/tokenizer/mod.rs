@@ -52,7 +52,7 @@ struct MergePart {
 /// Built from (overlapping) whole-word loads rather than by copying into a buffer and reading it
 /// back, which stalls on store forwarding and dominated lookups when measured.
 #[inline(always)]
-fn pack(bytes: &[u8]) -> Option<u128> {
+pub(crate) fn pack(bytes: &[u8]) -> Option<u128> {
     let n = bytes.len();
     let word = |at: usize| -> u64 {
         bytes.get(at..at + 8).and_then(|w| w.try_into().ok()).map_or(0, u64::from_le_bytes)
@@ -215,7 +215,7 @@ impl Tokenizer {
                 256 + n_special
             )));
         }
-        let counts = train::count_chunks(docs, Splitter::new().map_err(tok_err)?);
+        let counts = train::count_chunks(docs, Splitter::new().map_err(tok_err)?).into_map();
         let ranks = train_bpe(counts, vocab_size - n_special);
         Tokenizer::new(ranks, &SPECIAL_TOKENS, SPLIT_PATTERN)
     }
@@ -459,18 +459,20 @@ impl Tokenizer {
 /// counts are kept), then train.
 pub struct ChunkCounter {
     splitter: Splitter,
-    counts: HashMap<Vec<u8>, i64>,
+    counts: train::Counts,
 }
 
 impl ChunkCounter {
     pub fn new() -> Result<ChunkCounter> {
-        Ok(ChunkCounter { splitter: Splitter::new().map_err(tok_err)?, counts: HashMap::default() })
+        Ok(ChunkCounter {
+            splitter: Splitter::new().map_err(tok_err)?,
+            counts: train::Counts::default(),
+        })
     }
 
     pub fn add<S: AsRef<str> + Sync>(&mut self, docs: &[S]) -> Result<()> {
-        for (k, v) in train::count_chunks(docs, self.splitter) {
-            *self.counts.entry(k).or_default() += v;
-        }
+        let batch = train::count_chunks(docs, self.splitter);
+        self.counts = std::mem::take(&mut self.counts).merge(batch);
         Ok(())
     }
 
@@ -488,7 +490,7 @@ impl ChunkCounter {
                 256 + n_special
             )));
         }
-        let ranks = train_bpe(self.counts, vocab_size - n_special);
+        let ranks = train_bpe(self.counts.into_map(), vocab_size - n_special);
         Tokenizer::new(ranks, &SPECIAL_TOKENS, SPLIT_PATTERN)
     }
 }

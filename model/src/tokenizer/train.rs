@@ -13,37 +13,76 @@ use rustc_hash::FxHashMap as HashMap;
 
 use rayon::prelude::*;
 
-use super::Splitter;
+use super::{Splitter, pack};
 
 type Pair = (u32, u32);
 
+/// Counts of distinct chunks. Chunks of up to 15 bytes (nearly all) are keyed by a packed
+/// integer, which hashes and compares in a few instructions and needs no allocation per new
+/// chunk; longer ones by their bytes.
+#[derive(Default)]
+pub(crate) struct Counts {
+    short: HashMap<u128, i64>,
+    long: HashMap<Vec<u8>, i64>,
+}
+
+impl Counts {
+    fn add(&mut self, chunk: &[u8], n: i64) {
+        match pack(chunk) {
+            Some(key) => *self.short.entry(key).or_default() += n,
+            // Look up by slice first: only a new chunk needs an owned key.
+            None => match self.long.get_mut(chunk) {
+                Some(c) => *c += n,
+                None => {
+                    self.long.insert(chunk.to_vec(), n);
+                }
+            },
+        }
+    }
+
+    /// Sum of both; the larger map absorbs the smaller.
+    pub(crate) fn merge(self, other: Counts) -> Counts {
+        let (mut big, small) =
+            if self.len() >= other.len() { (self, other) } else { (other, self) };
+        for (k, v) in small.short {
+            *big.short.entry(k).or_default() += v;
+        }
+        for (k, v) in small.long {
+            *big.long.entry(k).or_default() += v;
+        }
+        big
+    }
+
+    /// Distinct chunks.
+    pub(crate) fn len(&self) -> usize {
+        self.short.len() + self.long.len()
+    }
+
+    /// Every chunk's bytes with its count.
+    pub(crate) fn into_map(self) -> HashMap<Vec<u8>, i64> {
+        let mut map = self.long;
+        map.reserve(self.short.len());
+        for (key, v) in self.short {
+            let bytes = key.to_le_bytes();
+            // `pack` keeps the length in the top byte; it is at most 15.
+            let n = (bytes[15] as usize).min(15);
+            map.insert(bytes[..n].to_vec(), v);
+        }
+        map
+    }
+}
+
 /// Distinct pre-split chunks of `docs` with their counts (training always uses the default
 /// pattern, hence the built-in splitter).
-pub(crate) fn count_chunks<S: AsRef<str> + Sync>(
-    docs: &[S],
-    splitter: Splitter,
-) -> HashMap<Vec<u8>, i64> {
+pub(crate) fn count_chunks<S: AsRef<str> + Sync>(docs: &[S], splitter: Splitter) -> Counts {
     docs.par_iter()
-        .fold(HashMap::default, |mut m: HashMap<Vec<u8>, i64>, doc| {
+        .fold(Counts::default, |mut counts, doc| {
             for piece in splitter.split(doc.as_ref()) {
-                // Look up by slice first: most chunks repeat, and only new ones need an owned key.
-                match m.get_mut(piece.as_bytes()) {
-                    Some(c) => *c += 1,
-                    None => {
-                        m.insert(piece.as_bytes().to_vec(), 1);
-                    }
-                }
+                counts.add(piece.as_bytes(), 1);
             }
-            m
+            counts
         })
-        .reduce(HashMap::default, |mut a, b| {
-            let (mut big, small) =
-                if a.len() >= b.len() { (a, b) } else { (b, std::mem::take(&mut a)) };
-            for (k, v) in small {
-                *big.entry(k).or_default() += v;
-            }
-            big
-        })
+        .reduce(Counts::default, Counts::merge)
 }
 
 struct Job {
@@ -174,5 +213,33 @@ pub fn train_bpe(chunks: HashMap<Vec<u8>, i64>, vocab_size: usize) -> HashMap<Ve
 fn push_new(pos: &mut Vec<usize>, i: usize) {
     if pos.last() != Some(&i) {
         pos.push(i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packed and byte-keyed counts, merged across documents, give back every chunk's bytes and
+    /// total (chunks of 0-15 bytes are packed, longer ones not).
+    #[test]
+    fn counts_round_trip_through_packed_keys() {
+        let docs = [
+            "a bb a\u{e9}\u{e9} 123456789012345 Incomprehensibilities!!\n\n",
+            " bb  Incomprehensibilities\u{3000}\u{3000}x 0\u{0}",
+        ];
+        let splitter = Splitter::new().unwrap();
+        let mut want: HashMap<Vec<u8>, i64> = HashMap::default();
+        for d in docs {
+            for c in splitter.split(d) {
+                *want.entry(c.as_bytes().to_vec()).or_default() += 1;
+            }
+        }
+        let got = count_chunks(&docs, splitter);
+        assert_eq!(got.len(), want.len());
+        assert!(want.keys().any(|k| k.len() > 15) && want.keys().any(|k| k.len() <= 15));
+        assert_eq!(got.into_map(), want);
+        let twice = count_chunks(&docs, splitter).merge(count_chunks(&docs, splitter)).into_map();
+        assert_eq!(twice, want.iter().map(|(k, v)| (k.clone(), 2 * v)).collect());
     }
 }
