@@ -76,6 +76,35 @@ fn encoding_matches_tiktoken() {
     }
 }
 
+/// Encoding remembers multi-token chunks per thread: alternating two tokenizers on one thread,
+/// and encoding everything twice (the second time from memory), still gives each its own ids.
+#[test]
+fn encoding_matches_tiktoken_with_alternating_tokenizers() {
+    let toks = [(2048, reference(2048)), (8192, reference(8192))];
+    let cases: Vec<Vec<(String, Vec<u32>)>> = toks
+        .iter()
+        .map(|(v, _)| {
+            jsonl(&format!("encode_{v}.jsonl"))
+                .into_iter()
+                .map(|c| {
+                    let ids = c["ids"].as_array().unwrap().iter();
+                    let ids = ids.map(|x| x.as_u64().unwrap() as u32).collect();
+                    (c["text"].as_str().unwrap().to_string(), ids)
+                })
+                .collect()
+        })
+        .collect();
+    for _ in 0..2 {
+        for i in 0..cases[0].len().max(cases[1].len()) {
+            for (k, (v, tok)) in toks.iter().enumerate() {
+                if let Some((text, want)) = cases[k].get(i) {
+                    assert_eq!(&tok.encode(text), want, "vocab {v}: {text:?}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn chat_rendering_matches_nanochat() {
     for v in [2048, 8192] {

@@ -2,6 +2,7 @@
 //! tiktoken's (lowest-rank merge first), decoding, streaming decoding, chat rendering (`chat.rs`),
 //! and tiktoken's `.tiktoken` file format plus a small JSON for the pattern and specials.
 mod chat;
+pub mod split;
 mod train;
 
 use rustc_hash::FxHashMap as HashMap;
@@ -14,6 +15,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use chat::{ChatMessage, Content, Conversation, DEFAULT_MAX_TOKENS, Part};
+pub use split::Splitter;
 pub use train::train_bpe;
 
 use crate::error::{ModelError, Result};
@@ -38,6 +40,49 @@ fn tok_err(msg: impl Into<String>) -> ModelError {
     ModelError::Tokenizer(msg.into())
 }
 
+/// One part of a chunk being merged (see `Tokenizer::encode_chunk`).
+#[derive(Clone, Copy, Debug)]
+struct MergePart {
+    start: usize,
+    id: u32,
+    pair: u32,
+}
+
+/// `bytes` as one integer (bytes in the low 15 bytes, the length in the top one), if it fits.
+/// Built from (overlapping) whole-word loads rather than by copying into a buffer and reading it
+/// back, which stalls on store forwarding and dominated lookups when measured.
+#[inline(always)]
+pub(crate) fn pack(bytes: &[u8]) -> Option<u128> {
+    let n = bytes.len();
+    let word = |at: usize| -> u64 {
+        bytes.get(at..at + 8).and_then(|w| w.try_into().ok()).map_or(0, u64::from_le_bytes)
+    };
+    let half = |at: usize| -> u64 {
+        bytes.get(at..at + 4).and_then(|w| w.try_into().ok()).map_or(0, u32::from_le_bytes) as u64
+    };
+    let byte = |at: usize| -> u64 { bytes.get(at).map_or(0, |&b| b as u64) };
+    let (lo, hi) = match n {
+        0 => (0, 0),
+        // Bytes 0, n/2 and n-1 cover every byte of a 1-3 byte slice.
+        1..=3 => (byte(0) | byte(n / 2) << (8 * (n / 2)) | byte(n - 1) << (8 * (n - 1)), 0),
+        // Two 4-byte loads, the second shifted so that its bytes land at their offsets; where
+        // they overlap they hold the same bytes, so OR is exact.
+        4..=7 => (half(0) | half(n - 4) << (8 * (n - 4)), 0),
+        8 => (word(0), 0),
+        // Likewise with 8-byte loads: the second one's top n-8 bytes are bytes 8..n.
+        9..=15 => (word(0), word(n - 8) >> (8 * (16 - n))),
+        _ => return None,
+    };
+    Some((lo as u128) | (hi as u128) << 64 | (n as u128) << 120)
+}
+
+/// `bytes` as one u64 (bytes in the low 7 bytes, the length in the top one), if it fits.
+#[inline(always)]
+fn tiny_key(bytes: &[u8]) -> Option<u64> {
+    // For up to 7 bytes `pack` puts them all in its low 56 bits.
+    (bytes.len() <= 7).then(|| pack(bytes).map_or(0, |k| k as u64) | (bytes.len() as u64) << 56)
+}
+
 /// The JSON beside the ranks file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct TokenizerJson {
@@ -50,11 +95,61 @@ struct TokenizerJson {
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
     ranks: HashMap<Vec<u8>, u32>,
+    /// The ranks of tokens of up to 7 bytes again, keyed by `tiny_key`: the most frequent
+    /// lookups, in a table half the size of `short_ranks`'s, so it stays in cache better.
+    tiny_ranks: HashMap<u64, u32>,
+    /// The ranks of tokens of 8 to 15 bytes again, keyed by `pack`.
+    short_ranks: HashMap<u128, u32>,
+    /// Rank of each single byte.
+    byte_ranks: [u32; 256],
     /// id -> bytes for every id, specials included.
     vocab: Vec<Vec<u8>>,
     specials: HashMap<String, u32>,
     pattern: String,
-    regex: Regex,
+    splitter: PreSplit,
+    /// Identifies these ranks for the per-thread `MISSES` cache (clones share it: same ranks).
+    id: u64,
+}
+
+/// Most chunks `MISSES` keeps per thread.
+const MISS_CACHE_ENTRIES: usize = 1 << 15;
+
+/// Chunks that are not a single token, with their ids, for one tokenizer (`owner`), plus scratch
+/// space for merging. Rare words recur within and across documents; merging one costs several
+/// rank lookups per byte, looking it up here costs one.
+#[derive(Default)]
+struct MissCache {
+    owner: u64,
+    ids: HashMap<Box<[u8]>, Box<[u32]>>,
+    parts: Vec<MergePart>,
+}
+
+thread_local! {
+    static MISSES: std::cell::RefCell<MissCache> = std::cell::RefCell::default();
+}
+
+/// Source of `Tokenizer::id`s; 0 is never handed out, so a fresh cache belongs to no tokenizer.
+static NEXT_TOKENIZER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How a tokenizer cuts text into chunks before byte-pair merging.
+#[derive(Clone, Debug)]
+enum PreSplit {
+    /// The hand-written splitter, for the default [`SPLIT_PATTERN`] (same chunks, much faster).
+    Builtin(Splitter),
+    /// fancy-regex, for any other pattern a tokenizer was saved with.
+    Regex(Box<Regex>),
+}
+
+impl PreSplit {
+    fn new(pattern: &str) -> Result<PreSplit> {
+        if pattern == SPLIT_PATTERN {
+            Ok(PreSplit::Builtin(Splitter::new().map_err(tok_err)?))
+        } else {
+            let regex =
+                Regex::new(pattern).map_err(|e| tok_err(format!("bad split pattern: {e}")))?;
+            Ok(PreSplit::Regex(Box::new(regex)))
+        }
+    }
 }
 
 impl Tokenizer {
@@ -88,8 +183,27 @@ impl Tokenizer {
             spec.insert(s.to_string(), (n + i) as u32);
             vocab.push(s.as_bytes().to_vec());
         }
-        let regex = Regex::new(pattern).map_err(|e| tok_err(format!("bad split pattern: {e}")))?;
-        Ok(Tokenizer { ranks, vocab, specials: spec, pattern: pattern.to_string(), regex })
+        let splitter = PreSplit::new(pattern)?;
+        let tiny_ranks =
+            ranks.iter().filter_map(|(b, &id)| Some((tiny_key(b)?, id))).collect::<HashMap<_, _>>();
+        let short_ranks = ranks
+            .iter()
+            .filter(|(b, _)| b.len() >= 8)
+            .filter_map(|(b, &id)| Some((pack(b)?, id)))
+            .collect::<HashMap<_, _>>();
+        // All 256 bytes were checked to have a rank above.
+        let byte_ranks = std::array::from_fn(|b| ranks.get(&[b as u8][..]).copied().unwrap_or(0));
+        Ok(Tokenizer {
+            ranks,
+            tiny_ranks,
+            short_ranks,
+            byte_ranks,
+            vocab,
+            specials: spec,
+            pattern: pattern.to_string(),
+            splitter,
+            id: NEXT_TOKENIZER_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
     }
 
     /// Train on documents (SPEC.md §9): `vocab_size` includes the 9 special tokens.
@@ -101,8 +215,7 @@ impl Tokenizer {
                 256 + n_special
             )));
         }
-        let regex = Regex::new(SPLIT_PATTERN).map_err(|e| tok_err(e.to_string()))?;
-        let counts = train::count_chunks(docs, &regex)?;
+        let counts = train::count_chunks(docs, Splitter::new().map_err(tok_err)?).into_map();
         let ranks = train_bpe(counts, vocab_size - n_special);
         Tokenizer::new(ranks, &SPECIAL_TOKENS, SPLIT_PATTERN)
     }
@@ -137,16 +250,48 @@ impl Tokenizer {
 
     /// Encode text without special tokens (their text is encoded as ordinary bytes).
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        let fresh = |t: &str| self.encode_with(t, &mut MissCache::default());
+        MISSES
+            .try_with(|cell| match cell.try_borrow_mut() {
+                Ok(mut cache) => {
+                    if cache.owner != self.id {
+                        cache.ids.clear();
+                        cache.owner = self.id;
+                    }
+                    self.encode_with(text, &mut cache)
+                }
+                // Only if encode were re-entered on this thread; never expected.
+                Err(_) => fresh(text),
+            })
+            // The thread is being torn down: no cache.
+            .unwrap_or_else(|_| fresh(text))
+    }
+
+    fn encode_with(&self, text: &str, cache: &mut MissCache) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3);
-        for m in self.regex.find_iter(text) {
-            // The pattern has no construct that can fail at run time on valid UTF-8 (no
-            // backtracking limit is reachable with these look-arounds), so a failed match would be
-            // a bug; skip nothing silently: fall back to encoding the rest as bytes.
-            match m {
-                Ok(m) => self.encode_chunk(m.as_str().as_bytes(), &mut out),
-                Err(_) => {
-                    out.extend(text.as_bytes().iter().map(|&b| self.ranks[&[b][..]]));
-                    break;
+        match &self.splitter {
+            PreSplit::Builtin(s) => {
+                for chunk in s.split(text) {
+                    self.encode_chunk(chunk.as_bytes(), &mut out, cache);
+                }
+            }
+            PreSplit::Regex(regex) => {
+                let mut done = 0;
+                for m in regex.find_iter(text) {
+                    match m {
+                        Ok(m) => {
+                            self.encode_chunk(m.as_str().as_bytes(), &mut out, cache);
+                            done = m.end();
+                        }
+                        // fancy-regex can give up at run time (its backtracking limit, or its
+                        // stack guard on very long runs); encode the rest as single bytes rather
+                        // than drop it.
+                        Err(_) => {
+                            let rest = text.as_bytes().get(done..).unwrap_or_default();
+                            out.extend(rest.iter().map(|&b| self.byte_ranks[b as usize]));
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -158,44 +303,78 @@ impl Tokenizer {
         texts.par_iter().map(|t| self.encode(t.as_ref())).collect()
     }
 
+    /// Rank of a token's bytes. Tokens of up to 15 bytes (nearly all lookups: whole words and
+    /// the pairs tried while merging) are found by a packed integer key, which hashes and compares
+    /// in a few instructions instead of hashing a slice and calling memcmp.
+    #[inline]
+    fn rank(&self, bytes: &[u8]) -> Option<u32> {
+        if let Some(key) = tiny_key(bytes) {
+            self.tiny_ranks.get(&key).copied()
+        } else if let Some(key) = pack(bytes) {
+            self.short_ranks.get(&key).copied()
+        } else {
+            self.ranks.get(bytes).copied()
+        }
+    }
+
     /// tiktoken's byte-pair merge of one pre-split chunk: repeatedly merge the adjacent pair whose
-    /// concatenation has the lowest rank (leftmost on ties).
-    fn encode_chunk(&self, bytes: &[u8], out: &mut Vec<u32>) {
-        if let Some(&id) = self.ranks.get(bytes) {
+    /// concatenation has the lowest rank (leftmost on ties). Chunks that are not one token are
+    /// remembered in `cache` (whose scratch space also makes merging allocation-free).
+    fn encode_chunk(&self, bytes: &[u8], out: &mut Vec<u32>, cache: &mut MissCache) {
+        if let Some(id) = self.rank(bytes) {
             out.push(id);
             return;
         }
-        // Part boundaries: part i is bytes[bounds[i]..bounds[i+1]].
-        let mut bounds: Vec<usize> = (0..=bytes.len()).collect();
-        let rank_of = |b: &[usize], i: usize| -> u32 {
-            if i + 2 < b.len() {
-                self.ranks.get(&bytes[b[i]..b[i + 2]]).copied().unwrap_or(u32::MAX)
-            } else {
-                u32::MAX
+        if let Some(ids) = cache.ids.get(bytes) {
+            out.extend_from_slice(ids);
+            return;
+        }
+        let parts = &mut cache.parts;
+        // parts[i] covers bytes[parts[i].start..parts[i + 1].start] (the last one runs to the
+        // end); `pair` is the rank of it merged with the next part, u32::MAX if that is no token.
+        parts.clear();
+        parts.extend(bytes.iter().enumerate().map(|(i, &b)| MergePart {
+            start: i,
+            id: self.byte_ranks[b as usize],
+            pair: u32::MAX,
+        }));
+        let pair_rank = |parts: &[MergePart], i: usize| -> u32 {
+            let end = parts.get(i + 2).map_or(bytes.len(), |p| p.start);
+            match (parts.get(i), i + 1 < parts.len()) {
+                (Some(p), true) => self.rank(&bytes[p.start..end]).unwrap_or(u32::MAX),
+                _ => u32::MAX,
             }
         };
-        let mut pair_ranks: Vec<u32> = (0..bounds.len() - 1).map(|i| rank_of(&bounds, i)).collect();
+        for i in 0..parts.len() {
+            parts[i].pair = pair_rank(parts, i);
+        }
         loop {
-            let (mut best, mut at) = (u32::MAX, usize::MAX);
-            for (i, &r) in pair_ranks.iter().enumerate() {
-                if r < best {
-                    best = r;
+            let (mut best, mut at) = (u32::MAX, 0);
+            for (i, p) in parts.iter().enumerate() {
+                if p.pair < best {
+                    best = p.pair;
                     at = i;
                 }
             }
             if best == u32::MAX {
                 break;
             }
-            bounds.remove(at + 1);
-            pair_ranks.remove(at + 1);
-            pair_ranks[at] = rank_of(&bounds, at);
+            // The merged part's token is the pair's token, whose id is its rank.
+            parts[at].id = best;
+            parts.remove(at + 1);
+            parts[at].pair = pair_rank(parts, at);
             if at > 0 {
-                pair_ranks[at - 1] = rank_of(&bounds, at - 1);
+                parts[at - 1].pair = pair_rank(parts, at - 1);
             }
         }
-        for w in bounds.windows(2) {
-            out.push(self.ranks[&bytes[w[0]..w[1]]]);
+        let start = out.len();
+        out.extend(parts.iter().map(|p| p.id));
+        // Bounded memory: start over when full (cheaper than tracking recency, and a full cache
+        // refills with the words that are frequent now).
+        if cache.ids.len() >= MISS_CACHE_ENTRIES {
+            cache.ids.clear();
         }
+        cache.ids.insert(bytes.into(), out[start..].into());
     }
 
     /// Bytes of a token sequence; unknown ids are an error.
@@ -279,20 +458,21 @@ impl Tokenizer {
 /// Streaming tokenizer training: feed documents in batches (counted in parallel, only chunk
 /// counts are kept), then train.
 pub struct ChunkCounter {
-    regex: Regex,
-    counts: HashMap<Vec<u8>, i64>,
+    splitter: Splitter,
+    counts: train::Counts,
 }
 
 impl ChunkCounter {
     pub fn new() -> Result<ChunkCounter> {
-        let regex = Regex::new(SPLIT_PATTERN).map_err(|e| tok_err(e.to_string()))?;
-        Ok(ChunkCounter { regex, counts: HashMap::default() })
+        Ok(ChunkCounter {
+            splitter: Splitter::new().map_err(tok_err)?,
+            counts: train::Counts::default(),
+        })
     }
 
     pub fn add<S: AsRef<str> + Sync>(&mut self, docs: &[S]) -> Result<()> {
-        for (k, v) in train::count_chunks(docs, &self.regex)? {
-            *self.counts.entry(k).or_default() += v;
-        }
+        let batch = train::count_chunks(docs, self.splitter);
+        self.counts = std::mem::take(&mut self.counts).merge(batch);
         Ok(())
     }
 
@@ -310,7 +490,7 @@ impl ChunkCounter {
                 256 + n_special
             )));
         }
-        let ranks = train_bpe(self.counts, vocab_size - n_special);
+        let ranks = train_bpe(self.counts.into_map(), vocab_size - n_special);
         Tokenizer::new(ranks, &SPECIAL_TOKENS, SPLIT_PATTERN)
     }
 }
@@ -389,5 +569,30 @@ impl StreamDecoder {
         let s = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `pack` equals the obvious definition (bytes copied into a zeroed buffer, length on top).
+    #[test]
+    fn pack_is_bytes_and_length() {
+        let data: Vec<u8> = (0..40u32).map(|i| (i * 37 + 11) as u8 | 0x80).collect();
+        for start in 0..8 {
+            for n in 0..=17 {
+                let bytes = &data[start..start + n];
+                let want = (n <= 15).then(|| {
+                    let mut buf = [0u8; 16];
+                    buf[..n].copy_from_slice(bytes);
+                    buf[15] = n as u8;
+                    u128::from_le_bytes(buf)
+                });
+                assert_eq!(pack(bytes), want, "{n} bytes");
+                let tiny = want.filter(|_| n <= 7).map(|k| k as u64 | (n as u64) << 56);
+                assert_eq!(tiny_key(bytes), tiny, "{n} bytes");
+            }
+        }
     }
 }

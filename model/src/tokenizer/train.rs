@@ -9,42 +9,80 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 
-use fancy_regex::Regex;
 use rayon::prelude::*;
 
-use crate::error::{ModelError, Result};
+use super::{Splitter, pack};
 
 type Pair = (u32, u32);
 
-/// Distinct pre-split chunks of `docs` with their counts.
-pub(crate) fn count_chunks<S: AsRef<str> + Sync>(
-    docs: &[S],
-    regex: &Regex,
-) -> Result<HashMap<Vec<u8>, i64>> {
-    docs.par_iter()
-        .try_fold(HashMap::default, |mut m: HashMap<Vec<u8>, i64>, doc| {
-            for piece in regex.find_iter(doc.as_ref()) {
-                let piece =
-                    piece.map_err(|e| ModelError::Tokenizer(format!("split failed: {e}")))?;
-                match m.get_mut(piece.as_str().as_bytes()) {
-                    Some(c) => *c += 1,
-                    None => {
-                        m.insert(piece.as_str().as_bytes().to_vec(), 1);
-                    }
+/// Counts of distinct chunks. Chunks of up to 15 bytes (nearly all) are keyed by a packed
+/// integer, which hashes and compares in a few instructions and needs no allocation per new
+/// chunk; longer ones by their bytes.
+#[derive(Default)]
+pub(crate) struct Counts {
+    short: HashMap<u128, i64>,
+    long: HashMap<Vec<u8>, i64>,
+}
+
+impl Counts {
+    fn add(&mut self, chunk: &[u8], n: i64) {
+        match pack(chunk) {
+            Some(key) => *self.short.entry(key).or_default() += n,
+            // Look up by slice first: only a new chunk needs an owned key.
+            None => match self.long.get_mut(chunk) {
+                Some(c) => *c += n,
+                None => {
+                    self.long.insert(chunk.to_vec(), n);
                 }
+            },
+        }
+    }
+
+    /// Sum of both; the larger map absorbs the smaller.
+    pub(crate) fn merge(self, other: Counts) -> Counts {
+        let (mut big, small) =
+            if self.len() >= other.len() { (self, other) } else { (other, self) };
+        for (k, v) in small.short {
+            *big.short.entry(k).or_default() += v;
+        }
+        for (k, v) in small.long {
+            *big.long.entry(k).or_default() += v;
+        }
+        big
+    }
+
+    /// Distinct chunks.
+    pub(crate) fn len(&self) -> usize {
+        self.short.len() + self.long.len()
+    }
+
+    /// Every chunk's bytes with its count.
+    pub(crate) fn into_map(self) -> HashMap<Vec<u8>, i64> {
+        let mut map = self.long;
+        map.reserve(self.short.len());
+        for (key, v) in self.short {
+            let bytes = key.to_le_bytes();
+            // `pack` keeps the length in the top byte; it is at most 15.
+            let n = (bytes[15] as usize).min(15);
+            map.insert(bytes[..n].to_vec(), v);
+        }
+        map
+    }
+}
+
+/// Distinct pre-split chunks of `docs` with their counts (training always uses the default
+/// pattern, hence the built-in splitter).
+pub(crate) fn count_chunks<S: AsRef<str> + Sync>(docs: &[S], splitter: Splitter) -> Counts {
+    docs.par_iter()
+        .fold(Counts::default, |mut counts, doc| {
+            for piece in splitter.split(doc.as_ref()) {
+                counts.add(piece.as_bytes(), 1);
             }
-            Ok(m)
+            counts
         })
-        .try_reduce(HashMap::default, |mut a, b| {
-            let (mut big, small) =
-                if a.len() >= b.len() { (a, b) } else { (b, std::mem::take(&mut a)) };
-            for (k, v) in small {
-                *big.entry(k).or_default() += v;
-            }
-            Ok(big)
-        })
+        .reduce(Counts::default, Counts::merge)
 }
 
 struct Job {
@@ -74,31 +112,34 @@ impl Ord for Job {
 
 /// Merge every occurrence of `pair` in `word` (left to right, non-overlapping) into `new`;
 /// push the pair-count changes this makes (per occurrence of the word) into `deltas`.
+/// In place: the write index never passes the read index, so nothing is allocated.
 fn merge_word(word: &mut Vec<u32>, pair: Pair, new: u32, deltas: &mut Vec<(Pair, i64)>) {
     let (a, b) = pair;
     let n = word.len();
-    let mut out = Vec::with_capacity(n);
-    let mut i = 0;
-    while i < n {
-        if i + 1 < n && word[i] == a && word[i + 1] == b {
+    let (mut r, mut w) = (0, 0);
+    while r < n {
+        if r + 1 < n && word[r] == a && word[r + 1] == b {
             // The left neighbour is what is already written (possibly a fresh `new`).
-            if let Some(&x) = out.last() {
+            if w > 0 {
+                let x = word[w - 1];
                 deltas.push(((x, a), -1));
                 deltas.push(((x, new), 1));
             }
             deltas.push(((a, b), -1));
-            if let Some(&y) = word.get(i + 2) {
+            // Unread yet, since r + 2 > w.
+            if let Some(&y) = word.get(r + 2) {
                 deltas.push(((b, y), -1));
                 deltas.push(((new, y), 1));
             }
-            out.push(new);
-            i += 2;
+            word[w] = new;
+            r += 2;
         } else {
-            out.push(word[i]);
-            i += 1;
+            word[w] = word[r];
+            r += 1;
         }
+        w += 1;
     }
-    *word = out;
+    word.truncate(w);
 }
 
 /// Train `vocab_size - 256` merges over counted chunks; returns mergeable ranks (bytes -> id)
@@ -108,18 +149,20 @@ pub fn train_bpe(chunks: HashMap<Vec<u8>, i64>, vocab_size: usize) -> HashMap<Ve
         chunks.into_iter().map(|(bytes, c)| (bytes.iter().map(|&b| b as u32).collect(), c)).unzip();
 
     let mut pair_counts: HashMap<Pair, i64> = HashMap::default();
-    let mut where_: HashMap<Pair, HashSet<usize>> = HashMap::default();
+    // Positions are pushed in increasing chunk order, so skipping a repeat of the last one keeps
+    // each list sorted and unique without a set.
+    let mut where_: HashMap<Pair, Vec<usize>> = HashMap::default();
     for (i, w) in words.iter().enumerate() {
         for p in w.windows(2) {
             *pair_counts.entry((p[0], p[1])).or_default() += counts[i];
-            where_.entry((p[0], p[1])).or_default().insert(i);
+            push_new(where_.entry((p[0], p[1])).or_default(), i);
         }
     }
     let mut heap: BinaryHeap<Job> = where_
         .into_iter()
         .filter_map(|(pair, pos)| {
             let count = pair_counts[&pair];
-            (count > 0).then(|| Job { pair, count, pos: sorted(pos) })
+            (count > 0).then_some(Job { pair, count, pos })
         })
         .collect();
 
@@ -143,30 +186,60 @@ pub fn train_bpe(chunks: HashMap<Vec<u8>, i64>, vocab_size: usize) -> HashMap<Ve
         bytes.extend_from_slice(&vocab[top.pair.1 as usize]);
         vocab.push(bytes);
 
-        let mut fresh: HashMap<Pair, HashSet<usize>> = HashMap::default();
+        // `top.pos` is increasing, so `push_new` keeps these sorted and unique too.
+        let mut fresh: HashMap<Pair, Vec<usize>> = HashMap::default();
         for &wi in &top.pos {
             deltas.clear();
             merge_word(&mut words[wi], top.pair, new, &mut deltas);
             for &(pair, d) in &deltas {
                 *pair_counts.entry(pair).or_default() += d * counts[wi];
                 if d > 0 {
-                    fresh.entry(pair).or_default().insert(wi);
+                    push_new(fresh.entry(pair).or_default(), wi);
                 }
             }
         }
         for (pair, pos) in fresh {
             let count = pair_counts.get(&pair).copied().unwrap_or(0);
             if count > 0 {
-                heap.push(Job { pair, count, pos: sorted(pos) });
+                heap.push(Job { pair, count, pos });
             }
         }
     }
     vocab.into_iter().enumerate().map(|(id, bytes)| (bytes, id as u32)).collect()
 }
 
-/// Chunk indices in increasing order, so merges visit chunks deterministically.
-fn sorted(set: HashSet<usize>) -> Vec<usize> {
-    let mut v: Vec<usize> = set.into_iter().collect();
-    v.sort_unstable();
-    v
+/// Append chunk index `i` unless it is already the last one: callers push in increasing order,
+/// so the list stays sorted (merges visit chunks deterministically) and unique.
+fn push_new(pos: &mut Vec<usize>, i: usize) {
+    if pos.last() != Some(&i) {
+        pos.push(i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packed and byte-keyed counts, merged across documents, give back every chunk's bytes and
+    /// total (chunks of 0-15 bytes are packed, longer ones not).
+    #[test]
+    fn counts_round_trip_through_packed_keys() {
+        let docs = [
+            "a bb a\u{e9}\u{e9} 123456789012345 Incomprehensibilities!!\n\n",
+            " bb  Incomprehensibilities\u{3000}\u{3000}x 0\u{0}",
+        ];
+        let splitter = Splitter::new().unwrap();
+        let mut want: HashMap<Vec<u8>, i64> = HashMap::default();
+        for d in docs {
+            for c in splitter.split(d) {
+                *want.entry(c.as_bytes().to_vec()).or_default() += 1;
+            }
+        }
+        let got = count_chunks(&docs, splitter);
+        assert_eq!(got.len(), want.len());
+        assert!(want.keys().any(|k| k.len() > 15) && want.keys().any(|k| k.len() <= 15));
+        assert_eq!(got.into_map(), want);
+        let twice = count_chunks(&docs, splitter).merge(count_chunks(&docs, splitter)).into_map();
+        assert_eq!(twice, want.iter().map(|(k, v)| (k.clone(), 2 * v)).collect());
+    }
 }
