@@ -35,32 +35,26 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 
 #[test]
 fn matmul_matches_cpu_all_transposes_ragged_batched() {
+    use gpu::matmul::MatmulTiling;
     let Some(ctx) = ctx() else { return };
-    for &(batch, m, k, n) in &[(1, 1, 1, 1), (1, 64, 64, 64), (2, 37, 19, 71), (3, 5, 130, 9)] {
-        for ta in [false, true] {
-            for tb in [false, true] {
-                for acc in [false, true] {
-                    let s = MatmulShape::new(m, k, n, ta, tb);
-                    let (a, b) = (rand(batch * m * k, 1), rand(batch * k * n, 2));
-                    let c0 = rand(batch * m * n, 3);
-                    let mut want = c0.clone();
-                    cpu::matmul::matmul_batched(&mut want, &a, &b, batch, s, acc);
-                    let (ga, gb, gc) = (
-                        ctx.upload(&a).unwrap(),
-                        ctx.upload(&b).unwrap(),
-                        ctx.upload(&c0).unwrap(),
-                    );
-                    let mut bt = ctx.batch();
-                    gpu::matmul::matmul_batched(&mut bt, &gc, &ga, &gb, batch, s, acc).unwrap();
-                    bt.submit();
-                    let got: Vec<f32> = gc.to_vec().unwrap();
-                    assert_close(
-                        &format!("matmul {batch}x{m}x{k}x{n} {ta} {tb} {acc}"),
-                        &got,
-                        &want,
-                        1e-4,
-                    );
-                }
+    let shapes =
+        [(1, 1, 1, 1), (1, 64, 64, 64), (2, 37, 19, 71), (3, 5, 130, 9), (1, 129, 17, 131)];
+    for tiling in [MatmulTiling::T64, MatmulTiling::T128] {
+        for &(batch, m, k, n) in &shapes {
+            for (ta, tb, acc) in (0..8).map(|i| (i & 1 == 1, i & 2 == 2, i & 4 == 4)) {
+                let s = MatmulShape::new(m, k, n, ta, tb);
+                let (a, b) = (rand(batch * m * k, 1), rand(batch * k * n, 2));
+                let c0 = rand(batch * m * n, 3);
+                let mut want = c0.clone();
+                cpu::matmul::matmul_batched(&mut want, &a, &b, batch, s, acc);
+                let (ga, gb, gc) =
+                    (ctx.upload(&a).unwrap(), ctx.upload(&b).unwrap(), ctx.upload(&c0).unwrap());
+                run(ctx, |bt| {
+                    gpu::matmul::matmul_batched_with(bt, tiling, &gc, &ga, &gb, batch, s, acc)
+                        .unwrap()
+                });
+                let tag = format!("matmul {tiling:?} {batch}x{m}x{k}x{n} {ta} {tb} {acc}");
+                assert_close(&tag, &get(&gc), &want, 1e-4);
             }
         }
     }

@@ -22,6 +22,7 @@ fn matmul_cpu_and_gpu_print_json() {
 
     let out = bench()
         .args(["matmul", "--device", "gpu", "--m", "33", "--k", "17", "--n", "40", "--reps", "2"])
+        .args(["--tiling", "64,128"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -32,7 +33,11 @@ fn matmul_cpu_and_gpu_print_json() {
     }
     assert!(out.status.success(), "{stderr}");
     let l = lines(&out);
-    assert_eq!(l.len(), 1);
+    assert_eq!(l.len(), 2);
+    assert_eq!(
+        (l[0]["impl"].as_str(), l[1]["impl"].as_str()),
+        (Some("wgsl_tiled_64x64_4x4"), Some("wgsl_tiled_128x128_8x8"))
+    );
     assert_eq!(l[0]["device"], "gpu");
     assert!(l[0]["adapter"].as_str().is_some_and(|a| !a.is_empty()));
     assert!(l[0]["ms"].as_f64().unwrap() > 0.0);

@@ -129,6 +129,9 @@ struct MatmulArgs {
     isa: Option<String>,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// GPU C tiles to time (comma-separated): 64 (4x4 per thread) and/or 128 (8x8 per thread).
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    tiling: Vec<u32>,
 }
 
 fn main() -> ExitCode {
@@ -536,8 +539,18 @@ fn time_attention_gpu(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64
 /// per-launch time excludes submission and readback latency (reported separately as a
 /// single-launch round trip).
 fn bench_matmul_gpu(args: &MatmulArgs) -> Result<()> {
-    use femtochat_kernels::gpu::{GpuContext, matmul::matmul};
+    use femtochat_kernels::gpu::GpuContext;
+    use femtochat_kernels::gpu::matmul::{MatmulTiling, matmul_batched_with};
     ensure!(args.reps > 0, "--reps must be at least 1");
+    let tilings = args
+        .tiling
+        .iter()
+        .map(|t| match t {
+            64 => Ok(MatmulTiling::T64),
+            128 => Ok(MatmulTiling::T128),
+            _ => bail!("--tiling {t}: expected 64 or 128"),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let ctx = GpuContext::get()?;
     let device = format!("{} ({:?})", ctx.info.name, ctx.info.backend);
     for &m in &args.m {
@@ -550,27 +563,29 @@ fn bench_matmul_gpu(args: &MatmulArgs) -> Result<()> {
                 };
                 let (a, b) = (filled(na, 1)?, filled(nb, 2)?);
                 let (ga, gb, gc) = (ctx.upload(&a)?, ctx.upload(&b)?, ctx.zeros(nc)?);
-                let launch = |count: usize| -> Result<f64> {
-                    let t0 = Instant::now();
-                    let mut bt = ctx.batch();
-                    for _ in 0..count {
-                        matmul(&mut bt, &gc, &ga, &gb, s, false)?;
-                    }
-                    bt.submit();
-                    ctx.wait()?;
-                    Ok(t0.elapsed().as_secs_f64())
-                };
-                launch(1)?; // warm-up: pipeline creation, first-touch allocation
-                let round_trip = launch(1)?;
-                let per = launch(args.reps)? / args.reps as f64;
-                let line = serde_json::json!({
-                    "op": "matmul", "device": "gpu", "adapter": device, "m": m, "k": k, "n": n,
-                    "trans_a": args.trans_a, "trans_b": args.trans_b,
-                    "ms": per * 1e3, "gflops": s.flops() / per / 1e9,
-                    "single_launch_ms": round_trip * 1e3, "reps": args.reps,
-                    "impl": "wgsl_tiled_64x64_4x4",
-                });
-                println!("{line}");
+                for &tiling in &tilings {
+                    let launch = |count: usize| -> Result<f64> {
+                        let t0 = Instant::now();
+                        let mut bt = ctx.batch();
+                        for _ in 0..count {
+                            matmul_batched_with(&mut bt, tiling, &gc, &ga, &gb, 1, s, false)?;
+                        }
+                        bt.submit();
+                        ctx.wait()?;
+                        Ok(t0.elapsed().as_secs_f64())
+                    };
+                    launch(1)?; // warm-up: pipeline creation, first-touch allocation
+                    let round_trip = launch(1)?;
+                    let per = launch(args.reps)? / args.reps as f64;
+                    let line = serde_json::json!({
+                        "op": "matmul", "device": "gpu", "adapter": device, "m": m, "k": k,
+                        "n": n, "trans_a": args.trans_a, "trans_b": args.trans_b,
+                        "ms": per * 1e3, "gflops": s.flops() / per / 1e9,
+                        "single_launch_ms": round_trip * 1e3, "reps": args.reps,
+                        "impl": tiling.name(),
+                    });
+                    println!("{line}");
+                }
             }
         }
     }

@@ -93,3 +93,61 @@ fn matmul_forward(
         }
     }
 }
+
+// Strategy matmul_tiled_128x128_8x8: each 16x16 workgroup owns a 128x128 tile of C and each thread
+// an 8x8 register block (rows ly + 16 i, columns lx + 16 j), so every value loaded from workgroup
+// memory feeds 8 FMAs instead of 4; K slices of depth 8. Same bounds handling as above. Meant for
+// large problems on real GPUs; the 64x64 kernel stays the default until the H100 says otherwise.
+const TM2: u32 = 128u;
+const TN2: u32 = 128u;
+const BK2: u32 = 8u;
+
+var<workgroup> a_tile2: array<array<f32, TM2>, BK2>; // [q][i]
+var<workgroup> b_tile2: array<array<f32, TN2>, BK2>; // [q][j]
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_forward_128(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let z = wg.z;
+    let row0 = wg.y * TM2;
+    let col0 = wg.x * TN2;
+    var acc: array<array<f32, 8>, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        for (var j = 0u; j < 8u; j++) { acc[i][j] = 0.0; }
+    }
+    for (var k0 = 0u; k0 < p.k; k0 += BK2) {
+        // load: 256 threads x 4 elements cover each BK2 x 128 tile.
+        for (var e = 0u; e < 4u; e++) {
+            let idx = li + e * 256u;
+            let q = idx / TM2;
+            let r = idx % TM2;
+            a_tile2[q][r] = a_at(z, row0 + r, k0 + q);
+            b_tile2[q][r] = b_at(z, k0 + q, col0 + r);
+        }
+        workgroupBarrier();
+        for (var q = 0u; q < BK2; q++) {
+            var av: array<f32, 8>;
+            var bv: array<f32, 8>;
+            for (var i = 0u; i < 8u; i++) { av[i] = a_tile2[q][lid.y + i * 16u]; }
+            for (var j = 0u; j < 8u; j++) { bv[j] = b_tile2[q][lid.x + j * 16u]; }
+            for (var i = 0u; i < 8u; i++) {
+                for (var j = 0u; j < 8u; j++) { acc[i][j] = fma(av[i], bv[j], acc[i][j]); }
+            }
+        }
+        workgroupBarrier();
+    }
+    let cbase = z * p.m * p.n;
+    for (var i = 0u; i < 8u; i++) {
+        let row = row0 + lid.y + i * 16u;
+        if (row >= p.m) { continue; }
+        for (var j = 0u; j < 8u; j++) {
+            let col = col0 + lid.x + j * 16u;
+            if (col >= p.n) { continue; }
+            let o = cbase + row * p.n + col;
+            if (p.accumulate != 0u) { c[o] += acc[i][j]; } else { c[o] = acc[i][j]; }
+        }
+    }
+}
