@@ -489,6 +489,13 @@ fn flash_attention_matches_cpu_reference() {
             (1, 7, 100, 2, 2, 32, MAX, 93), // cache prefill after 93 positions
             (1, 1, 300, 6, 2, 64, 50, 299), // one-token decode with a window
             (1, 33, 33, 2, 1, 72, 0, 0),    // window 0: each row sees itself
+            // split-K decode (Tq <= 4): several 256-key chunks, windows, GQA, batch. Small D:
+            // the backward check runs one thread per query row over every key, and llvmpipe
+            // stops any single loop after 65535 iterations in total (its hang guard), which a
+            // 700-key row at D 64 exceeds; real GPUs have no such limit.
+            (1, 1, 700, 4, 2, 16, MAX, 699),
+            (1, 3, 523, 2, 2, 32, 300, 520),
+            (2, 4, 600, 2, 1, 16, MAX, 596),
         ],
     );
 }

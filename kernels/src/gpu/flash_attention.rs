@@ -7,6 +7,10 @@ use crate::cpu::attention::AttnShape;
 
 /// Rows per workgroup (`BR` in the WGSL).
 const BR: usize = 64;
+/// Keys per decode chunk (`KC` in the WGSL).
+const KC: usize = 256;
+/// Up to this many query rows, the forward splits the keys into chunks (flash decoding).
+pub const DECODE_MAX_ROWS: usize = 4;
 /// Largest head dim the kernel's private arrays hold (`MAX_D` in the WGSL).
 pub const MAX_HEAD_DIM: usize = super::attention::MAX_HEAD_DIM;
 
@@ -24,10 +28,13 @@ pub fn flash_forward(
     v: &GpuBuffer,
     s: AttnShape,
 ) -> Result<(), GpuError> {
-    let p = params(s, s.tq)?;
     check_io(s, q, k, v)?;
     out.check("flash attention out", q.len())?;
     lse.check("flash attention lse", s.b * s.tq * s.h)?;
+    if s.tq <= DECODE_MAX_ROWS {
+        return flash_decode(bt, out, lse, q, k, v, s);
+    }
+    let p = params(s, s.tq)?;
     let groups = grid_1d(s.b * s.h * p.blocks as usize, 1);
     let bufs = [(1, out), (2, lse), (3, q), (4, k), (5, v)];
     bt.dispatch_bound("flash_attention", "flash_forward", &p, &bufs, groups)
@@ -65,4 +72,27 @@ pub fn flash_backward(
     let b2 = [(1, dk), (2, lse), (3, q), (4, k), (5, v), (6, dout), (8, &delta), (9, dv)];
     let g2 = grid_1d(s.b * s.hkv * pk.blocks as usize, 1);
     bt.dispatch_bound("flash_attention", "flash_backward_dkv", &pk, &b2, g2)
+}
+
+/// Decode forward: the keys up to the last query split into KC-key chunks, one workgroup per
+/// (query row, chunk), then one per row to combine the chunks by their (max, sum).
+fn flash_decode(
+    bt: &mut Batch,
+    out: &GpuBuffer,
+    lse: &GpuBuffer,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    s: AttnShape,
+) -> Result<(), GpuError> {
+    let chunks = (s.pos0 + s.tq).div_ceil(KC).max(1);
+    let p = super::attention::params(s, chunks)?;
+    let rows = s.b * s.tq * s.h;
+    let ctx = bt.context();
+    let (part, stats) = (ctx.alloc(rows * chunks * s.d)?, ctx.alloc(rows * chunks * 2)?);
+    let b1 = [(3, q), (4, k), (5, v), (8, &stats), (9, &part)];
+    let g1 = grid_1d(rows * chunks, 1);
+    bt.dispatch_bound("flash_attention", "flash_decode_partial", &p, &b1, g1)?;
+    let b2 = [(1, out), (2, lse), (8, &stats), (9, &part)];
+    bt.dispatch_bound("flash_attention", "flash_decode_combine", &p, &b2, grid_1d(rows, 1))
 }

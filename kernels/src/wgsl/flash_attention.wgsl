@@ -259,3 +259,112 @@ fn flash_backward_dkv(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgr
         for (var c = 0u; c < p.d; c++) { o[ko + c] += dk[c]; dv[ko + c] += dvv[c]; }
     }
 }
+
+// Decode (one or a few query rows against a long KV cache): a workgroup per query row alone
+// would leave the GPU idle, so the keys are split into chunks of KC processed in parallel
+// (split-K, "flash decoding"), each writing (max, sum, unnormalised output) of its chunk; then
+// flash_decode_combine merges the chunks of a row with their statistics. `blocks` = chunks per row.
+// Partial results: dv binding = (rows, chunks, D) outputs, delta binding = (rows, chunks, 2) max/sum.
+const KC: u32 = 256u;
+
+var<workgroup> red: array<f32, BR>;
+
+fn wg_max(t: u32, x: f32) -> f32 {
+    red[t] = x;
+    workgroupBarrier();
+    for (var s = BR / 2u; s > 0u; s >>= 1u) {
+        if (t < s) { red[t] = max(red[t], red[t + s]); }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn wg_sum(t: u32, x: f32) -> f32 {
+    red[t] = x;
+    workgroupBarrier();
+    for (var s = BR / 2u; s > 0u; s >>= 1u) {
+        if (t < s) { red[t] += red[t + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(BR)
+fn flash_decode_partial(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let wg = wg3.y * nwg.x + wg3.x;
+    let rows = p.b * p.tq * p.h;
+    if (wg >= rows * p.blocks) { return; }
+    let chunk = wg % p.blocks;
+    let r = wg / p.blocks;          // (b, i, h) flattened as lse
+    let hh = r % p.h;
+    let i = (r / p.h) % p.tq;
+    let bi = r / (p.h * p.tq);
+    let kvh = hh / (p.h / p.hkv);
+    let t = lid.x;
+    let pos = p.pos0 + i;
+    let lo = max(pos - min(p.window, pos), chunk * KC);
+    let hi = min(pos + 1u, (chunk + 1u) * KC); // keys [lo, hi)
+    let qo = q_off(bi, i, hh);
+    for (var c = t; c < p.d; c += BR) { tile_a[c] = q[qo + c] * p.scale; }
+    workgroupBarrier();
+    // Scores of this chunk's keys, KC / BR per thread, kept in tile_b.
+    var m = -3.4e38;
+    for (var j = lo + t; j < hi; j += BR) {
+        let ko = k_off(bi, j, kvh);
+        var s = 0.0;
+        for (var c = 0u; c < p.d; c++) { s = fma(tile_a[c], k[ko + c], s); }
+        tile_b[j - lo] = s;
+        m = max(m, s);
+    }
+    m = wg_max(t, m);
+    var l = 0.0;
+    for (var j = lo + t; j < hi; j += BR) {
+        let e = exp(tile_b[j - lo] - m);
+        tile_b[j - lo] = e;
+        l += e;
+    }
+    l = wg_sum(t, l); // its barriers also publish tile_b
+    let po = (r * p.blocks + chunk) * p.d;
+    for (var c = t; c < p.d; c += BR) {
+        var acc = 0.0;
+        for (var j = lo; j < hi; j++) { acc = fma(tile_b[j - lo], v[k_off(bi, j, kvh) + c], acc); }
+        dv[po + c] = acc;
+    }
+    if (t == 0u) {
+        delta[(r * p.blocks + chunk) * 2u] = m;
+        delta[(r * p.blocks + chunk) * 2u + 1u] = l; // 0 for a chunk with no keys
+    }
+}
+
+@compute @workgroup_size(BR)
+fn flash_decode_combine(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let r = wg3.y * nwg.x + wg3.x;
+    if (r >= p.b * p.tq * p.h) { return; }
+    let hh = r % p.h;
+    let i = (r / p.h) % p.tq;
+    let bi = r / (p.h * p.tq);
+    let t = lid.x;
+    var mx = -3.4e38;
+    for (var c = 0u; c < p.blocks; c++) {
+        if (delta[(r * p.blocks + c) * 2u + 1u] > 0.0) { mx = max(mx, delta[(r * p.blocks + c) * 2u]); }
+    }
+    var l = 0.0;
+    for (var c = 0u; c < p.blocks; c++) {
+        let lc = delta[(r * p.blocks + c) * 2u + 1u];
+        if (lc > 0.0) { l += lc * exp(delta[(r * p.blocks + c) * 2u] - mx); }
+    }
+    let qo = q_off(bi, i, hh);
+    for (var d = t; d < p.d; d += BR) {
+        var acc = 0.0;
+        for (var c = 0u; c < p.blocks; c++) {
+            let lc = delta[(r * p.blocks + c) * 2u + 1u];
+            if (lc > 0.0) { acc += dv[(r * p.blocks + c) * p.d + d] * exp(delta[(r * p.blocks + c) * 2u] - mx); }
+        }
+        o[qo + d] = acc / l;
+    }
+    if (t == 0u) { lse[r] = mx + log(l); }
+}
