@@ -499,3 +499,19 @@ fn flash_attention_matches_cpu_reference() {
         ],
     );
 }
+
+/// Oversized buffers and dispatches are errors naming the limit, not aborts.
+#[test]
+fn device_limits_are_clear_errors() {
+    let Some(ctx) = ctx() else { return };
+    let err = ctx.alloc(usize::MAX / 8).err().expect("a buffer past the device limit");
+    assert!(matches!(err, gpu::GpuError::BufferTooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("exceeds the device limit"), "{err}");
+    // 70,000 batched 1x1 problems: one workgroup each along z, past the 65,535 limit.
+    let n = 70_000;
+    let (a, b, c) = (ctx.zeros(n).unwrap(), ctx.zeros(n).unwrap(), ctx.zeros(n).unwrap());
+    let s = MatmulShape::new(1, 1, 1, false, false);
+    let mut bt = ctx.batch();
+    let err = gpu::matmul::matmul_batched(&mut bt, &c, &a, &b, n, s, false).unwrap_err();
+    assert!(matches!(err, gpu::GpuError::DispatchTooLarge { groups: 70_000, .. }), "{err}");
+}

@@ -113,3 +113,18 @@ fn bench_prints_steps_and_devices_agree() {
     let bad = train().args(["bench", "--steps", "0"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// With no usable GPU backend (WGPU_BACKEND names one this platform lacks), `--device gpu` fails
+/// at startup with the reason and exit code 2, not a panic.
+#[test]
+fn no_gpu_adapter_is_a_clear_error() {
+    let out = train()
+        .args(["bench", "--device", "gpu", "--depth", "1", "--steps", "1"])
+        .env("WGPU_BACKEND", "dx12")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no GPU adapter found"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
