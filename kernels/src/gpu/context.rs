@@ -76,6 +76,16 @@ impl GpuContext {
         self.limits.max_buffer_size.min(self.limits.max_storage_buffer_binding_size)
     }
 
+    /// Bytes of freed buffers the pool keeps for reuse.
+    pub fn pooled_bytes(&self) -> u64 {
+        self.pool.idle_bytes()
+    }
+
+    /// Cap the bytes the buffer pool keeps idle (default 4 GiB; 0 disables pooling).
+    pub fn set_pool_limit(&self, bytes: u64) {
+        self.pool.set_limit(bytes);
+    }
+
     /// A buffer of `len` 4-byte elements from the pool; its contents are unspecified.
     pub fn alloc(&'static self, len: usize) -> Result<GpuBuffer, GpuError> {
         // Zero-length bindings are invalid in WebGPU: keep at least one element.

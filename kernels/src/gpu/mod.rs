@@ -19,3 +19,4 @@ pub mod softmax;
 
 pub use context::{Batch, GpuBuffer, GpuContext, GpuError};
 pub use pipelines::SHADERS;
+pub use pool::DEFAULT_POOL_LIMIT;
