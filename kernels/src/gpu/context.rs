@@ -1,5 +1,5 @@
 //! The process-wide GPU context (adapter, device, queue), device buffers and command batches.
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use wgpu::util::DeviceExt;
 
@@ -94,7 +94,9 @@ impl GpuContext {
         if bytes > limit {
             return Err(GpuError::BufferTooLarge { bytes, limit });
         }
-        Ok(GpuBuffer { buf: Some(self.pool.take(&self.device, bytes, limit)), len, ctx: self })
+        let buf = self.pool.take(&self.device, bytes, limit);
+        let state = Mutex::new(SlotState { pending: 0, dropped: false });
+        Ok(GpuBuffer { slot: Arc::new(Slot { buf, state }), len, ctx: self })
     }
 
     /// Upload `data` (f32 or u32, any Pod of 4 bytes) into a new buffer.
@@ -114,7 +116,7 @@ impl GpuContext {
 
     pub fn batch(&'static self) -> Batch {
         let encoder = self.device.create_command_encoder(&Default::default());
-        Batch { ctx: self, encoder }
+        Batch { ctx: self, encoder: Some(encoder), used: Vec::new() }
     }
 
     /// Block until all submitted work has finished.
@@ -159,11 +161,34 @@ impl GpuContext {
     }
 }
 
-/// A device storage buffer of `len` 4-byte elements (f32 or u32). Returned to the pool on drop.
+/// A device storage buffer of `len` 4-byte elements (f32 or u32). Returned to the pool on drop,
+/// but only once no unsubmitted `Batch` still uses it: a buffer dropped while a recorded (not yet
+/// submitted) batch reads or writes it would otherwise be handed to another user, whose writes
+/// (a queue write, or another thread's batch submitted first) would land before that batch runs.
 pub struct GpuBuffer {
-    buf: Option<wgpu::Buffer>,
+    slot: Arc<Slot>,
     len: usize,
     ctx: &'static GpuContext,
+}
+
+/// A pooled buffer shared by its `GpuBuffer` and the batches that recorded commands on it.
+struct Slot {
+    buf: wgpu::Buffer,
+    state: Mutex<SlotState>,
+}
+
+struct SlotState {
+    /// Recorded uses in batches not yet submitted (or dropped).
+    pending: usize,
+    /// The `GpuBuffer` is gone: return to the pool when `pending` reaches 0.
+    dropped: bool,
+}
+
+impl Slot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        // Two plain counters: a panic elsewhere cannot leave them half-updated.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl GpuBuffer {
@@ -176,7 +201,7 @@ impl GpuBuffer {
     }
 
     pub fn raw(&self) -> &wgpu::Buffer {
-        self.buf.as_ref().expect("buffer present until drop")
+        &self.slot.buf
     }
 
     pub fn to_vec<T: bytemuck::Pod>(&self) -> Result<Vec<T>, GpuError> {
@@ -193,19 +218,47 @@ impl GpuBuffer {
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            self.ctx.pool.give(b);
+        let mut st = self.slot.state();
+        st.dropped = true;
+        if st.pending == 0 {
+            self.ctx.pool.give(self.slot.buf.clone());
         }
     }
 }
 
 /// A sequence of kernel launches recorded into one command encoder and sent in one submit.
+/// Buffers it uses stay out of the pool until it is submitted (or dropped).
 pub struct Batch {
     ctx: &'static GpuContext,
-    encoder: wgpu::CommandEncoder,
+    encoder: Option<wgpu::CommandEncoder>,
+    used: Vec<Arc<Slot>>,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // Submitted, or abandoned unsubmitted (its commands never run): either way the buffers
+        // it used are free for others now.
+        for slot in self.used.drain(..) {
+            let mut st = slot.state();
+            st.pending -= 1;
+            if st.pending == 0 && st.dropped {
+                self.ctx.pool.give(slot.buf.clone());
+            }
+        }
+    }
 }
 
 impl Batch {
+    /// Note a recorded use of `b` (see `GpuBuffer`).
+    fn uses(&mut self, b: &GpuBuffer) {
+        b.slot.state().pending += 1;
+        self.used.push(b.slot.clone());
+    }
+
+    fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.encoder.as_mut().expect("the encoder lives until submit consumes the batch")
+    }
+
     pub fn context(&self) -> &'static GpuContext {
         self.ctx
     }
@@ -222,7 +275,8 @@ impl Batch {
                 contents: bytemuck::cast_slice(data),
                 usage: wgpu::BufferUsages::COPY_SRC,
             });
-            self.encoder.copy_buffer_to_buffer(&staging, 0, b.raw(), 0, (data.len() * 4) as u64);
+            self.uses(&b);
+            self.encoder().copy_buffer_to_buffer(&staging, 0, b.raw(), 0, (data.len() * 4) as u64);
         }
         Ok(b)
     }
@@ -231,7 +285,8 @@ impl Batch {
     pub fn zeros(&mut self, len: usize) -> Result<GpuBuffer, GpuError> {
         let b = self.ctx.alloc(len)?;
         if len > 0 {
-            self.encoder.clear_buffer(b.raw(), 0, Some((len * 4) as u64));
+            self.uses(&b);
+            self.encoder().clear_buffer(b.raw(), 0, Some((len * 4) as u64));
         }
         Ok(b)
     }
@@ -240,7 +295,9 @@ impl Batch {
     pub fn copy(&mut self, dst: &GpuBuffer, src: &GpuBuffer) -> Result<(), GpuError> {
         dst.check("copy dst", src.len)?;
         if src.len > 0 {
-            self.encoder.copy_buffer_to_buffer(src.raw(), 0, dst.raw(), 0, (src.len * 4) as u64);
+            self.uses(dst);
+            self.uses(src);
+            self.encoder().copy_buffer_to_buffer(src.raw(), 0, dst.raw(), 0, (src.len * 4) as u64);
         }
         Ok(())
     }
@@ -302,7 +359,10 @@ impl Batch {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut pass = self.encoder.begin_compute_pass(&Default::default());
+        for &(_, b) in bufs {
+            self.uses(b);
+        }
+        let mut pass = self.encoder().begin_compute_pass(&Default::default());
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
@@ -310,8 +370,12 @@ impl Batch {
     }
 
     /// Send everything recorded in one submit; does not wait.
-    pub fn submit(self) {
-        self.ctx.queue.submit([self.encoder.finish()]);
+    pub fn submit(mut self) {
+        if let Some(encoder) = self.encoder.take() {
+            self.ctx.queue.submit([encoder.finish()]);
+        }
+        // Drop releases the buffers this batch used, now that its commands are queued ahead of
+        // anything their next owner records or writes.
     }
 }
 
