@@ -1,6 +1,6 @@
 // Drive the web chat page in headless Chromium: node web_page.cjs URL SCREENSHOT.png
-// Prints one JSON object: the user message, the reply, how many times the reply bubble changed
-// while streaming, the status line, and whether the page overflows a 375px-wide screen.
+// Prints one JSON object: the user message, the reply, how many DOM mutations the streamed reply
+// made (one per content delta), the status line, and whether the page overflows a 375px screen.
 const { chromium } = require("playwright-core");
 
 (async () => {
@@ -16,7 +16,9 @@ const { chromium } = require("playwright-core");
     await page.fill("#max-tokens", "24");
     await page.evaluate(() => {
       window.__updates = 0;
-      new MutationObserver(() => window.__updates++).observe(document.getElementById("log"), {
+      // Count mutation records, not callbacks: the observer batches records per microtask, and
+      // a fast server's whole reply can arrive in one network read.
+      new MutationObserver((records) => { window.__updates += records.length; }).observe(document.getElementById("log"), {
         subtree: true, childList: true, characterData: true,
       });
     });
