@@ -37,12 +37,33 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 fn matmul_matches_cpu_all_transposes_ragged_batched() {
     use gpu::matmul::MatmulTiling;
     let Some(ctx) = ctx() else { return };
-    let shapes =
-        [(1, 1, 1, 1), (1, 64, 64, 64), (2, 37, 19, 71), (3, 5, 130, 9), (1, 129, 17, 131)];
-    for tiling in [MatmulTiling::T64, MatmulTiling::T128] {
+    // The vec4 kernel needs 4 | the contiguous extents: the last three shapes are ragged in
+    // M, N and K around multiples of 4 (partial tiles and K slices, several of them).
+    let shapes = [
+        (1, 1, 1, 1),
+        (1, 64, 64, 64),
+        (2, 37, 19, 71),
+        (3, 5, 130, 9),
+        (1, 129, 17, 131),
+        (2, 132, 36, 260),
+        (1, 260, 52, 136),
+        (1, 4, 4, 4),
+    ];
+    for tiling in [MatmulTiling::T64, MatmulTiling::T128, MatmulTiling::V4] {
         for &(batch, m, k, n) in &shapes {
             for (ta, tb, acc) in (0..8).map(|i| (i & 1 == 1, i & 2 == 2, i & 4 == 4)) {
                 let s = MatmulShape::new(m, k, n, ta, tb);
+                if tiling == MatmulTiling::V4 && !MatmulTiling::vec4_fits(&s) {
+                    let gc = ctx.zeros(batch * m * n).unwrap();
+                    let (ga, gb) =
+                        (ctx.zeros(batch * m * k).unwrap(), ctx.zeros(batch * k * n).unwrap());
+                    let mut bt = ctx.batch();
+                    let r = gpu::matmul::matmul_batched_with(
+                        &mut bt, tiling, &gc, &ga, &gb, batch, s, acc,
+                    );
+                    assert!(r.is_err(), "V4 must refuse {s:?}");
+                    continue;
+                }
                 let (a, b) = (rand(batch * m * k, 1), rand(batch * k * n, 2));
                 let c0 = rand(batch * m * n, 3);
                 let mut want = c0.clone();

@@ -129,9 +129,11 @@ struct MatmulArgs {
     isa: Option<String>,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
-    /// GPU C tiles to time (comma-separated): 64 (4x4 per thread) and/or 128 (8x8 per thread).
-    #[arg(long, value_delimiter = ',', default_value = "64")]
-    tiling: Vec<u32>,
+    /// GPU kernels to time (comma-separated): auto (what the engine picks for the shape), 64
+    /// (64x64 tiles, 4x4 per thread), 128 (128x128, 8x8) or v4 (128x128, 8x8, vec4 loads and a
+    /// prefetched K slice; needs the contiguous extents to be multiples of 4).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    tiling: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -545,10 +547,12 @@ fn bench_matmul_gpu(args: &MatmulArgs) -> Result<()> {
     let tilings = args
         .tiling
         .iter()
-        .map(|t| match t {
-            64 => Ok(MatmulTiling::T64),
-            128 => Ok(MatmulTiling::T128),
-            _ => bail!("--tiling {t}: expected 64 or 128"),
+        .map(|t| match t.as_str() {
+            "auto" => Ok(None),
+            "64" => Ok(Some(MatmulTiling::T64)),
+            "128" => Ok(Some(MatmulTiling::T128)),
+            "v4" => Ok(Some(MatmulTiling::V4)),
+            _ => bail!("--tiling {t}: expected auto, 64, 128 or v4"),
         })
         .collect::<Result<Vec<_>>>()?;
     let ctx = GpuContext::get()?;
@@ -564,6 +568,10 @@ fn bench_matmul_gpu(args: &MatmulArgs) -> Result<()> {
                 let (a, b) = (filled(na, 1)?, filled(nb, 2)?);
                 let (ga, gb, gc) = (ctx.upload(&a)?, ctx.upload(&b)?, ctx.zeros(nc)?);
                 for &tiling in &tilings {
+                    let tiling = tiling.unwrap_or(MatmulTiling::auto(1, &s));
+                    if tiling == MatmulTiling::V4 && !MatmulTiling::vec4_fits(&s) {
+                        bail!("--tiling v4: {m}x{k}x{n} needs multiples of 4 (use 64 or 128)");
+                    }
                     let launch = |count: usize| -> Result<f64> {
                         let t0 = Instant::now();
                         let mut bt = ctx.batch();

@@ -1,5 +1,6 @@
-//! Launchers for `wgsl/matmul.wgsl`: C (M, N) (=|+=) op(A) . op(B), with two tilings
-//! (`MatmulTiling`): 64x64 tiles of 4x4 register blocks (the default) and 128x128 of 8x8.
+//! Launchers for `wgsl/matmul.wgsl`: C (M, N) (=|+=) op(A) . op(B), with three tilings
+//! (`MatmulTiling`): 64x64 tiles of 4x4 register blocks, 128x128 of 8x8, and 128x128 of 8x8 with
+//! vec4 loads and a prefetched K slice (for operands whose contiguous extents are multiples of 4).
 use super::context::{Batch, GpuBuffer, GpuError};
 use crate::cpu::matmul::MatmulShape;
 
@@ -11,6 +12,9 @@ pub enum MatmulTiling {
     T64,
     /// 128x128 C tiles, 8x8 per thread (`matmul_forward_128`).
     T128,
+    /// 128x128 C tiles, 8x8 per thread, vec4 global and workgroup loads, the next K slice
+    /// prefetched into registers (`matmul_forward_v4`); needs `MatmulTiling::vec4_fits`.
+    V4,
 }
 
 impl MatmulTiling {
@@ -18,15 +22,26 @@ impl MatmulTiling {
         match self {
             MatmulTiling::T64 => "wgsl_tiled_64x64_4x4",
             MatmulTiling::T128 => "wgsl_tiled_128x128_8x8",
+            MatmulTiling::V4 => "wgsl_tiled_128x128_8x8_vec4",
         }
+    }
+
+    /// Whether `V4` can run `s`: every operand's contiguous extent (K for A and B^T, M for A^T,
+    /// N for B) is a multiple of 4, so each vec4 it loads is wholly inside or outside.
+    pub fn vec4_fits(s: &MatmulShape) -> bool {
+        let a = if s.trans_a { s.m } else { s.k };
+        let b = if s.trans_b { s.k } else { s.n };
+        a % 4 == 0 && b % 4 == 0
     }
 
     /// The tiling for a problem: 128x128 tiles feed each loaded value to twice the FMAs but give
     /// a quarter of the workgroups, so they pay only when C is large enough to fill the GPU with
-    /// them (about 32 tiles of 128x128 per problem and up).
-    pub fn auto(batch: usize, m: usize, n: usize) -> MatmulTiling {
+    /// them (about 32 tiles of 128x128 per problem and up). Among those, aligned problems (every
+    /// matmul of the model: its widths are multiples of 4) take the vec4 kernel.
+    pub fn auto(batch: usize, s: &MatmulShape) -> MatmulTiling {
+        let (m, n) = (s.m, s.n);
         if batch * m.div_ceil(128) * n.div_ceil(128) >= 32 && m >= 128 && n >= 128 {
-            MatmulTiling::T128
+            if MatmulTiling::vec4_fits(s) { MatmulTiling::V4 } else { MatmulTiling::T128 }
         } else {
             MatmulTiling::T64
         }
@@ -36,6 +51,7 @@ impl MatmulTiling {
         match self {
             MatmulTiling::T64 => (64, "matmul_forward"),
             MatmulTiling::T128 => (128, "matmul_forward_128"),
+            MatmulTiling::V4 => (128, "matmul_forward_v4"),
         }
     }
 }
@@ -63,7 +79,7 @@ pub fn matmul_batched(
     s: MatmulShape,
     accumulate: bool,
 ) -> Result<(), GpuError> {
-    matmul_batched_with(bt, MatmulTiling::auto(batch, s.m, s.n), c, a, b, batch, s, accumulate)
+    matmul_batched_with(bt, MatmulTiling::auto(batch, &s), c, a, b, batch, s, accumulate)
 }
 
 /// `matmul_batched` with a chosen tiling.
@@ -92,6 +108,16 @@ pub fn matmul_batched_with(
     };
     let (tile, entry) = tiling.tile_and_entry();
     let groups = [s.n.div_ceil(tile) as u32, s.m.div_ceil(tile) as u32, batch as u32];
+    if tiling == MatmulTiling::V4 {
+        if !MatmulTiling::vec4_fits(&s) {
+            return Err(GpuError::Unsupported(format!(
+                "{}: {s:?} has a contiguous extent that is not a multiple of 4",
+                tiling.name()
+            )));
+        }
+        // The vec4 views of A and B live at bindings 4 and 5 (the scalar kernels' 2 and 3).
+        return bt.dispatch_bound("matmul", entry, &p, &[(1, c), (4, a), (5, b)], groups);
+    }
     bt.dispatch("matmul", entry, &p, &[c, a, b], groups)
 }
 
@@ -105,4 +131,23 @@ pub fn matmul(
     accumulate: bool,
 ) -> Result<(), GpuError> {
     matmul_batched(bt, c, a, b, 1, s, accumulate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_vec4_for_large_aligned_problems() {
+        let s = |m, k, n, ta, tb| MatmulShape::new(m, k, n, ta, tb);
+        // d12 shapes: (B T, C) x (C, 4C), the lm head, and a weight gradient (A^T B).
+        assert_eq!(MatmulTiling::auto(1, &s(16384, 768, 3072, false, true)), MatmulTiling::V4);
+        assert_eq!(MatmulTiling::auto(1, &s(16384, 768, 32768, false, true)), MatmulTiling::V4);
+        assert_eq!(MatmulTiling::auto(1, &s(768, 16384, 768, true, false)), MatmulTiling::V4);
+        // A ragged contiguous extent falls back to the scalar 128 tiling, small problems to 64.
+        assert_eq!(MatmulTiling::auto(1, &s(4096, 766, 4096, false, false)), MatmulTiling::T128);
+        assert_eq!(MatmulTiling::auto(1, &s(4097, 768, 4096, true, false)), MatmulTiling::T128);
+        assert_eq!(MatmulTiling::auto(1, &s(4097, 768, 4096, false, false)), MatmulTiling::V4);
+        assert_eq!(MatmulTiling::auto(1, &s(256, 256, 256, false, false)), MatmulTiling::T64);
+    }
 }

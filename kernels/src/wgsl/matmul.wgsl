@@ -151,3 +151,139 @@ fn matmul_forward_128(
         }
     }
 }
+
+// Strategy matmul_tiled_128x128_8x8_vec4: the 128x128 / 8x8 tiling with 128-bit memory traffic
+// and a prefetched K slice. Global loads are vec4 along each operand's contiguous dimension (K for
+// A and for B^T, M for A^T, N for B), so the launcher only picks it when those extents are
+// multiples of 4: a vec4 then lies wholly inside or wholly outside the matrix, and the 0 loaded
+// outside keeps ragged M, N, K safe. Workgroup tiles hold a K slice as [q][i] vec4 rows, so each
+// thread reads its 8 A values and 8 B values as 2 + 2 vec4 (rows 4 ty.. and 64 + 4 ty.., columns
+// 4 tx.. and 64 + 4 tx..) and does 64 FMAs per 4 workgroup loads. The next slice is read from
+// global memory into registers before the current one is multiplied, so its latency hides
+// behind 16 x 64 FMAs. 16 KiB of workgroup memory, WebGPU's guaranteed minimum.
+const BK4: u32 = 16u;
+
+@group(0) @binding(4) var<storage, read> a4: array<vec4<f32>>; // a, viewed as vec4
+@group(0) @binding(5) var<storage, read> b4: array<vec4<f32>>; // b, viewed as vec4
+
+var<workgroup> a_s4: array<vec4<f32>, 512>; // [q * 32 + i / 4]: op(A) slice, K-major
+var<workgroup> b_s4: array<vec4<f32>, 512>; // [q * 32 + j / 4]: op(B) slice, K-major
+
+// The two vec4 this thread loads of op(A)'s slice at k0. A (M, K): idx = li + 256 e covers
+// 128 rows x 4 vec4 of K; A^T (K, M): 16 K rows x 32 vec4 of M.
+fn load_a4(z: u32, row0: u32, k0: u32, li: u32) -> array<vec4<f32>, 2> {
+    var r: array<vec4<f32>, 2>;
+    for (var e = 0u; e < 2u; e++) {
+        let idx = li + e * 256u;
+        var v = vec4<f32>(0.0);
+        if (p.trans_a == 0u) {
+            let row = row0 + idx / 4u;
+            let q = k0 + 4u * (idx % 4u);
+            if (row < p.m && q < p.k) { v = a4[(z * p.m * p.k + row * p.k + q) / 4u]; }
+        } else {
+            let q = k0 + idx / 32u;
+            let col = row0 + 4u * (idx % 32u);
+            if (q < p.k && col < p.m) { v = a4[(z * p.m * p.k + q * p.m + col) / 4u]; }
+        }
+        r[e] = v;
+    }
+    return r;
+}
+
+// Same for op(B)'s slice: B (K, N) is read like A^T, B^T (N, K) like A.
+fn load_b4(z: u32, col0: u32, k0: u32, li: u32) -> array<vec4<f32>, 2> {
+    var r: array<vec4<f32>, 2>;
+    for (var e = 0u; e < 2u; e++) {
+        let idx = li + e * 256u;
+        var v = vec4<f32>(0.0);
+        if (p.trans_b == 0u) {
+            let q = k0 + idx / 32u;
+            let col = col0 + 4u * (idx % 32u);
+            if (q < p.k && col < p.n) { v = b4[(z * p.k * p.n + q * p.n + col) / 4u]; }
+        } else {
+            let col = col0 + idx / 4u;
+            let q = k0 + 4u * (idx % 4u);
+            if (col < p.n && q < p.k) { v = b4[(z * p.k * p.n + col * p.k + q) / 4u]; }
+        }
+        r[e] = v;
+    }
+    return r;
+}
+
+// Write loaded vec4 into the K-major tiles: K-contiguous loads scatter their 4 components over
+// 4 slice rows, the others land as one vec4.
+fn store_tiles4(ra: array<vec4<f32>, 2>, rb: array<vec4<f32>, 2>, li: u32) {
+    for (var e = 0u; e < 2u; e++) {
+        let idx = li + e * 256u;
+        if (p.trans_a == 0u) {
+            let i = idx / 4u;
+            let q = 4u * (idx % 4u);
+            for (var u = 0u; u < 4u; u++) { a_s4[(q + u) * 32u + i / 4u][i % 4u] = ra[e][u]; }
+        } else {
+            a_s4[idx] = ra[e];
+        }
+        if (p.trans_b == 0u) {
+            b_s4[idx] = rb[e];
+        } else {
+            let j = idx / 4u;
+            let q = 4u * (idx % 4u);
+            for (var u = 0u; u < 4u; u++) { b_s4[(q + u) * 32u + j / 4u][j % 4u] = rb[e][u]; }
+        }
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_forward_v4(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let z = wg.z;
+    let row0 = wg.y * TM2;
+    let col0 = wg.x * TN2;
+    // acc[2 i + h]: row i of the thread's 8 (4 ty + i, then 64 + 4 ty + i - 4), column half h.
+    var acc: array<vec4<f32>, 16>;
+    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+    var ra = load_a4(z, row0, 0u, li);
+    var rb = load_b4(z, col0, 0u, li);
+    store_tiles4(ra, rb, li);
+    workgroupBarrier();
+    for (var k0 = 0u; k0 < p.k; k0 += BK4) {
+        let more = k0 + BK4 < p.k;
+        if (more) {
+            ra = load_a4(z, row0, k0 + BK4, li);
+            rb = load_b4(z, col0, k0 + BK4, li);
+        }
+        for (var q = 0u; q < BK4; q++) {
+            let a_lo = a_s4[q * 32u + lid.y];
+            let a_hi = a_s4[q * 32u + 16u + lid.y];
+            let b_lo = b_s4[q * 32u + lid.x];
+            let b_hi = b_s4[q * 32u + 16u + lid.x];
+            for (var i = 0u; i < 4u; i++) {
+                acc[2u * i] = fma(vec4<f32>(a_lo[i]), b_lo, acc[2u * i]);
+                acc[2u * i + 1u] = fma(vec4<f32>(a_lo[i]), b_hi, acc[2u * i + 1u]);
+                acc[8u + 2u * i] = fma(vec4<f32>(a_hi[i]), b_lo, acc[8u + 2u * i]);
+                acc[9u + 2u * i] = fma(vec4<f32>(a_hi[i]), b_hi, acc[9u + 2u * i]);
+            }
+        }
+        workgroupBarrier();
+        if (more) {
+            store_tiles4(ra, rb, li);
+            workgroupBarrier();
+        }
+    }
+    let cbase = z * p.m * p.n;
+    for (var i = 0u; i < 8u; i++) {
+        let row = row0 + 64u * (i / 4u) + 4u * lid.y + i % 4u;
+        if (row >= p.m) { continue; }
+        for (var h = 0u; h < 2u; h++) {
+            let v = acc[2u * i + h];
+            let col = col0 + 64u * h + 4u * lid.x;
+            for (var u = 0u; u < 4u; u++) {
+                if (col + u >= p.n) { break; }
+                let o = cbase + row * p.n + col + u;
+                if (p.accumulate != 0u) { c[o] += v[u]; } else { c[o] = v[u]; }
+            }
+        }
+    }
+}
