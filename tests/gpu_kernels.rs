@@ -510,6 +510,12 @@ fn flash_attention_matches_cpu_reference() {
             (1, 7, 100, 2, 2, 32, MAX, 93), // cache prefill after 93 positions
             (1, 1, 300, 6, 2, 64, 50, 299), // one-token decode with a window
             (1, 33, 33, 2, 1, 72, 0, 0),    // window 0: each row sees itself
+            // The matmul-style forward (D a multiple of 16 up to 128): three row blocks and a
+            // ragged one, GQA, windows that cut tiles, a prefill whose rows start mid-tile.
+            (2, 150, 150, 4, 2, 64, MAX, 0),
+            (1, 100, 100, 2, 1, 128, 37, 0),
+            (1, 20, 120, 2, 2, 48, 60, 100),
+            (1, 66, 66, 1, 1, 112, 0, 0),
             // split-K decode (Tq <= 4): several 256-key chunks, windows, GQA, batch. Small D:
             // the backward check runs one thread per query row over every key, and llvmpipe
             // stops any single loop after 65535 iterations in total (its hang guard), which a

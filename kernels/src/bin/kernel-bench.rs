@@ -238,8 +238,11 @@ enum Device {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum AttnImpl {
-    /// Tiled flash attention (`cpu/flash_attention.rs`).
+    /// Tiled flash attention (`cpu/flash_attention.rs`, `wgsl/flash_attention.wgsl`).
     Flash,
+    /// GPU only: flash attention with the forward forced onto one thread per query row (the
+    /// kernel head dims other than multiples of 16 up to 128 get); same backward.
+    FlashRows,
     /// The reference kernel (`cpu/attention.rs`): query tiles of 4 rows against all keys.
     Reference,
 }
@@ -366,9 +369,14 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
                         Pass::Bwd => 2.5,
                         Pass::Both => 3.5,
                     };
-                // The WGSL kernel's tiles are fixed: 64 rows, 2048-float K/V tiles.
+                // The WGSL kernels' tiles are fixed: 64 query rows against 32-key tiles
+                // (the tiled forward) or 2048-float K/V tiles (one thread per row).
+                let tiled = imp == AttnImpl::Flash
+                    && femtochat_kernels::gpu::flash_attention::tiled_forward_fits(d)
+                    && pass == Pass::Fwd;
                 let blocks = match args.device {
                     Device::Cpu => bl,
+                    Device::Gpu if tiled => FlashBlocks { br: 64, bc: 32 },
                     Device::Gpu => FlashBlocks { br: 64, bc: 2048 / d },
                 };
                 let (imp, pass) = (imp_name(imp), pass_name(pass));
@@ -403,6 +411,7 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
 fn imp_name(imp: AttnImpl) -> &'static str {
     match imp {
         AttnImpl::Flash => "flash",
+        AttnImpl::FlashRows => "flash-rows",
         AttnImpl::Reference => "reference",
     }
 }
@@ -448,13 +457,16 @@ fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64, us
     let (mut out, mut lse) = (zeros(c.q.len())?, zeros(s.b * s.tq * s.h)?);
     let (mut dq, mut dk, mut dv) = (zeros(c.q.len())?, zeros(c.k.len())?, zeros(c.k.len())?);
     let (q, k, v, dout) = (c.q, c.k, c.v, c.dout);
+    ensure!(c.imp != AttnImpl::FlashRows, "--impl flash-rows is a GPU kernel (--device gpu)");
     let forward = |out: &mut [f32], lse: &mut [f32]| match c.imp {
-        AttnImpl::Flash => flash_attention_forward(out, lse, q, k, v, s, c.bl),
+        AttnImpl::Flash | AttnImpl::FlashRows => {
+            flash_attention_forward(out, lse, q, k, v, s, c.bl)
+        }
         AttnImpl::Reference => attention_forward(out, lse, q, k, v, s),
     };
     let backward =
         |dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], out: &[f32], lse: &[f32]| match c.imp {
-            AttnImpl::Flash => {
+            AttnImpl::Flash | AttnImpl::FlashRows => {
                 flash_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s, c.bl)
             }
             AttnImpl::Reference => attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s),
@@ -500,12 +512,13 @@ fn time_attention_gpu(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64
         if fwd {
             match c.imp {
                 AttnImpl::Flash => flash::flash_forward(bt, &out, &lse, &q, &k, &v, s)?,
+                AttnImpl::FlashRows => flash::flash_forward_rows(bt, &out, &lse, &q, &k, &v, s)?,
                 AttnImpl::Reference => reference::attention_forward(bt, &out, &lse, &q, &k, &v, s)?,
             }
         }
         if bwd {
             match c.imp {
-                AttnImpl::Flash => {
+                AttnImpl::Flash | AttnImpl::FlashRows => {
                     flash::flash_backward(bt, &dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, s)?
                 }
                 AttnImpl::Reference => reference::attention_backward(

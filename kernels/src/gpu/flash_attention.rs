@@ -28,6 +28,35 @@ pub fn flash_forward(
     v: &GpuBuffer,
     s: AttnShape,
 ) -> Result<(), GpuError> {
+    let entry = if tiled_forward_fits(s.d) { "flash_forward_tiled" } else { "flash_forward" };
+    forward_with(bt, entry, out, lse, q, k, v, s)
+}
+
+/// `flash_forward` forced onto the one-thread-per-query-row kernel, the fallback for head dims
+/// `tiled_forward_fits` rejects; for benchmarks (`kernel-bench attention --impl flash-rows`).
+pub fn flash_forward_rows(
+    bt: &mut Batch,
+    out: &GpuBuffer,
+    lse: &GpuBuffer,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    s: AttnShape,
+) -> Result<(), GpuError> {
+    forward_with(bt, "flash_forward", out, lse, q, k, v, s)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_with(
+    bt: &mut Batch,
+    entry: &'static str,
+    out: &GpuBuffer,
+    lse: &GpuBuffer,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    s: AttnShape,
+) -> Result<(), GpuError> {
     check_io(s, q, k, v)?;
     out.check("flash attention out", q.len())?;
     lse.check("flash attention lse", s.b * s.tq * s.h)?;
@@ -37,7 +66,14 @@ pub fn flash_forward(
     let p = params(s, s.tq)?;
     let groups = grid_1d(s.b * s.h * p.blocks as usize, 1);
     let bufs = [(1, out), (2, lse), (3, q), (4, k), (5, v)];
-    bt.dispatch_bound("flash_attention", "flash_forward", &p, &bufs, groups)
+    bt.dispatch_bound("flash_attention", entry, &p, &bufs, groups)
+}
+
+/// Whether the forward runs `flash_forward_tiled` (matmul-style register tiles, S and O spread
+/// over a 16 x 16 workgroup) rather than one thread per query row: head dims that are multiples
+/// of 16 up to 128, which covers the model's (64, 128).
+pub fn tiled_forward_fits(d: usize) -> bool {
+    d.is_multiple_of(16) && d <= 128
 }
 
 /// dq += .., dk += .., dv += .. given dout and the forward's out and lse.

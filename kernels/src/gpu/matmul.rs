@@ -31,7 +31,7 @@ impl MatmulTiling {
     pub fn vec4_fits(s: &MatmulShape) -> bool {
         let a = if s.trans_a { s.m } else { s.k };
         let b = if s.trans_b { s.k } else { s.n };
-        a % 4 == 0 && b % 4 == 0
+        a.is_multiple_of(4) && b.is_multiple_of(4)
     }
 
     /// The tiling for a problem: 128x128 tiles feed each loaded value to twice the FMAs but give

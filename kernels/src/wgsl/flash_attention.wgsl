@@ -122,6 +122,159 @@ fn flash_forward(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups)
     }
 }
 
+// Forward tiled like a matmul (FlashAttention-2's structure), for head dims that are multiples of
+// 16 up to 128 (the launcher sends others to flash_forward above). A 16 x 16 workgroup owns 64
+// query rows of one (b, h) and walks 32-key tiles:
+//   1. S (64, 32) = Q K^T, accumulated over 16-wide head-dim slices of Q^T and K^T staged in
+//      workgroup memory; thread (ty, tx) holds rows 4 ty.., keys tx and tx + 16.
+//   2. S is masked into t_p; thread r < 64 owns row r's online softmax (running max m, sum l in
+//      its registers), turns its 32 scores into p = e^(s - m_new) in place and publishes the
+//      rescale factor e^(m_old - m_new).
+//   3. O (64, D) = O * rescale + P V, V staged in chunks of keys; thread (ty, tx) holds rows
+//      4 ty.., columns tx + 16 c (c < D / 16) in registers.
+// Every loop over a register array has a constant bound, so the arrays stay in registers.
+// Workgroup memory: 2048 + 1536 + 64 floats (14.3 KiB).
+const FT_R: u32 = 64u;      // query rows per workgroup
+const FT_C: u32 = 32u;      // keys per tile
+const FT_DS: u32 = 16u;     // head-dim slice of S = Q K^T
+const FT_MAX_DC: u32 = 8u;  // output columns per thread: D / 16 <= 8
+const FT_STAGE: u32 = 1536u;
+const NEG: f32 = -3.4e38;   // masked score (finite: no inf - inf)
+
+var<workgroup> t_p: array<f32, 2048>;        // [row * FT_C + key]: scores, then probabilities
+var<workgroup> t_stage: array<f32, FT_STAGE>; // Q^T slice [dd * 64 + row] and K^T slice
+                                             // [1024 + dd * 32 + key], or V rows [key * D + c]
+var<workgroup> t_row: array<f32, FT_R>;      // per row: rescale factor, at the end 1 / l
+
+@compute @workgroup_size(16, 16, 1)
+fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let wg = wg3.y * nwg.x + wg3.x; // folded into 2-D past 65535 workgroups
+    if (wg >= p.b * p.h * p.blocks) { return; }
+    let blk = wg % p.blocks;
+    let hh = (wg / p.blocks) % p.h;
+    let bi = wg / (p.blocks * p.h);
+    let kvh = hh / (p.h / p.hkv);
+    let r0 = blk * FT_R;
+    let nr = min(FT_R, p.tq - r0);
+    let span = key_span(r0, r0 + nr - 1u);
+    let tx = lid.x;
+    let ty = lid.y;
+    let ndc = p.d / 16u;
+    let vk = min(FT_C, FT_STAGE / p.d); // V rows per staged chunk
+    var m = NEG; // row li's running max and sum (threads li < 64)
+    var l = 0.0;
+    var acc: array<array<f32, FT_MAX_DC>, 4>;
+    for (var r = 0u; r < 4u; r++) {
+        for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] = 0.0; }
+    }
+    for (var j0 = span.x; j0 <= span.y; j0 += FT_C) {
+        // 1. S = (scale Q) K^T over head-dim slices.
+        var sc: array<array<f32, 2>, 4>;
+        for (var r = 0u; r < 4u; r++) { sc[r][0] = 0.0; sc[r][1] = 0.0; }
+        for (var d0 = 0u; d0 < p.d; d0 += FT_DS) {
+            workgroupBarrier();
+            for (var u = 0u; u < 4u; u++) {
+                let e = li + 256u * u;
+                let row = e / FT_DS;
+                let dd = e % FT_DS;
+                var x = 0.0;
+                if (row < nr) { x = q[q_off(bi, r0 + row, hh) + d0 + dd] * p.scale; }
+                t_stage[dd * FT_R + row] = x;
+            }
+            for (var u = 0u; u < 2u; u++) {
+                let e = li + 256u * u;
+                let key = e / FT_DS;
+                let dd = e % FT_DS;
+                var x = 0.0;
+                if (j0 + key < p.tk) { x = k[k_off(bi, j0 + key, kvh) + d0 + dd]; }
+                t_stage[1024u + dd * FT_C + key] = x;
+            }
+            workgroupBarrier();
+            for (var dd = 0u; dd < FT_DS; dd++) {
+                let b0 = t_stage[1024u + dd * FT_C + tx];
+                let b1 = t_stage[1024u + dd * FT_C + tx + 16u];
+                for (var r = 0u; r < 4u; r++) {
+                    let a = t_stage[dd * FT_R + 4u * ty + r];
+                    sc[r][0] = fma(a, b0, sc[r][0]);
+                    sc[r][1] = fma(a, b1, sc[r][1]);
+                }
+            }
+        }
+        // 2. Mask into t_p (the previous tile's readers of t_p passed the barriers above).
+        for (var r = 0u; r < 4u; r++) {
+            let row = 4u * ty + r;
+            let pos = p.pos0 + r0 + row;
+            for (var c = 0u; c < 2u; c++) {
+                let key = j0 + tx + 16u * c;
+                let seen = row < nr && key < p.tk && key <= pos && pos - key <= p.window;
+                t_p[row * FT_C + tx + 16u * c] = select(NEG, sc[r][c], seen);
+            }
+        }
+        workgroupBarrier();
+        if (li < FT_R) {
+            var mx = NEG;
+            for (var c = 0u; c < FT_C; c++) { mx = max(mx, t_p[li * FT_C + c]); }
+            let m_new = max(m, mx);
+            var sum = 0.0;
+            for (var c = 0u; c < FT_C; c++) {
+                let x = t_p[li * FT_C + c];
+                let pr = select(exp(x - m_new), 0.0, x <= NEG);
+                t_p[li * FT_C + c] = pr;
+                sum += pr;
+            }
+            // A row with nothing seen yet keeps m = NEG and acc = 0: its factor is irrelevant.
+            let corr = select(exp(m - m_new), 1.0, m <= NEG);
+            l = l * corr + sum;
+            m = m_new;
+            t_row[li] = corr;
+        }
+        // 3. O = O * corr + P V over chunks of vk staged V rows.
+        for (var kc = 0u; kc < FT_C; kc += vk) {
+            workgroupBarrier();
+            let nk = min(vk, FT_C - kc);
+            for (var e = li; e < nk * p.d; e += 256u) {
+                let key = j0 + kc + e / p.d;
+                var x = 0.0;
+                if (key < p.tk) { x = v[k_off(bi, key, kvh) + e % p.d]; }
+                t_stage[e] = x;
+            }
+            workgroupBarrier();
+            if (kc == 0u) {
+                for (var r = 0u; r < 4u; r++) {
+                    let corr = t_row[4u * ty + r];
+                    for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] *= corr; }
+                }
+            }
+            for (var kk = 0u; kk < nk; kk++) {
+                var vv: array<f32, FT_MAX_DC>;
+                for (var c = 0u; c < FT_MAX_DC; c++) {
+                    vv[c] = 0.0;
+                    if (c < ndc) { vv[c] = t_stage[kk * p.d + tx + 16u * c]; }
+                }
+                for (var r = 0u; r < 4u; r++) {
+                    let pr = t_p[(4u * ty + r) * FT_C + kc + kk];
+                    for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] = fma(pr, vv[c], acc[r][c]); }
+                }
+            }
+        }
+    }
+    workgroupBarrier();
+    if (li < nr) {
+        t_row[li] = 1.0 / l;
+        lse[(bi * p.tq + r0 + li) * p.h + hh] = m + log(l);
+    }
+    workgroupBarrier();
+    for (var r = 0u; r < 4u; r++) {
+        let row = 4u * ty + r;
+        if (row >= nr) { continue; }
+        let qo = q_off(bi, r0 + row, hh);
+        let inv = t_row[row];
+        for (var c = 0u; c < FT_MAX_DC; c++) {
+            if (c < ndc) { o[qo + tx + 16u * c] = acc[r][c] * inv; }
+        }
+    }
+}
+
 @compute @workgroup_size(BR)
 fn flash_backward_dq(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let wg = wg3.y * nwg.x + wg3.x; // folded into 2-D past 65535 workgroups
