@@ -20,8 +20,8 @@ fn filled(n: usize, seed: u32) -> Vec<f32> {
 fn bench_attention(c: &mut Criterion) {
     let mut group = c.benchmark_group("attention");
     group.sample_size(10);
-    let bl = FlashBlocks::default();
     for &d in &[64usize, 128] {
+        let (fwd_bl, bwd_bl) = (FlashBlocks::forward(d), FlashBlocks::backward(d));
         for &t in &[256usize, 512, 1024, 2048] {
             let s = AttnShape { b: 1, tq: t, tk: t, h: 4, hkv: 4, d, window: usize::MAX, pos0: 0 };
             let (nq, nk) = (t * s.h * d, t * s.hkv * d);
@@ -35,7 +35,7 @@ fn bench_attention(c: &mut Criterion) {
                 bch.iter(|| attention_forward(&mut out, &mut lse, &q, &k, &v, s))
             });
             group.bench_function(BenchmarkId::new("flash_forward", &id), |bch| {
-                bch.iter(|| flash_attention_forward(&mut out, &mut lse, &q, &k, &v, s, bl))
+                bch.iter(|| flash_attention_forward(&mut out, &mut lse, &q, &k, &v, s, fwd_bl))
             });
             let dout = filled(nq, 4);
             let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
@@ -49,7 +49,7 @@ fn bench_attention(c: &mut Criterion) {
                 bch.iter(|| {
                     let (o, l) = (&out, &lse);
                     flash_attention_backward(
-                        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, o, l, s, bl,
+                        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, o, l, s, bwd_bl,
                     )
                 })
             });

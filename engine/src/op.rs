@@ -526,7 +526,8 @@ impl Tensor {
             // Tiled flash attention (split-K when Tq is small); `attention::attention_forward` is
             // the reference it is tested against.
             let (qd, kd, vd) = (q.data(), k.data(), v.data());
-            flash_attention_forward(&mut out, &mut lse, &qd, &kd, &vd, s, FlashBlocks::default());
+            let bl = FlashBlocks::forward(s.d);
+            flash_attention_forward(&mut out, &mut lse, &qd, &kd, &vd, s, bl);
             (Storage::Cpu(out), Storage::Cpu(lse))
         };
         let op = should_record(&[q, k, v]).then(|| Op::Attention {
@@ -833,7 +834,7 @@ impl Op {
             Op::Attention { q, k, v, lse, s } => {
                 let (mut dq, mut dk, mut dv) = (g.take(q), g.take(k), g.take(v));
                 let (qd, kd, vd, od) = (q.data(), k.data(), v.data(), out.data());
-                let bl = FlashBlocks::default();
+                let bl = FlashBlocks::backward(s.d);
                 flash_attention_backward(
                     &mut dq,
                     &mut dk,

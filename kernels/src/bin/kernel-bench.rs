@@ -286,12 +286,13 @@ struct AttentionArgs {
     /// Sliding window (max query-key distance); default: full causal.
     #[arg(long)]
     window: Option<usize>,
-    /// Flash query rows per tile.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    block_r: u32,
-    /// Flash key rows per tile.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    block_c: u32,
+    /// Flash query rows per tile, for both passes (default: the engine's per-pass blocks,
+    /// `FlashBlocks::forward(D)` and `FlashBlocks::backward(D)`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    block_r: Option<u32>,
+    /// Flash key rows per tile, for both passes (default: as --block-r).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    block_c: Option<u32>,
     /// Passes to time (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "fwd")]
     pass: Vec<Pass>,
@@ -324,7 +325,12 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
     let hkv = args.hkv.map_or(h, |x| x as usize);
     ensure!(h.is_multiple_of(hkv), "--h {h} is not a multiple of --hkv {hkv}");
     let window = args.window.unwrap_or(usize::MAX);
-    let bl = FlashBlocks { br: args.block_r as usize, bc: args.block_c as usize };
+    // Blocks per pass: forced by --block-r / --block-c, else the engine's for this head dim.
+    let blocks = |default: FlashBlocks| FlashBlocks {
+        br: args.block_r.map_or(default.br, |x| x as usize),
+        bc: args.block_c.map_or(default.bc, |x| x as usize),
+    };
+    let (fwd_bl, bwd_bl) = (blocks(FlashBlocks::forward(d)), blocks(FlashBlocks::backward(d)));
     let ts: Vec<usize> =
         if args.sweep { SWEEP_T.to_vec() } else { args.t.iter().map(|&t| t as usize).collect() };
     let mut pool = rayon::ThreadPoolBuilder::new();
@@ -354,7 +360,7 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
         let fwd_flops = 4.0 * (b * h * d) as f64 * pairs as f64;
         for &imp in &args.imp {
             for &pass in &args.pass {
-                let case = AttnCase { s, bl, imp, q: &q, k: &k, v: &v, dout: &dout };
+                let case = AttnCase { s, fwd_bl, bwd_bl, imp, q: &q, k: &k, v: &v, dout: &dout };
                 let (ms, best_ms, extra) = match args.device {
                     Device::Cpu => {
                         pool.install(|| time_attention(&case, pass, args.reps as usize))?
@@ -370,21 +376,26 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
                         Pass::Both => 3.5,
                     };
                 // The WGSL kernels' tiles are fixed: 64 query rows against 32-key tiles
-                // (the tiled forward) or 2048-float K/V tiles (one thread per row).
+                // (the tiled forward) or 2048-float K/V tiles (one thread per row, and the
+                // backward passes).
                 let tiled = imp == AttnImpl::Flash
-                    && femtochat_kernels::gpu::flash_attention::tiled_forward_fits(d)
-                    && pass == Pass::Fwd;
-                let blocks = match args.device {
-                    Device::Cpu => bl,
-                    Device::Gpu if tiled => FlashBlocks { br: 64, bc: 32 },
-                    Device::Gpu => FlashBlocks { br: 64, bc: 2048 / d },
+                    && femtochat_kernels::gpu::flash_attention::tiled_forward_fits(d);
+                let (fwd_blocks, bwd_blocks) = match args.device {
+                    Device::Cpu => (fwd_bl, bwd_bl),
+                    Device::Gpu => {
+                        let rows = FlashBlocks { br: 64, bc: 2048 / d };
+                        (if tiled { FlashBlocks { br: 64, bc: 32 } } else { rows }, rows)
+                    }
                 };
+                // br, bc: the forward's blocks; bwd_br, bwd_bc: the backward's (if timed).
+                let bwd = (pass != Pass::Fwd).then_some(bwd_blocks);
                 let (imp, pass) = (imp_name(imp), pass_name(pass));
                 let tflops = flops / (ms * 1e-3) / 1e12;
                 let line = serde_json::json!({
                     "kernel": "attention", "impl": imp, "device": device_name,
                     "b": b, "h": h, "hkv": hkv, "t": t, "tq": tq, "d": d,
-                    "window": args.window, "br": blocks.br, "bc": blocks.bc, "pass": pass,
+                    "window": args.window, "br": fwd_blocks.br, "bc": fwd_blocks.bc,
+                    "bwd_br": bwd.map(|b| b.br), "bwd_bc": bwd.map(|b| b.bc), "pass": pass,
                     "threads": threads, "ms": ms, "best_ms": best_ms, "tflops": tflops,
                     "peak_extra_bytes": extra,
                 });
@@ -442,7 +453,8 @@ fn filled(n: usize, seed: u32) -> Result<Vec<f32>> {
 
 struct AttnCase<'a> {
     s: AttnShape,
-    bl: FlashBlocks,
+    fwd_bl: FlashBlocks,
+    bwd_bl: FlashBlocks,
     imp: AttnImpl,
     q: &'a [f32],
     k: &'a [f32],
@@ -460,14 +472,14 @@ fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64, us
     ensure!(c.imp != AttnImpl::FlashRows, "--impl flash-rows is a GPU kernel (--device gpu)");
     let forward = |out: &mut [f32], lse: &mut [f32]| match c.imp {
         AttnImpl::Flash | AttnImpl::FlashRows => {
-            flash_attention_forward(out, lse, q, k, v, s, c.bl)
+            flash_attention_forward(out, lse, q, k, v, s, c.fwd_bl)
         }
         AttnImpl::Reference => attention_forward(out, lse, q, k, v, s),
     };
     let backward =
         |dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], out: &[f32], lse: &[f32]| match c.imp {
             AttnImpl::Flash | AttnImpl::FlashRows => {
-                flash_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s, c.bl)
+                flash_attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s, c.bwd_bl)
             }
             AttnImpl::Reference => attention_backward(dq, dk, dv, dout, q, k, v, out, lse, s),
         };

@@ -38,11 +38,20 @@ pub struct FlashBlocks {
     pub bc: usize,
 }
 
-impl Default for FlashBlocks {
-    /// 64 x 64: St, a packed D = 64 block and a tile of K or V are 16 KiB each, so a tile's
-    /// working set stays in L1/L2, and 64 is a multiple of both register tiles' widths (32, 16).
-    fn default() -> Self {
-        FlashBlocks { br: 64, bc: 64 }
+impl FlashBlocks {
+    /// Forward blocks for head dim `d`: 64 x 64 up to D 64; above, 64 x 32. A tile's working set
+    /// is the score tile (Br Bc floats) plus the packed Qt block (D Br), so at D 128 halving Bc
+    /// keeps it at 40 KiB (in L1) for a 3% slowdown, where halving Br (the packed block) costs
+    /// 17% (docs/perf/attention.md, "Choosing the blocks").
+    pub fn forward(d: usize) -> FlashBlocks {
+        if d <= 64 { FlashBlocks { br: 64, bc: 64 } } else { FlashBlocks { br: 64, bc: 32 } }
+    }
+
+    /// Backward blocks for head dim `d`: 64 x 32 up to D 64; above, 32 x 32. Backward holds two
+    /// score tiles (P, dP) and two packed blocks (Kt and Vt, or Qt and dOut^T: D max(Br, Bc)
+    /// each), twice the forward's, so it takes smaller tiles for the same working set.
+    pub fn backward(d: usize) -> FlashBlocks {
+        if d <= 64 { FlashBlocks { br: 64, bc: 32 } } else { FlashBlocks { br: 32, bc: 32 } }
     }
 }
 
