@@ -240,8 +240,8 @@ enum Device {
 enum AttnImpl {
     /// Tiled flash attention (`cpu/flash_attention.rs`, `wgsl/flash_attention.wgsl`).
     Flash,
-    /// GPU only: flash attention with the forward forced onto one thread per query row (the
-    /// kernel head dims other than multiples of 16 up to 128 get); same backward.
+    /// GPU only: flash attention forced onto the one-thread-per-row kernels (what head dims
+    /// other than multiples of 16 up to 128 get), the baseline of the tiled ones.
     FlashRows,
     /// The reference kernel (`cpu/attention.rs`): query tiles of 4 rows against all keys.
     Reference,
@@ -375,16 +375,18 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
                         Pass::Bwd => 2.5,
                         Pass::Both => 3.5,
                     };
-                // The WGSL kernels' tiles are fixed: 64 query rows against 32-key tiles
-                // (the tiled forward) or 2048-float K/V tiles (one thread per row, and the
-                // backward passes).
+                // The WGSL kernels' tiles are fixed: 64 rows against 32-wide tiles (the tiled
+                // kernels) or 2048-float tiles (one thread per row).
                 let tiled = imp == AttnImpl::Flash
-                    && femtochat_kernels::gpu::flash_attention::tiled_forward_fits(d);
+                    && femtochat_kernels::gpu::flash_attention::tiled_fits(d);
                 let (fwd_blocks, bwd_blocks) = match args.device {
                     Device::Cpu => (fwd_bl, bwd_bl),
+                    Device::Gpu if tiled => {
+                        (FlashBlocks { br: 64, bc: 32 }, FlashBlocks { br: 64, bc: 32 })
+                    }
                     Device::Gpu => {
                         let rows = FlashBlocks { br: 64, bc: 2048 / d };
-                        (if tiled { FlashBlocks { br: 64, bc: 32 } } else { rows }, rows)
+                        (rows, rows)
                     }
                 };
                 // br, bc: the forward's blocks; bwd_br, bwd_bc: the backward's (if timed).
@@ -530,8 +532,11 @@ fn time_attention_gpu(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64
         }
         if bwd {
             match c.imp {
-                AttnImpl::Flash | AttnImpl::FlashRows => {
+                AttnImpl::Flash => {
                     flash::flash_backward(bt, &dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, s)?
+                }
+                AttnImpl::FlashRows => {
+                    flash::flash_backward_rows(bt, &dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, s)?
                 }
                 AttnImpl::Reference => reference::attention_backward(
                     bt, &dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, s,

@@ -28,12 +28,12 @@ pub fn flash_forward(
     v: &GpuBuffer,
     s: AttnShape,
 ) -> Result<(), GpuError> {
-    let entry = if tiled_forward_fits(s.d) { "flash_forward_tiled" } else { "flash_forward" };
+    let entry = if tiled_fits(s.d) { "flash_forward_tiled" } else { "flash_forward" };
     forward_with(bt, entry, out, lse, q, k, v, s)
 }
 
 /// `flash_forward` forced onto the one-thread-per-query-row kernel, the fallback for head dims
-/// `tiled_forward_fits` rejects; for benchmarks (`kernel-bench attention --impl flash-rows`).
+/// `tiled_fits` rejects; for benchmarks (`kernel-bench attention --impl flash-rows`).
 pub fn flash_forward_rows(
     bt: &mut Batch,
     out: &GpuBuffer,
@@ -65,14 +65,20 @@ fn forward_with(
     }
     let p = params(s, s.tq)?;
     let groups = grid_1d(s.b * s.h * p.blocks as usize, 1);
+    if entry == "flash_forward_tiled" {
+        // The tiled kernels share helpers that can read dout (binding 6); the forward never
+        // does, so q stands in for it.
+        let bufs = [(1, out), (2, lse), (3, q), (4, k), (5, v), (6, q)];
+        return bt.dispatch_bound("flash_attention", entry, &p, &bufs, groups);
+    }
     let bufs = [(1, out), (2, lse), (3, q), (4, k), (5, v)];
     bt.dispatch_bound("flash_attention", entry, &p, &bufs, groups)
 }
 
-/// Whether the forward runs `flash_forward_tiled` (matmul-style register tiles, S and O spread
-/// over a 16 x 16 workgroup) rather than one thread per query row: head dims that are multiples
-/// of 16 up to 128, which covers the model's (64, 128).
-pub fn tiled_forward_fits(d: usize) -> bool {
+/// Whether forward and backward run the `*_tiled` kernels (matmul-style register tiles spread
+/// over a 16 x 16 workgroup) rather than one thread per row: head dims that are multiples of 16
+/// up to 128, which covers the model's (64, 128).
+pub fn tiled_fits(d: usize) -> bool {
     d.is_multiple_of(16) && d <= 128
 }
 
@@ -91,6 +97,35 @@ pub fn flash_backward(
     lse: &GpuBuffer,
     s: AttnShape,
 ) -> Result<(), GpuError> {
+    backward_with(bt, tiled_fits(s.d), [dq, dk, dv, dout, q, k, v, out, lse], s)
+}
+
+/// `flash_backward` forced onto the one-thread-per-row kernels (for benchmarks).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward_rows(
+    bt: &mut Batch,
+    dq: &GpuBuffer,
+    dk: &GpuBuffer,
+    dv: &GpuBuffer,
+    dout: &GpuBuffer,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    out: &GpuBuffer,
+    lse: &GpuBuffer,
+    s: AttnShape,
+) -> Result<(), GpuError> {
+    backward_with(bt, false, [dq, dk, dv, dout, q, k, v, out, lse], s)
+}
+
+/// The backward's two passes; `bufs` = dq, dk, dv, dout, q, k, v, out, lse.
+fn backward_with(
+    bt: &mut Batch,
+    tiled: bool,
+    bufs: [&GpuBuffer; 9],
+    s: AttnShape,
+) -> Result<(), GpuError> {
+    let [dq, dk, dv, dout, q, k, v, out, lse] = bufs;
     let pq = params(s, s.tq)?;
     let pk = params(s, s.tk)?;
     check_io(s, q, k, v)?;
@@ -102,12 +137,17 @@ pub fn flash_backward(
     let rows = s.b * s.tq * s.h;
     lse.check("flash lse", rows)?;
     let delta = bt.context().alloc(rows)?;
+    let (dq_entry, dkv_entry) = if tiled {
+        ("flash_backward_dq_tiled", "flash_backward_dkv_tiled")
+    } else {
+        ("flash_backward_dq", "flash_backward_dkv")
+    };
     let b1 = [(1, dq), (2, lse), (3, q), (4, k), (5, v), (6, dout), (7, out), (8, &delta)];
     let g1 = grid_1d(s.b * s.h * pq.blocks as usize, 1);
-    bt.dispatch_bound("flash_attention", "flash_backward_dq", &pq, &b1, g1)?;
+    bt.dispatch_bound("flash_attention", dq_entry, &pq, &b1, g1)?;
     let b2 = [(1, dk), (2, lse), (3, q), (4, k), (5, v), (6, dout), (8, &delta), (9, dv)];
     let g2 = grid_1d(s.b * s.hkv * pk.blocks as usize, 1);
-    bt.dispatch_bound("flash_attention", "flash_backward_dkv", &pk, &b2, g2)
+    bt.dispatch_bound("flash_attention", dkv_entry, &pk, &b2, g2)
 }
 
 /// Decode forward: the keys up to the last query split into KC-key chunks, one workgroup per

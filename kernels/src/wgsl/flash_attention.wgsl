@@ -1,16 +1,19 @@
 // Tiled flash attention (forward and backward with recomputation), the WGSL twin of
 // cpu/flash_attention.rs. Layout as attention.wgsl: q (B, Tq, H, D), k, v (B, Tk, Hkv, D); query row
 // i sits at position pos0 + i and attends keys j in [pos0 + i - window, pos0 + i]; GQA reads kv head
-// h / (H / Hkv); scale 1/sqrt(D). The T x T score matrix never exists: key (or query) tiles are
-// staged in workgroup memory and shared by the BR rows of a workgroup, scores live one at a time in
-// registers, the softmax is online (running max and sum), and the forward saves only the per-row
-// logsumexp. Backward recomputes probabilities from it in two passes, each the only writer of
-// what it writes (no float atomics):
-//   flash_backward_dq:  a workgroup per (b, h, query block); thread = query row; writes delta, dq
-//   flash_backward_dkv: a workgroup per (b, kv head, key block); thread = key row; loops over
-//                       the group's query heads and the query tiles that see its block.
-// Tiles hold TILE_FLOATS floats per operand (16 KiB for two operands, WebGPU's guaranteed
-// workgroup memory), so a tile has TILE_FLOATS / D rows.
+// h / (H / Hkv); scale 1/sqrt(D). The T x T score matrix never exists: the softmax is online
+// (running max and sum), the forward saves only the per-row logsumexp, and the backward recomputes
+// probabilities from it in two passes, each the only writer of what it writes (no float atomics):
+// a dQ pass over query blocks (which also writes delta = dout . out) and a dK/dV pass over key
+// blocks that loops over the GQA group's query heads.
+// Two families of kernels:
+//   *_tiled (below, head dims that are multiples of 16 up to 128): matmul-style register tiles
+//           spread over a 16 x 16 workgroup; the fast path.
+//   flash_forward, flash_backward_dq, flash_backward_dkv (every head dim up to 256): one thread per
+//           row, the row in private memory, key (or query) tiles of TILE_FLOATS floats per operand
+//           staged in workgroup memory and shared by the BR rows (16 KiB for two operands,
+//           WebGPU's guaranteed workgroup memory), so a tile has TILE_FLOATS / D rows.
+// Decode (a few query rows, long cache) splits the keys instead: flash_decode_partial / _combine.
 
 const BR: u32 = 64u;           // rows per workgroup (one per thread)
 const MAX_D: u32 = 256u;
@@ -122,29 +125,118 @@ fn flash_forward(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups)
     }
 }
 
-// Forward tiled like a matmul (FlashAttention-2's structure), for head dims that are multiples of
-// 16 up to 128 (the launcher sends others to flash_forward above). A 16 x 16 workgroup owns 64
-// query rows of one (b, h) and walks 32-key tiles:
-//   1. S (64, 32) = Q K^T, accumulated over 16-wide head-dim slices of Q^T and K^T staged in
-//      workgroup memory; thread (ty, tx) holds rows 4 ty.., keys tx and tx + 16.
-//   2. S is masked into t_p; thread r < 64 owns row r's online softmax (running max m, sum l in
-//      its registers), turns its 32 scores into p = e^(s - m_new) in place and publishes the
-//      rescale factor e^(m_old - m_new).
-//   3. O (64, D) = O * rescale + P V, V staged in chunks of keys; thread (ty, tx) holds rows
-//      4 ty.., columns tx + 16 c (c < D / 16) in registers.
-// Every loop over a register array has a constant bound, so the arrays stay in registers.
-// Workgroup memory: 2048 + 1536 + 64 floats (14.3 KiB).
-const FT_R: u32 = 64u;      // query rows per workgroup
-const FT_C: u32 = 32u;      // keys per tile
-const FT_DS: u32 = 16u;     // head-dim slice of S = Q K^T
-const FT_MAX_DC: u32 = 8u;  // output columns per thread: D / 16 <= 8
+// Kernels tiled like a matmul (FlashAttention-2's structure), for head dims that are multiples
+// of 16 up to 128 (the model's 64 and 128; the launchers send others to the row-per-thread
+// kernels above and below). A 16 x 16 workgroup owns 64 rows (queries, or keys in dK/dV) and
+// walks 32-wide tiles of the other side. Every product is either a (64, 32) tile of A B^T over
+// 16-wide head-dim slices staged in workgroup memory (`tile_abt`: thread (ty, tx) holds rows
+// 4 ty.., columns tx and tx + 16) or the (64, 32) tile in t_p times 32 staged rows
+// (`acc_tile_x`: the thread holds rows 4 ty.., columns tx + 16 c of a (64, D) accumulator), so no
+// thread ever holds a whole row of length D, and every loop over a register array has a constant
+// bound (D / 16 <= 8 is a guard, not a trip count), so the arrays stay in registers.
+//   flash_forward_tiled:      per 32-key tile S = (scale Q) K^T; thread r < 64 runs row r's
+//                             online softmax (max, sum in its registers) on t_p and publishes
+//                             the rescale factor; O = O * rescale + P V.
+//   flash_backward_dq_tiled:  writes delta, then per 32-key tile S, dP -> scale dS in t_p,
+//                             dq += (scale dS) K.
+//   flash_backward_dkv_tiled: per query head of the group and 32-query tile S^T, dP^T -> P^T
+//                             in t_p, dv += P^T dOut, then dS^T in t_p, dk += dS^T (scale Q).
+// Workgroup memory: t_p, t_stage, t_row, t_row2: 3712 floats (14.5 KiB).
+const FT_R: u32 = 64u;      // rows per workgroup
+const FT_C: u32 = 32u;      // columns (keys, or queries in dK/dV) per tile
+const FT_DS: u32 = 16u;     // head-dim slice of a tile_abt product
+const FT_MAX_DC: u32 = 8u;  // accumulator columns per thread: D / 16 <= 8
 const FT_STAGE: u32 = 1536u;
 const NEG: f32 = -3.4e38;   // masked score (finite: no inf - inf)
 
-var<workgroup> t_p: array<f32, 2048>;        // [row * FT_C + key]: scores, then probabilities
-var<workgroup> t_stage: array<f32, FT_STAGE>; // Q^T slice [dd * 64 + row] and K^T slice
-                                             // [1024 + dd * 32 + key], or V rows [key * D + c]
-var<workgroup> t_row: array<f32, FT_R>;      // per row: rescale factor, at the end 1 / l
+var<workgroup> t_p: array<f32, 2048>;        // [row * FT_C + col]: scores, P, dS
+var<workgroup> t_stage: array<f32, FT_STAGE>; // A^T slice [dd * 64 + row] and B^T slice
+                                             // [1024 + dd * 32 + row], or X rows [row * D + c]
+var<workgroup> t_row: array<f32, FT_R>;      // per row: rescale factor / 1 / l (fwd), lse (bwd)
+var<workgroup> t_row2: array<f32, FT_R>; // bwd: delta of the tile's query rows
+
+const OP_Q: u32 = 0u;    // q * scale, query head
+const OP_DOUT: u32 = 1u; // dout, query head
+const OP_K: u32 = 2u;    // k, kv head
+const OP_V: u32 = 3u;    // v, kv head
+
+// Element c of row `row` of an operand (0 past its valid rows: see callers).
+fn operand(src: u32, bi: u32, row: u32, head: u32, c: u32) -> f32 {
+    switch src {
+        case 0u: { return q[q_off(bi, row, head) + c] * p.scale; }
+        case 1u: { return dout[q_off(bi, row, head) + c]; }
+        case 2u: { return k[k_off(bi, row, head) + c]; }
+        default: { return v[k_off(bi, row, head) + c]; }
+    }
+}
+
+// (64, 32) = A B^T with A rows a0 + (0..64) of operand sa (the first na exist) and B rows
+// b0 + (0..32) of sb (the first nb exist), over D in 16-wide slices staged transposed in
+// t_stage; thread (ty, tx) returns rows 4 ty + r, columns tx + 16 c. Starts with a barrier, so
+// callers may rewrite t_stage's previous contents' readers freely before it.
+fn tile_abt(sa: u32, ha: u32, a0: u32, na: u32, sb: u32, hb: u32, b0: u32, nb: u32, bi: u32, li: u32, tx: u32, ty: u32) -> array<array<f32, 2>, 4> {
+    var acc: array<array<f32, 2>, 4>;
+    for (var r = 0u; r < 4u; r++) { acc[r][0] = 0.0; acc[r][1] = 0.0; }
+    for (var d0 = 0u; d0 < p.d; d0 += FT_DS) {
+        workgroupBarrier();
+        for (var u = 0u; u < 4u; u++) {
+            let e = li + 256u * u;
+            let row = e / FT_DS;
+            var x = 0.0;
+            if (row < na) { x = operand(sa, bi, a0 + row, ha, d0 + e % FT_DS); }
+            t_stage[(e % FT_DS) * FT_R + row] = x;
+        }
+        for (var u = 0u; u < 2u; u++) {
+            let e = li + 256u * u;
+            let row = e / FT_DS;
+            var x = 0.0;
+            if (row < nb) { x = operand(sb, bi, b0 + row, hb, d0 + e % FT_DS); }
+            t_stage[1024u + (e % FT_DS) * FT_C + row] = x;
+        }
+        workgroupBarrier();
+        for (var dd = 0u; dd < FT_DS; dd++) {
+            let y0 = t_stage[1024u + dd * FT_C + tx];
+            let y1 = t_stage[1024u + dd * FT_C + tx + 16u];
+            for (var r = 0u; r < 4u; r++) {
+                let x = t_stage[dd * FT_R + 4u * ty + r];
+                acc[r][0] = fma(x, y0, acc[r][0]);
+                acc[r][1] = fma(x, y1, acc[r][1]);
+            }
+        }
+    }
+    return acc;
+}
+
+// acc (64, D) += t_p (64, 32) X, X = rows x0 + (0..32) of operand sx (the first nx exist),
+// staged in chunks of rows; thread (ty, tx) holds rows 4 ty + r, columns tx + 16 c. Starts with
+// a barrier, which also publishes the caller's writes to t_p.
+fn acc_tile_x(acc: ptr<function, array<array<f32, FT_MAX_DC>, 4>>, sx: u32, hx: u32, x0: u32, nx: u32, bi: u32, li: u32, tx: u32, ty: u32) {
+    let ndc = p.d / 16u;
+    let vk = min(FT_C, FT_STAGE / p.d);
+    for (var kc = 0u; kc < FT_C; kc += vk) {
+        workgroupBarrier();
+        let nk = min(vk, FT_C - kc);
+        for (var e = li; e < nk * p.d; e += 256u) {
+            let row = kc + e / p.d;
+            var x = 0.0;
+            if (row < nx) { x = operand(sx, bi, x0 + row, hx, e % p.d); }
+            t_stage[e] = x;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < nk; kk++) {
+            var xv: array<f32, FT_MAX_DC>;
+            for (var c = 0u; c < FT_MAX_DC; c++) {
+                xv[c] = 0.0;
+                if (c < ndc) { xv[c] = t_stage[kk * p.d + tx + 16u * c]; }
+            }
+            for (var r = 0u; r < 4u; r++) {
+                let w = t_p[(4u * ty + r) * FT_C + kc + kk];
+                for (var c = 0u; c < FT_MAX_DC; c++) { (*acc)[r][c] = fma(w, xv[c], (*acc)[r][c]); }
+            }
+        }
+    }
+}
+
 
 @compute @workgroup_size(16, 16, 1)
 fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -160,7 +252,6 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
     let tx = lid.x;
     let ty = lid.y;
     let ndc = p.d / 16u;
-    let vk = min(FT_C, FT_STAGE / p.d); // V rows per staged chunk
     var m = NEG; // row li's running max and sum (threads li < 64)
     var l = 0.0;
     var acc: array<array<f32, FT_MAX_DC>, 4>;
@@ -168,39 +259,9 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
         for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] = 0.0; }
     }
     for (var j0 = span.x; j0 <= span.y; j0 += FT_C) {
-        // 1. S = (scale Q) K^T over head-dim slices.
-        var sc: array<array<f32, 2>, 4>;
-        for (var r = 0u; r < 4u; r++) { sc[r][0] = 0.0; sc[r][1] = 0.0; }
-        for (var d0 = 0u; d0 < p.d; d0 += FT_DS) {
-            workgroupBarrier();
-            for (var u = 0u; u < 4u; u++) {
-                let e = li + 256u * u;
-                let row = e / FT_DS;
-                let dd = e % FT_DS;
-                var x = 0.0;
-                if (row < nr) { x = q[q_off(bi, r0 + row, hh) + d0 + dd] * p.scale; }
-                t_stage[dd * FT_R + row] = x;
-            }
-            for (var u = 0u; u < 2u; u++) {
-                let e = li + 256u * u;
-                let key = e / FT_DS;
-                let dd = e % FT_DS;
-                var x = 0.0;
-                if (j0 + key < p.tk) { x = k[k_off(bi, j0 + key, kvh) + d0 + dd]; }
-                t_stage[1024u + dd * FT_C + key] = x;
-            }
-            workgroupBarrier();
-            for (var dd = 0u; dd < FT_DS; dd++) {
-                let b0 = t_stage[1024u + dd * FT_C + tx];
-                let b1 = t_stage[1024u + dd * FT_C + tx + 16u];
-                for (var r = 0u; r < 4u; r++) {
-                    let a = t_stage[dd * FT_R + 4u * ty + r];
-                    sc[r][0] = fma(a, b0, sc[r][0]);
-                    sc[r][1] = fma(a, b1, sc[r][1]);
-                }
-            }
-        }
-        // 2. Mask into t_p (the previous tile's readers of t_p passed the barriers above).
+        let nk = min(FT_C, p.tk - j0);
+        let sc = tile_abt(OP_Q, hh, r0, nr, OP_K, kvh, j0, nk, bi, li, tx, ty);
+        // Mask into t_p (its last readers, the previous tile's P V, passed tile_abt's barriers).
         for (var r = 0u; r < 4u; r++) {
             let row = 4u * ty + r;
             let pos = p.pos0 + r0 + row;
@@ -228,35 +289,12 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
             m = m_new;
             t_row[li] = corr;
         }
-        // 3. O = O * corr + P V over chunks of vk staged V rows.
-        for (var kc = 0u; kc < FT_C; kc += vk) {
-            workgroupBarrier();
-            let nk = min(vk, FT_C - kc);
-            for (var e = li; e < nk * p.d; e += 256u) {
-                let key = j0 + kc + e / p.d;
-                var x = 0.0;
-                if (key < p.tk) { x = v[k_off(bi, key, kvh) + e % p.d]; }
-                t_stage[e] = x;
-            }
-            workgroupBarrier();
-            if (kc == 0u) {
-                for (var r = 0u; r < 4u; r++) {
-                    let corr = t_row[4u * ty + r];
-                    for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] *= corr; }
-                }
-            }
-            for (var kk = 0u; kk < nk; kk++) {
-                var vv: array<f32, FT_MAX_DC>;
-                for (var c = 0u; c < FT_MAX_DC; c++) {
-                    vv[c] = 0.0;
-                    if (c < ndc) { vv[c] = t_stage[kk * p.d + tx + 16u * c]; }
-                }
-                for (var r = 0u; r < 4u; r++) {
-                    let pr = t_p[(4u * ty + r) * FT_C + kc + kk];
-                    for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] = fma(pr, vv[c], acc[r][c]); }
-                }
-            }
+        workgroupBarrier();
+        for (var r = 0u; r < 4u; r++) {
+            let corr = t_row[4u * ty + r];
+            for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] *= corr; }
         }
+        acc_tile_x(&acc, OP_V, kvh, j0, nk, bi, li, tx, ty); // O += P V
     }
     workgroupBarrier();
     if (li < nr) {
@@ -271,6 +309,137 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
         let inv = t_row[row];
         for (var c = 0u; c < FT_MAX_DC; c++) {
             if (c < ndc) { o[qo + tx + 16u * c] = acc[r][c] * inv; }
+        }
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn flash_backward_dq_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let wg = wg3.y * nwg.x + wg3.x; // folded into 2-D past 65535 workgroups
+    if (wg >= p.b * p.h * p.blocks) { return; }
+    let blk = wg % p.blocks;
+    let hh = (wg / p.blocks) % p.h;
+    let bi = wg / (p.blocks * p.h);
+    let kvh = hh / (p.h / p.hkv);
+    let r0 = blk * FT_R;
+    let nr = min(FT_R, p.tq - r0);
+    let span = key_span(r0, r0 + nr - 1u);
+    let tx = lid.x;
+    let ty = lid.y;
+    let ndc = p.d / 16u;
+    // Row owners: lse and delta = dout . out of their row, for this pass and the dK/dV pass.
+    if (li < nr) {
+        let ri = (bi * p.tq + r0 + li) * p.h + hh;
+        let qo = q_off(bi, r0 + li, hh);
+        var dl = 0.0;
+        for (var c = 0u; c < p.d; c++) { dl = fma(dout[qo + c], saved[qo + c], dl); }
+        delta[ri] = dl;
+        t_row[li] = lse[ri];
+        t_row2[li] = dl;
+    }
+    var acc: array<array<f32, FT_MAX_DC>, 4>;
+    for (var r = 0u; r < 4u; r++) {
+        for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] = 0.0; }
+    }
+    for (var j0 = span.x; j0 <= span.y; j0 += FT_C) {
+        let nk = min(FT_C, p.tk - j0);
+        let s = tile_abt(OP_Q, hh, r0, nr, OP_K, kvh, j0, nk, bi, li, tx, ty);
+        let dp = tile_abt(OP_DOUT, hh, r0, nr, OP_V, kvh, j0, nk, bi, li, tx, ty);
+        // dS = P (dP - delta), times scale for dq = scale dS K; 0 at keys the row does not see.
+        // (t_row, t_row2 were published by tile_abt's barriers; t_p's last readers passed them.)
+        for (var r = 0u; r < 4u; r++) {
+            let row = 4u * ty + r;
+            let pos = p.pos0 + r0 + row;
+            for (var c = 0u; c < 2u; c++) {
+                let key = j0 + tx + 16u * c;
+                let seen = row < nr && key < p.tk && key <= pos && pos - key <= p.window;
+                var ds = 0.0;
+                if (seen) { ds = exp(s[r][c] - t_row[row]) * (dp[r][c] - t_row2[row]) * p.scale; }
+                t_p[row * FT_C + tx + 16u * c] = ds;
+            }
+        }
+        acc_tile_x(&acc, OP_K, kvh, j0, nk, bi, li, tx, ty);
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let row = 4u * ty + r;
+        if (row >= nr) { continue; }
+        let qo = q_off(bi, r0 + row, hh);
+        for (var c = 0u; c < FT_MAX_DC; c++) {
+            if (c < ndc) { o[qo + tx + 16u * c] += acc[r][c]; }
+        }
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn flash_backward_dkv_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let wg = wg3.y * nwg.x + wg3.x; // folded into 2-D past 65535 workgroups
+    if (wg >= p.b * p.hkv * p.blocks) { return; }
+    let blk = wg % p.blocks;
+    let kvh = (wg / p.blocks) % p.hkv;
+    let bi = wg / (p.blocks * p.hkv);
+    let group = p.h / p.hkv;
+    let j0 = blk * FT_R;
+    let nk = min(FT_R, p.tk - j0);
+    let tx = lid.x;
+    let ty = lid.y;
+    let ndc = p.d / 16u;
+    var acc_k: array<array<f32, FT_MAX_DC>, 4>;
+    var acc_v: array<array<f32, FT_MAX_DC>, 4>;
+    for (var r = 0u; r < 4u; r++) {
+        for (var c = 0u; c < FT_MAX_DC; c++) { acc_k[r][c] = 0.0; acc_v[r][c] = 0.0; }
+    }
+    // Query rows that see some key of this block: positions [j0, min(j_last + window, last)].
+    let last = p.pos0 + p.tq - 1u;
+    let first_pos = max(j0, p.pos0);
+    let end_pos = min(j0 + nk - 1u + p.window, last);
+    if (p.tq > 0u && first_pos <= end_pos) {
+        let i_first = first_pos - p.pos0;
+        let i_end = end_pos - p.pos0;
+        for (var gi = 0u; gi < group; gi++) {
+            let hh = kvh * group + gi;
+            for (var i0 = i_first; i0 <= i_end; i0 += FT_C) {
+                let nq = min(FT_C, i_end + 1u - i0);
+                // S^T (keys, queries) = K (scale Q)^T, dP^T = V dOut^T.
+                let st = tile_abt(OP_K, kvh, j0, nk, OP_Q, hh, i0, nq, bi, li, tx, ty);
+                let dpt = tile_abt(OP_V, kvh, j0, nk, OP_DOUT, hh, i0, nq, bi, li, tx, ty);
+                // The tile's lse and delta (their last readers passed tile_abt's barriers).
+                if (li < nq) {
+                    let ri = (bi * p.tq + i0 + li) * p.h + hh;
+                    t_row[li] = lse[ri];
+                    t_row2[li] = delta[ri];
+                }
+                workgroupBarrier();
+                var ds: array<array<f32, 2>, 4>;
+                for (var r = 0u; r < 4u; r++) {
+                    let key = j0 + 4u * ty + r;
+                    for (var c = 0u; c < 2u; c++) {
+                        let col = tx + 16u * c;
+                        let pos = p.pos0 + i0 + col;
+                        let seen = 4u * ty + r < nk && col < nq && key <= pos && pos - key <= p.window;
+                        var pr = 0.0;
+                        if (seen) { pr = exp(st[r][c] - t_row[col]); }
+                        ds[r][c] = pr * (dpt[r][c] - t_row2[col]);
+                        t_p[(4u * ty + r) * FT_C + col] = pr;
+                    }
+                }
+                acc_tile_x(&acc_v, OP_DOUT, hh, i0, nq, bi, li, tx, ty); // dv += P^T dOut
+                workgroupBarrier(); // every read of P^T is done
+                for (var r = 0u; r < 4u; r++) {
+                    for (var c = 0u; c < 2u; c++) { t_p[(4u * ty + r) * FT_C + tx + 16u * c] = ds[r][c]; }
+                }
+                acc_tile_x(&acc_k, OP_Q, hh, i0, nq, bi, li, tx, ty); // dk += dS^T (scale Q)
+            }
+        }
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let row = 4u * ty + r;
+        if (row >= nk) { continue; }
+        let ko = k_off(bi, j0 + row, kvh);
+        for (var c = 0u; c < FT_MAX_DC; c++) {
+            if (c < ndc) {
+                o[ko + tx + 16u * c] += acc_k[r][c];
+                dv[ko + tx + 16u * c] += acc_v[r][c];
+            }
         }
     }
 }
