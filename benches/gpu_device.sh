@@ -7,9 +7,11 @@
 #   o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
 #   apt-get $o update; (cd .gl && apt-get $o download libvulkan1)
 #   cargo build --release -p femtochat-kernels -p femtochat-train
-# Then one device call, carrying .gl and the two binaries:
-#   run(command="bash benches/gpu_device.sh", carry=[".gl", "target/release/kernel-bench",
-#       "target/release/train"], timeout_s=600)
+#   echo /.devbin/ >>.git/info/exclude; mkdir -p .devbin
+#   strip -o .devbin/kernel-bench target/release/kernel-bench   # 6 MB instead of 42: a call
+#   strip -o .devbin/train target/release/train                 # carries 64 MiB in all
+# Then one device call, carrying .gl and the stripped binaries:
+#   run(command="bash benches/gpu_device.sh", carry=[".gl", ".devbin"], timeout_s=600)
 # Results come back as JSON lines under $OUT (matmul.jsonl, attention.jsonl, train.jsonl) plus
 # log.txt; each part has its own time limit so one slow kernel cannot eat the others' time.
 set -u
@@ -23,8 +25,10 @@ if [ -d .gl ]; then
 fi
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 if [ -f $icd ]; then export VK_DRIVER_FILES=$icd; fi
-KB=target/release/kernel-bench
-TRAIN=target/release/train
+BIN=.devbin
+[ -x $BIN/train ] || BIN=target/release
+KB=$BIN/kernel-bench
+TRAIN=$BIN/train
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv || true
 
 part() { # part NAME SECONDS FILE -- command...
