@@ -495,37 +495,51 @@ fn attention_matches_cpu() {
     );
 }
 
-/// (b, tq, tk, h, hkv, d, window, pos0) cases chosen for the flash tiling.
 #[test]
 fn flash_attention_matches_cpu_reference() {
     check_attention(
         "flash",
         gpu::flash_attention::flash_forward,
         gpu::flash_attention::flash_backward,
-        &[
-            (1, 1, 1, 1, 1, 4, MAX, 0),
-            (2, 70, 70, 4, 2, 8, MAX, 0),   // two row blocks, GQA 2
-            (1, 130, 130, 3, 1, 16, 40, 0), // window, ragged blocks, GQA 3
-            (1, 65, 65, 2, 2, 256, MAX, 0), // the largest head dim: 8-row tiles
-            (1, 7, 100, 2, 2, 32, MAX, 93), // cache prefill after 93 positions
-            (1, 1, 300, 6, 2, 64, 50, 299), // one-token decode with a window
-            (1, 33, 33, 2, 1, 72, 0, 0),    // window 0: each row sees itself
-            // The matmul-style forward (D a multiple of 16 up to 128): three row blocks and a
-            // ragged one, GQA, windows that cut tiles, a prefill whose rows start mid-tile.
-            (2, 150, 150, 4, 2, 64, MAX, 0),
-            (1, 100, 100, 2, 1, 128, 37, 0),
-            (1, 20, 120, 2, 2, 48, 60, 100),
-            (1, 66, 66, 1, 1, 112, 0, 0),
-            // split-K decode (Tq <= 4): several 256-key chunks, windows, GQA, batch. Small D:
-            // the backward check runs one thread per query row over every key, and llvmpipe
-            // stops any single loop after 65535 iterations in total (its hang guard), which a
-            // 700-key row at D 64 exceeds; real GPUs have no such limit.
-            (1, 1, 700, 4, 2, 16, MAX, 699),
-            (1, 3, 523, 2, 2, 32, 300, 520),
-            (2, 4, 600, 2, 1, 16, MAX, 596),
-        ],
+        FLASH_CASES,
     );
 }
+
+/// The row-per-thread kernels on the same cases (the tiled ones take most of them in
+/// `flash_forward`, so these would otherwise only see the head dims the tiled ones reject).
+#[test]
+fn flash_attention_rows_match_cpu_reference() {
+    check_attention(
+        "flash-rows",
+        gpu::flash_attention::flash_forward_rows,
+        gpu::flash_attention::flash_backward_rows,
+        FLASH_CASES,
+    );
+}
+
+/// (b, tq, tk, h, hkv, d, window, pos0) cases chosen for the flash tilings.
+const FLASH_CASES: &[Case] = &[
+    (1, 1, 1, 1, 1, 4, MAX, 0),
+    (2, 70, 70, 4, 2, 8, MAX, 0),   // two row blocks, GQA 2
+    (1, 130, 130, 3, 1, 16, 40, 0), // window, ragged blocks, GQA 3
+    (1, 65, 65, 2, 2, 256, MAX, 0), // the largest head dim: 8-row tiles
+    (1, 7, 100, 2, 2, 32, MAX, 93), // cache prefill after 93 positions
+    (1, 1, 300, 6, 2, 64, 50, 299), // one-token decode with a window
+    (1, 33, 33, 2, 1, 72, 0, 0),    // window 0: each row sees itself
+    // Shapes the tiled kernels take (D a multiple of 16 up to 128): three row blocks and a
+    // ragged one, GQA, windows that cut tiles, a prefill whose rows start mid-tile.
+    (2, 150, 150, 4, 2, 64, MAX, 0),
+    (1, 100, 100, 2, 1, 128, 37, 0),
+    (1, 20, 120, 2, 2, 48, 60, 100),
+    (1, 66, 66, 1, 1, 112, 0, 0),
+    // split-K decode (Tq <= 4): several 256-key chunks, windows, GQA, batch. Small D:
+    // the backward check runs one thread per query row over every key, and llvmpipe
+    // stops any single loop after 65535 iterations in total (its hang guard), which a
+    // 700-key row at D 64 exceeds; real GPUs have no such limit.
+    (1, 1, 700, 4, 2, 16, MAX, 699),
+    (1, 3, 523, 2, 2, 32, 300, 520),
+    (2, 4, 600, 2, 1, 16, MAX, 596),
+];
 
 /// Oversized buffers and dispatches are errors naming the limit, not aborts.
 #[test]

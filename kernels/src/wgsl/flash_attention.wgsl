@@ -58,6 +58,18 @@ fn key_span(r0: u32, r1: u32) -> vec2<u32> {
     return vec2<u32>(first - min(p.window, first), p.pos0 + r1);
 }
 
+// The (batch, head, block of BR query rows) a query-block workgroup owns; `ok` is false for
+// the padding workgroups past the grid (folded into 2-D past 65535 workgroups).
+struct QBlock { ok: bool, bi: u32, hh: u32, kvh: u32, r0: u32, nr: u32 }
+
+fn query_block(wg3: vec3<u32>, nwg: vec3<u32>) -> QBlock {
+    let wg = wg3.y * nwg.x + wg3.x;
+    let hh = (wg / p.blocks) % p.h;
+    let r0 = (wg % p.blocks) * BR;
+    let ok = wg < p.b * p.h * p.blocks;
+    return QBlock(ok, wg / (p.blocks * p.h), hh, hh / (p.h / p.hkv), r0, min(BR, p.tq - r0));
+}
+
 // Stage rows [j0, j0 + n) of k and v (kv head kvh) into the tiles; rows past Tk load zeros.
 fn stage_kv(bi: u32, kvh: u32, j0: u32, n: u32, t: u32) {
     for (var e = t; e < n * p.d; e += BR) {
@@ -77,16 +89,15 @@ fn stage_kv(bi: u32, kvh: u32, j0: u32, n: u32, t: u32) {
 
 @compute @workgroup_size(BR)
 fn flash_forward(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let wg = wg3.y * nwg.x + wg3.x; // folded into 2-D past 65535 workgroups
-    if (wg >= p.b * p.h * p.blocks) { return; }
-    let blk = wg % p.blocks;
-    let hh = (wg / p.blocks) % p.h;
-    let bi = wg / (p.blocks * p.h);
+    let qb = query_block(wg3, nwg);
+    if (!qb.ok) { return; }
+    let bi = qb.bi;
+    let hh = qb.hh;
     let t = lid.x;
-    let r0 = blk * BR;
+    let r0 = qb.r0;
     let i = r0 + t;
     let live = i < p.tq;
-    let kvh = hh / (p.h / p.hkv);
+    let kvh = qb.kvh;
     let bc = TILE_FLOATS / p.d;
     let span = key_span(r0, min(r0 + BR, p.tq) - 1u);
     let pos = p.pos0 + i;
@@ -240,14 +251,13 @@ fn acc_tile_x(acc: ptr<function, array<array<f32, FT_MAX_DC>, 4>>, sx: u32, hx: 
 
 @compute @workgroup_size(16, 16, 1)
 fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let wg = wg3.y * nwg.x + wg3.x; // folded into 2-D past 65535 workgroups
-    if (wg >= p.b * p.h * p.blocks) { return; }
-    let blk = wg % p.blocks;
-    let hh = (wg / p.blocks) % p.h;
-    let bi = wg / (p.blocks * p.h);
-    let kvh = hh / (p.h / p.hkv);
-    let r0 = blk * FT_R;
-    let nr = min(FT_R, p.tq - r0);
+    let qb = query_block(wg3, nwg);
+    if (!qb.ok) { return; }
+    let bi = qb.bi;
+    let hh = qb.hh;
+    let kvh = qb.kvh;
+    let r0 = qb.r0;
+    let nr = qb.nr;
     let span = key_span(r0, r0 + nr - 1u);
     let tx = lid.x;
     let ty = lid.y;
@@ -315,14 +325,13 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
 
 @compute @workgroup_size(16, 16, 1)
 fn flash_backward_dq_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let wg = wg3.y * nwg.x + wg3.x; // folded into 2-D past 65535 workgroups
-    if (wg >= p.b * p.h * p.blocks) { return; }
-    let blk = wg % p.blocks;
-    let hh = (wg / p.blocks) % p.h;
-    let bi = wg / (p.blocks * p.h);
-    let kvh = hh / (p.h / p.hkv);
-    let r0 = blk * FT_R;
-    let nr = min(FT_R, p.tq - r0);
+    let qb = query_block(wg3, nwg);
+    if (!qb.ok) { return; }
+    let bi = qb.bi;
+    let hh = qb.hh;
+    let kvh = qb.kvh;
+    let r0 = qb.r0;
+    let nr = qb.nr;
     let span = key_span(r0, r0 + nr - 1u);
     let tx = lid.x;
     let ty = lid.y;
@@ -446,16 +455,15 @@ fn flash_backward_dkv_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_
 
 @compute @workgroup_size(BR)
 fn flash_backward_dq(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let wg = wg3.y * nwg.x + wg3.x; // folded into 2-D past 65535 workgroups
-    if (wg >= p.b * p.h * p.blocks) { return; }
-    let blk = wg % p.blocks;
-    let hh = (wg / p.blocks) % p.h;
-    let bi = wg / (p.blocks * p.h);
+    let qb = query_block(wg3, nwg);
+    if (!qb.ok) { return; }
+    let bi = qb.bi;
+    let hh = qb.hh;
     let t = lid.x;
-    let r0 = blk * BR;
+    let r0 = qb.r0;
     let i = r0 + t;
     let live = i < p.tq;
-    let kvh = hh / (p.h / p.hkv);
+    let kvh = qb.kvh;
     let bc = TILE_FLOATS / p.d;
     let span = key_span(r0, min(r0 + BR, p.tq) - 1u);
     let pos = p.pos0 + i;
