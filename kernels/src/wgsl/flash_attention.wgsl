@@ -166,6 +166,11 @@ var<workgroup> t_stage: array<f32, FT_STAGE>; // A^T slice [dd * 64 + row] and B
 var<workgroup> t_row: array<f32, FT_R>;      // per row: rescale factor / 1 / l (fwd), lse (bwd)
 var<workgroup> t_row2: array<f32, FT_R>; // bwd: delta of the tile's query rows
 
+// Whether the query at absolute position pos sees key (causal, sliding window, inside Tk).
+fn sees(pos: u32, key: u32) -> bool {
+    return key < p.tk && key <= pos && pos - key <= p.window;
+}
+
 const OP_Q: u32 = 0u;    // q * scale, query head
 const OP_DOUT: u32 = 1u; // dout, query head
 const OP_K: u32 = 2u;    // k, kv head
@@ -186,8 +191,7 @@ fn operand(src: u32, bi: u32, row: u32, head: u32, c: u32) -> f32 {
 // t_stage; thread (ty, tx) returns rows 4 ty + r, columns tx + 16 c. Starts with a barrier, so
 // callers may rewrite t_stage's previous contents' readers freely before it.
 fn tile_abt(sa: u32, ha: u32, a0: u32, na: u32, sb: u32, hb: u32, b0: u32, nb: u32, bi: u32, li: u32, tx: u32, ty: u32) -> array<array<f32, 2>, 4> {
-    var acc: array<array<f32, 2>, 4>;
-    for (var r = 0u; r < 4u; r++) { acc[r][0] = 0.0; acc[r][1] = 0.0; }
+    var acc: array<array<f32, 2>, 4>; // zero-initialized
     for (var d0 = 0u; d0 < p.d; d0 += FT_DS) {
         workgroupBarrier();
         for (var u = 0u; u < 4u; u++) {
@@ -264,10 +268,7 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
     let ndc = p.d / 16u;
     var m = NEG; // row li's running max and sum (threads li < 64)
     var l = 0.0;
-    var acc: array<array<f32, FT_MAX_DC>, 4>;
-    for (var r = 0u; r < 4u; r++) {
-        for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] = 0.0; }
-    }
+    var acc: array<array<f32, FT_MAX_DC>, 4>; // WGSL zero-initializes function variables
     for (var j0 = span.x; j0 <= span.y; j0 += FT_C) {
         let nk = min(FT_C, p.tk - j0);
         let sc = tile_abt(OP_Q, hh, r0, nr, OP_K, kvh, j0, nk, bi, li, tx, ty);
@@ -277,7 +278,7 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
             let pos = p.pos0 + r0 + row;
             for (var c = 0u; c < 2u; c++) {
                 let key = j0 + tx + 16u * c;
-                let seen = row < nr && key < p.tk && key <= pos && pos - key <= p.window;
+                let seen = row < nr && sees(pos, key);
                 t_p[row * FT_C + tx + 16u * c] = select(NEG, sc[r][c], seen);
             }
         }
@@ -346,10 +347,7 @@ fn flash_backward_dq_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_w
         t_row[li] = lse[ri];
         t_row2[li] = dl;
     }
-    var acc: array<array<f32, FT_MAX_DC>, 4>;
-    for (var r = 0u; r < 4u; r++) {
-        for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] = 0.0; }
-    }
+    var acc: array<array<f32, FT_MAX_DC>, 4>; // WGSL zero-initializes function variables
     for (var j0 = span.x; j0 <= span.y; j0 += FT_C) {
         let nk = min(FT_C, p.tk - j0);
         let s = tile_abt(OP_Q, hh, r0, nr, OP_K, kvh, j0, nk, bi, li, tx, ty);
@@ -361,7 +359,7 @@ fn flash_backward_dq_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_w
             let pos = p.pos0 + r0 + row;
             for (var c = 0u; c < 2u; c++) {
                 let key = j0 + tx + 16u * c;
-                let seen = row < nr && key < p.tk && key <= pos && pos - key <= p.window;
+                let seen = row < nr && sees(pos, key);
                 var ds = 0.0;
                 if (seen) { ds = exp(s[r][c] - t_row[row]) * (dp[r][c] - t_row2[row]) * p.scale; }
                 t_p[row * FT_C + tx + 16u * c] = ds;
@@ -392,11 +390,8 @@ fn flash_backward_dkv_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_
     let tx = lid.x;
     let ty = lid.y;
     let ndc = p.d / 16u;
-    var acc_k: array<array<f32, FT_MAX_DC>, 4>;
+    var acc_k: array<array<f32, FT_MAX_DC>, 4>; // zero-initialized
     var acc_v: array<array<f32, FT_MAX_DC>, 4>;
-    for (var r = 0u; r < 4u; r++) {
-        for (var c = 0u; c < FT_MAX_DC; c++) { acc_k[r][c] = 0.0; acc_v[r][c] = 0.0; }
-    }
     // Query rows that see some key of this block: positions [j0, min(j_last + window, last)].
     let last = p.pos0 + p.tq - 1u;
     let first_pos = max(j0, p.pos0);
@@ -424,7 +419,7 @@ fn flash_backward_dkv_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_
                     for (var c = 0u; c < 2u; c++) {
                         let col = tx + 16u * c;
                         let pos = p.pos0 + i0 + col;
-                        let seen = 4u * ty + r < nk && col < nq && key <= pos && pos - key <= p.window;
+                        let seen = 4u * ty + r < nk && col < nq && sees(pos, key);
                         var pr = 0.0;
                         if (seen) { pr = exp(st[r][c] - t_row[col]); }
                         ds[r][c] = pr * (dpt[r][c] - t_row2[col]);

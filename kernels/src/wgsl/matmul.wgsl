@@ -242,8 +242,7 @@ fn matmul_forward_v4(
     let row0 = wg.y * TM2;
     let col0 = wg.x * TN2;
     // acc[2 i + h]: row i of the thread's 8 (4 ty + i, then 64 + 4 ty + i - 4), column half h.
-    var acc: array<vec4<f32>, 16>;
-    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+    var acc: array<vec4<f32>, 16>; // WGSL zero-initializes function variables
     var ra = load_a4(z, row0, 0u, li);
     var rb = load_b4(z, col0, 0u, li);
     store_tiles4(ra, rb, li);
