@@ -1,5 +1,5 @@
 //! Training-level checks of the GPT: initialisation statistics and memorising one batch.
-use femtochat::engine::{Ids, MuonAdamW, Reduction};
+use femtochat::engine::{Device, Ids, MuonAdamW, Reduction};
 use femtochat::model::optim::{OptimizerConfig, param_groups};
 use femtochat::model::rng::Rng;
 use femtochat::model::{GPTConfig, Gpt};
@@ -94,4 +94,57 @@ fn cached_greedy_generation_matches_full_forward() {
     assert_eq!(stopped.last(), Some(&out[2]));
     let (cut, finish) = generate(&gpt, &prompt, &mut greedy(), 8, &[], |_| false).unwrap();
     assert_eq!((cut.len(), finish), (1, Finish::Cancelled));
+}
+
+/// The loss in row chunks (what keeps a d12 batch's 4 GiB of logits under a GPU's largest
+/// buffer) equals the loss in one piece: values, per-token losses and every gradient, with
+/// ignored targets and a ragged last chunk.
+#[test]
+fn chunked_loss_equals_one_shot_loss() {
+    chunked_loss_on(Device::Cpu);
+}
+
+/// The same on the GPU (lavapipe in CI).
+#[test]
+fn chunked_loss_equals_one_shot_loss_on_gpu() {
+    if let Err(e) = Device::Gpu.ensure_available() {
+        assert!(std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1"), "{e}");
+        return;
+    }
+    chunked_loss_on(Device::Gpu);
+}
+
+fn chunked_loss_on(device: Device) {
+    let config = tiny();
+    let gpt = Gpt::init(config.clone(), 5).unwrap().to_device(device).unwrap();
+    let (b, t) = (3, 7);
+    let mut rng = Rng::new(9);
+    let mut draw = || (rng.next_u64() % config.vocab_size as u64) as u32;
+    let idx = Ids::new((0..b * t).map(|_| draw()).collect(), &[b, t]).unwrap();
+    let mut targets: Vec<i32> = (0..b * t).map(|_| draw() as i32).collect();
+    (targets[2], targets[9], targets[20]) = (-1, -1, -1);
+    let close = |what: &str, got: &[f32], want: &[f32]| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{what}[{i}]: {g} vs {w}");
+        }
+    };
+    let whole = gpt.loss(&idx, &targets, Reduction::Mean).unwrap();
+    let whole_grads = whole.backward().unwrap();
+    let per_token = gpt.loss(&idx, &targets, Reduction::None).unwrap().to_vec();
+    for chunk in [1, 4, 8, 20] {
+        let tag = format!("chunks of {chunk} rows");
+        let loss = gpt.loss_in_chunks(&idx, &targets, Reduction::Mean, chunk).unwrap();
+        close(&tag, &[loss.item().unwrap()], &[whole.item().unwrap()]);
+        let grads = loss.backward().unwrap();
+        for (name, p) in gpt.params().iter() {
+            let (g, w) = (grads.get(p).unwrap().to_vec(), whole_grads.get(p).unwrap().to_vec());
+            close(&format!("{tag}: d {name}"), &g, &w);
+        }
+        let losses = gpt.loss_in_chunks(&idx, &targets, Reduction::None, chunk).unwrap();
+        close(&format!("{tag}: per-token"), &losses.to_vec(), &per_token);
+    }
+    // Every target ignored: NaN, as the one-shot mean (and PyTorch).
+    let none = vec![-1; b * t];
+    assert!(gpt.loss_in_chunks(&idx, &none, Reduction::Mean, 4).unwrap().item().unwrap().is_nan());
 }

@@ -16,6 +16,10 @@ const ROPE_BASE: f32 = 100_000.0;
 const ROPE_LEN_FACTOR: usize = 10;
 /// Logits are soft-capped to (-15, 15).
 const SOFTCAP: f32 = 15.0;
+/// Logits the loss computes at once, in floats (1 GiB). Past it the rows go through the lm head
+/// and the cross-entropy in chunks: a d12 batch of 8 x 2048 rows x 65536 logits is exactly 4 GiB,
+/// one byte over the largest storage buffer a Vulkan GPU binds (2^32 - 1 bytes on NVIDIA).
+const LOSS_CHUNK_FLOATS: usize = 1 << 28;
 /// The smear gate reads the first 24 channels; the value-embedding gate the first 12.
 const SMEAR_CHANNELS: usize = 24;
 const VE_GATE_CHANNELS: usize = 12;
@@ -169,15 +173,49 @@ impl Gpt {
     /// Cross-entropy of the next-token predictions against `targets` (B*T, -1 ignored): a scalar
     /// for `Reduction::Mean`, per-token losses (B*T) for `Reduction::None` (bits per byte).
     pub fn loss(&self, idx: &Ids, targets: &[i32], reduction: Reduction) -> Result<Tensor> {
-        let logits = self.forward(idx)?;
-        let (b, t, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
+        let rows = (LOSS_CHUNK_FLOATS / self.config.padded_vocab_size()).max(1);
+        self.loss_in_chunks(idx, targets, reduction, rows)
+    }
+
+    /// `loss`, with the lm head and the cross-entropy run on at most `chunk_rows` of the B*T
+    /// rows at a time, so no logits buffer exceeds chunk_rows x V. The mean is the sum of the
+    /// chunks' losses over the count of non-ignored targets (NaN when there are none, as one
+    /// chunk's mean).
+    pub fn loss_in_chunks(
+        &self,
+        idx: &Ids,
+        targets: &[i32],
+        reduction: Reduction,
+        chunk_rows: usize,
+    ) -> Result<Tensor> {
+        let x = self.trunk(idx, AttnMode::Full)?; // (B, T, C)
+        let (b, t, c) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         if targets.len() != b * t {
             return Err(ModelError::Invalid(format!(
                 "{} targets for {b}x{t} inputs",
                 targets.len()
             )));
         }
-        Ok(logits.reshape(&[b * t, v])?.cross_entropy(targets, reduction)?)
+        let x = x.reshape(&[b * t, c])?;
+        let rows = b * t;
+        let chunk = chunk_rows.max(1);
+        if rows <= chunk {
+            return Ok(self.head(&x)?.cross_entropy(targets, reduction)?);
+        }
+        let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
+        for r0 in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - r0);
+            let logits = self.head(&x.narrow(0, r0, n)?)?; // (n, V)
+            parts.push(logits.cross_entropy(&targets[r0..r0 + n], Reduction::None)?);
+        }
+        let losses = Tensor::cat(&parts, 0)?; // (B*T)
+        Ok(match reduction {
+            Reduction::None => losses,
+            Reduction::Mean => {
+                let counted = targets.iter().filter(|&&y| y >= 0).count();
+                losses.sum()?.scale(1.0 / counted as f32)?
+            }
+        })
     }
 
     /// Append `idx` (B, T) to the B rows of `cache` (each at its own position) and return the
@@ -198,8 +236,22 @@ impl Gpt {
         Ok(logits)
     }
 
-    /// Shared forward: embeddings, smear, the layers, backout, logits.
-    fn run(&self, idx: &Ids, mut mode: AttnMode) -> Result<Tensor> {
+    /// Shared forward: the trunk, then the lm head on every position: logits (B, T, V).
+    fn run(&self, idx: &Ids, mode: AttnMode) -> Result<Tensor> {
+        let x = self.trunk(idx, mode)?;
+        let (b, t) = (x.shape()[0], x.shape()[1]);
+        Ok(self.head(&x)?.reshape(&[b, t, self.config.vocab_size])?)
+    }
+
+    /// Logits (.., V) of normed final hidden states (.., C): the lm head, cut to the true vocab,
+    /// softcapped.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = x.linear(self.p("lm_head.weight")?)?; // (.., Vp)
+        Ok(logits.narrow(-1, 0, self.config.vocab_size)?.softcap(SOFTCAP)?)
+    }
+
+    /// Embeddings, smear, the layers, backout and the final norm: (B, T, C).
+    fn trunk(&self, idx: &Ids, mut mode: AttnMode) -> Result<Tensor> {
         let c = &self.config;
         if idx.shape().len() != 2 || idx.is_empty() {
             return Err(ModelError::Invalid(format!(
@@ -210,7 +262,6 @@ impl Gpt {
         if let Some(&id) = idx.data().iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(ModelError::TokenOutOfRange { id, vocab: c.vocab_size });
         }
-        let (b, t) = (idx.shape()[0], idx.shape()[1]);
         let norm = |x: &Tensor| x.rmsnorm(RMSNORM_EPS);
 
         let x = norm(&Tensor::embedding(self.p("transformer.wte.weight")?, idx)?)?; // (B, T, C)
@@ -226,8 +277,7 @@ impl Gpt {
         // n_layer >= 1 is validated, so the backout layer exists.
         let xb = backout.ok_or_else(|| ModelError::Config("n_layer must be >= 1".into()))?;
         x = x.sub(&self.p("backout_lambda")?.mul(&xb)?)?;
-        let logits = norm(&x)?.linear(self.p("lm_head.weight")?)?; // (B, T, Vp)
-        Ok(logits.narrow(-1, 0, c.vocab_size)?.softcap(SOFTCAP)?.reshape(&[b, t, c.vocab_size])?)
+        Ok(norm(&x)?)
     }
 
     /// x[:, t] += smear_lambda * sigmoid(x[:, t, :24] . smear_gate) * x[:, t-1], from the
