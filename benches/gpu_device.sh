@@ -41,15 +41,18 @@ part() { # part NAME SECONDS FILE -- command...
 }
 
 # 1. matmul: every kernel at the 8192^3 anchor, and the model's shapes (d12: C 768,
-#    B T = 16384 rows, MLP 4C, vocab 65536) in the three transpose cases training runs.
+#    B T = 16384 rows, MLP 4C, vocab 65536) in the transpose cases training runs.
 part "matmul 8192^3" 120 matmul.jsonl -- \
     $KB matmul --device gpu --m 8192 --k 8192 --n 8192 --reps 10 --tiling 64,128,v4
 part "matmul sizes" 90 matmul.jsonl -- \
     $KB matmul --device gpu --m 1024,4096 --k 1024,4096 --n 1024,4096 --reps 20 --tiling 128,v4
-part "matmul d12 forward" 60 matmul.jsonl -- \
-    $KB matmul --device gpu --m 16384 --k 768 --n 3072,65536 --trans-b --reps 5 --tiling auto
+part "matmul d12 mlp" 60 matmul.jsonl -- \
+    $KB matmul --device gpu --m 16384 --k 768 --n 3072 --trans-b --reps 5 --tiling auto
+# The lm head runs on 4096-row chunks of the loss (a whole batch's logits are 4 GiB).
+part "matmul d12 lm head" 60 matmul.jsonl -- \
+    $KB matmul --device gpu --m 4096 --k 768 --n 65536 --trans-b --reps 5 --tiling auto
 part "matmul d12 weight grad" 60 matmul.jsonl -- \
-    $KB matmul --device gpu --m 768 --k 16384 --n 3072 --trans-a --reps 5 --tiling auto
+    $KB matmul --device gpu --m 3072 --k 16384 --n 768 --trans-a --reps 5 --tiling auto
 
 # 2. attention against the SDPA anchors (B 4, H 6, T 2048, D 128; B 1, H 16, T 8192, D 128).
 part "attention T2048" 120 attention.jsonl -- \
