@@ -58,6 +58,13 @@ part "matmul d12 weight grad" 60 matmul.jsonl -- \
 part "attention T2048" 120 attention.jsonl -- \
     $KB attention --device gpu --b 4 --h 6 --t 2048 --d 128 --pass fwd,both \
     --impl flash,flash-rows --reps 5
+# The tiled kernels' tile shapes (pipeline constants), to pick the default for this GPU.
+for tiles in "32 32" "64 16" "64 64" "32 64"; do
+    set -- $tiles
+    part "attention tiles $1x$2" 40 attention.jsonl -- \
+        $KB attention --device gpu --b 4 --h 6 --t 2048 --d 128 --pass fwd,both \
+        --impl flash --block-r $1 --block-c $2 --reps 3
+done
 part "attention T8192" 120 attention.jsonl -- \
     $KB attention --device gpu --b 1 --h 16 --t 8192 --d 128 --pass fwd,both --impl flash --reps 3
 

@@ -418,7 +418,7 @@ fn embedding_and_copy_block_match_cpu() {
     assert_close("narrow back", &get(&back), &wb, 0.0);
 }
 
-type AttnFwd = fn(
+type AttnFwd = dyn Fn(
     &mut gpu::Batch,
     &gpu::GpuBuffer,
     &gpu::GpuBuffer,
@@ -427,7 +427,7 @@ type AttnFwd = fn(
     &gpu::GpuBuffer,
     cpu::attention::AttnShape,
 ) -> Result<(), gpu::GpuError>;
-type AttnBwd = fn(
+type AttnBwd = dyn Fn(
     &mut gpu::Batch,
     &gpu::GpuBuffer,
     &gpu::GpuBuffer,
@@ -445,7 +445,7 @@ type AttnBwd = fn(
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 
 /// A GPU attention kernel pair (forward, backward) against the CPU reference kernel on `shapes`.
-fn check_attention(name: &str, fwd: AttnFwd, bwd: AttnBwd, shapes: &[Case]) {
+fn check_attention(name: &str, fwd: &AttnFwd, bwd: &AttnBwd, shapes: &[Case]) {
     use cpu::attention::AttnShape;
     let Some(ctx) = ctx() else { return };
     for &(b, tq, tk, h, hkv, d, window, pos0) in shapes {
@@ -483,8 +483,8 @@ const MAX: usize = usize::MAX;
 fn attention_matches_cpu() {
     check_attention(
         "attention",
-        gpu::attention::attention_forward,
-        gpu::attention::attention_backward,
+        &gpu::attention::attention_forward,
+        &gpu::attention::attention_backward,
         &[
             (1, 1, 1, 1, 1, 4, MAX, 0),
             (2, 9, 9, 4, 2, 8, MAX, 0),
@@ -499,22 +499,62 @@ fn attention_matches_cpu() {
 fn flash_attention_matches_cpu_reference() {
     check_attention(
         "flash",
-        gpu::flash_attention::flash_forward,
-        gpu::flash_attention::flash_backward,
+        &gpu::flash_attention::flash_forward,
+        &gpu::flash_attention::flash_backward,
         FLASH_CASES,
     );
 }
 
-/// The row-per-thread kernels on the same cases (the tiled ones take most of them in
-/// `flash_forward`, so these would otherwise only see the head dims the tiled ones reject).
+/// The row-per-thread kernels, and the tiled ones with every other tile shape, on the same
+/// cases (the tiled kernels with default tiles take most of them in `flash_forward`; head dims
+/// they do not take are refused by `Tiled`).
 #[test]
-fn flash_attention_rows_match_cpu_reference() {
-    check_attention(
-        "flash-rows",
-        gpu::flash_attention::flash_forward_rows,
-        gpu::flash_attention::flash_backward_rows,
-        FLASH_CASES,
-    );
+fn flash_attention_kernel_choices_match_cpu_reference() {
+    use gpu::flash_attention::{FlashKernel, FlashTiles, flash_backward_with, flash_forward_with};
+    let Some(ctx) = ctx() else { return };
+    let mut kernels = vec![FlashKernel::Rows];
+    for (rows, cols) in [(16, 16), (32, 32), (32, 64), (64, 16), (64, 64)] {
+        let tiles = FlashTiles { rows, cols };
+        let limit = ctx.device.limits().max_compute_workgroup_storage_size as usize;
+        if tiles.workgroup_bytes() <= limit {
+            kernels.push(FlashKernel::Tiled(tiles));
+        }
+    }
+    for kernel in kernels {
+        let cases: Vec<Case> = FLASH_CASES
+            .iter()
+            .copied()
+            .filter(|c| {
+                kernel == FlashKernel::Rows || FlashKernel::for_head_dim(c.5) != FlashKernel::Rows
+            })
+            .collect();
+        check_attention(
+            &format!("{kernel:?}"),
+            &move |bt, o, l, q, k, v, s| flash_forward_with(bt, kernel, o, l, q, k, v, s),
+            &move |bt, dq, dk, dv, g, q, k, v, o, l, s| {
+                flash_backward_with(bt, kernel, [dq, dk, dv, g, q, k, v, o, l], s)
+            },
+            &cases,
+        );
+    }
+}
+
+/// Tile shapes outside 16/32/64, and tiled kernels for a head dim they cannot hold, are errors.
+#[test]
+fn flash_attention_rejects_bad_tiles() {
+    use gpu::flash_attention::{FlashKernel, FlashTiles, flash_forward_with};
+    let Some(ctx) = ctx() else { return };
+    let run_with = |kernel, d: usize| {
+        let s =
+            cpu::attention::AttnShape { b: 1, tq: 8, tk: 8, h: 1, hkv: 1, d, window: MAX, pos0: 0 };
+        let (q, lse) = (ctx.zeros(8 * d).unwrap(), ctx.zeros(8).unwrap());
+        let mut bt = ctx.batch();
+        flash_forward_with(&mut bt, kernel, &q, &lse, &q, &q, &q, s)
+    };
+    let err = run_with(FlashKernel::Tiled(FlashTiles { rows: 48, cols: 32 }), 64).unwrap_err();
+    assert!(err.to_string().contains("16, 32 or 64"), "{err}");
+    let err = run_with(FlashKernel::Tiled(FlashTiles::default()), 72).unwrap_err();
+    assert!(err.to_string().contains("multiple of 16"), "{err}");
 }
 
 /// (b, tq, tk, h, hkv, d, window, pos0) cases chosen for the flash tilings.

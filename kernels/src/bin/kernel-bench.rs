@@ -19,6 +19,7 @@ use femtochat_kernels::cpu::flash_attention::{
     FlashBlocks, flash_attention_backward, flash_attention_forward,
 };
 use femtochat_kernels::cpu::matmul::{Isa, MatmulShape, matmul_naive, matmul_with};
+use femtochat_kernels::gpu::flash_attention::{FlashKernel, FlashTiles};
 
 /// The system allocator, counting live bytes and their high-water mark.
 struct Counting;
@@ -287,10 +288,12 @@ struct AttentionArgs {
     #[arg(long)]
     window: Option<usize>,
     /// Flash query rows per tile, for both passes (default: the engine's per-pass blocks,
-    /// `FlashBlocks::forward(D)` and `FlashBlocks::backward(D)`).
+    /// `FlashBlocks::forward(D)` and `FlashBlocks::backward(D)`). On the GPU: the tiled
+    /// kernels' rows per workgroup, 16, 32 or 64 (default 64).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     block_r: Option<u32>,
-    /// Flash key rows per tile, for both passes (default: as --block-r).
+    /// Flash key rows per tile, for both passes (default: as --block-r). On the GPU: the
+    /// tiled kernels' tile width, 16, 32 or 64 (default 32).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     block_c: Option<u32>,
     /// Passes to time (comma-separated).
@@ -331,6 +334,18 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
         bc: args.block_c.map_or(default.bc, |x| x as usize),
     };
     let (fwd_bl, bwd_bl) = (blocks(FlashBlocks::forward(d)), blocks(FlashBlocks::backward(d)));
+    // GPU kernels per --impl: forced tiles for the tiled kernels, else the engine's choice.
+    let gpu_kernel = |imp: AttnImpl| match imp {
+        AttnImpl::Flash if args.block_r.is_some() || args.block_c.is_some() => {
+            let t = FlashTiles::default();
+            FlashKernel::Tiled(FlashTiles {
+                rows: args.block_r.map_or(t.rows, |x| x as usize),
+                cols: args.block_c.map_or(t.cols, |x| x as usize),
+            })
+        }
+        AttnImpl::Flash => FlashKernel::for_head_dim(d),
+        _ => FlashKernel::Rows,
+    };
     let ts: Vec<usize> =
         if args.sweep { SWEEP_T.to_vec() } else { args.t.iter().map(|&t| t as usize).collect() };
     let mut pool = rayon::ThreadPoolBuilder::new();
@@ -360,7 +375,9 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
         let fwd_flops = 4.0 * (b * h * d) as f64 * pairs as f64;
         for &imp in &args.imp {
             for &pass in &args.pass {
-                let case = AttnCase { s, fwd_bl, bwd_bl, imp, q: &q, k: &k, v: &v, dout: &dout };
+                let gpu = gpu_kernel(imp);
+                let case =
+                    AttnCase { s, fwd_bl, bwd_bl, gpu, imp, q: &q, k: &k, v: &v, dout: &dout };
                 let (ms, best_ms, extra) = match args.device {
                     Device::Cpu => {
                         pool.install(|| time_attention(&case, pass, args.reps as usize))?
@@ -375,18 +392,17 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
                         Pass::Bwd => 2.5,
                         Pass::Both => 3.5,
                     };
-                // The WGSL kernels' tiles are fixed: 64 rows against 32-wide tiles (the tiled
-                // kernels) or 2048-float tiles (one thread per row).
-                let tiled = imp == AttnImpl::Flash
-                    && femtochat_kernels::gpu::flash_attention::tiled_fits(d);
-                let (fwd_blocks, bwd_blocks) = match args.device {
-                    Device::Cpu => (fwd_bl, bwd_bl),
-                    Device::Gpu if tiled => {
-                        (FlashBlocks { br: 64, bc: 32 }, FlashBlocks { br: 64, bc: 32 })
+                // On the GPU both passes share the tiles: the tiled kernels' (rows, cols), or
+                // the row-per-thread kernels' 64 rows against 2048-float tiles.
+                let (fwd_blocks, bwd_blocks) = match (args.device, gpu) {
+                    (Device::Cpu, _) => (fwd_bl, bwd_bl),
+                    (Device::Gpu, FlashKernel::Tiled(t)) => {
+                        let bl = FlashBlocks { br: t.rows, bc: t.cols };
+                        (bl, bl)
                     }
-                    Device::Gpu => {
-                        let rows = FlashBlocks { br: 64, bc: 2048 / d };
-                        (rows, rows)
+                    (Device::Gpu, FlashKernel::Rows) => {
+                        let bl = FlashBlocks { br: 64, bc: 2048 / d };
+                        (bl, bl)
                     }
                 };
                 // br, bc: the forward's blocks; bwd_br, bwd_bc: the backward's (if timed).
@@ -457,6 +473,7 @@ struct AttnCase<'a> {
     s: AttnShape,
     fwd_bl: FlashBlocks,
     bwd_bl: FlashBlocks,
+    gpu: FlashKernel,
     imp: AttnImpl,
     q: &'a [f32],
     k: &'a [f32],
@@ -525,18 +542,17 @@ fn time_attention_gpu(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64
     let record = |bt: &mut Batch, fwd: bool, bwd: bool| -> Result<()> {
         if fwd {
             match c.imp {
-                AttnImpl::Flash => flash::flash_forward(bt, &out, &lse, &q, &k, &v, s)?,
-                AttnImpl::FlashRows => flash::flash_forward_rows(bt, &out, &lse, &q, &k, &v, s)?,
+                AttnImpl::Flash | AttnImpl::FlashRows => {
+                    flash::flash_forward_with(bt, c.gpu, &out, &lse, &q, &k, &v, s)?
+                }
                 AttnImpl::Reference => reference::attention_forward(bt, &out, &lse, &q, &k, &v, s)?,
             }
         }
         if bwd {
             match c.imp {
-                AttnImpl::Flash => {
-                    flash::flash_backward(bt, &dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, s)?
-                }
-                AttnImpl::FlashRows => {
-                    flash::flash_backward_rows(bt, &dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, s)?
+                AttnImpl::Flash | AttnImpl::FlashRows => {
+                    let bufs = [&dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse];
+                    flash::flash_backward_with(bt, c.gpu, bufs, s)?
                 }
                 AttnImpl::Reference => reference::attention_backward(
                     bt, &dq, &dk, &dv, &dout, &q, &k, &v, &out, &lse, s,

@@ -327,6 +327,19 @@ impl Batch {
         bufs: &[(u32, &GpuBuffer)],
         groups: [u32; 3],
     ) -> Result<(), GpuError> {
+        self.dispatch_tuned(stem, entry, &[], params, bufs, groups)
+    }
+
+    /// `dispatch_bound` on the pipeline specialised with `constants` (WGSL `override`s, by name).
+    pub(crate) fn dispatch_tuned<P: bytemuck::Pod>(
+        &mut self,
+        stem: &'static str,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+        params: &P,
+        bufs: &[(u32, &GpuBuffer)],
+        groups: [u32; 3],
+    ) -> Result<(), GpuError> {
         let limit = self.ctx.limits.max_compute_workgroups_per_dimension;
         if let Some(&g) = groups.iter().find(|&&g| g > limit) {
             return Err(GpuError::DispatchTooLarge { groups: g as u64, limit });
@@ -335,7 +348,7 @@ impl Batch {
             return Ok(());
         }
         let dev = &self.ctx.device;
-        let pipeline = self.ctx.pipelines.get(dev, stem, entry);
+        let pipeline = self.ctx.pipelines.get(dev, stem, entry, constants);
         // A fresh uniform per dispatch: queue writes would land before the whole batch runs.
         let ubuf = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(entry),

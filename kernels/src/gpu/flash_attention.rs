@@ -14,8 +14,75 @@ pub const DECODE_MAX_ROWS: usize = 4;
 /// Largest head dim the kernel's private arrays hold (`MAX_D` in the WGSL).
 pub const MAX_HEAD_DIM: usize = super::attention::MAX_HEAD_DIM;
 
-fn params(s: AttnShape, rows: usize) -> Result<Params, GpuError> {
-    super::attention::params(s, rows.div_ceil(BR))
+fn params(s: AttnShape, rows: usize, block: usize) -> Result<Params, GpuError> {
+    super::attention::params(s, rows.div_ceil(block))
+}
+
+/// Tile sizes of the `*_tiled` kernels: `rows` (queries, or keys in the dK/dV pass) per
+/// workgroup and `cols` per tile of the other side, each 16, 32 or 64 (16 x 16 threads hold
+/// rows / 16 x cols / 16 each). Pipeline constants: changing them builds another pipeline, not
+/// another shader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashTiles {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Default for FlashTiles {
+    /// 64 x 32: 14.5 KiB of workgroup memory, within WebGPU's guaranteed 16 KiB.
+    fn default() -> Self {
+        FlashTiles { rows: 64, cols: 32 }
+    }
+}
+
+impl FlashTiles {
+    /// Workgroup memory the tiled kernels need: t_p (rows x cols), the staged slices
+    /// (16 (rows + cols)) and two 64-float row vectors.
+    pub fn workgroup_bytes(self) -> usize {
+        4 * (self.rows * self.cols + 16 * (self.rows + self.cols) + 128)
+    }
+
+    fn constants(self, bt: &Batch) -> Result<[(&'static str, f64); 2], GpuError> {
+        let ok = |n: usize| matches!(n, 16 | 32 | 64);
+        if !ok(self.rows) || !ok(self.cols) {
+            return Err(GpuError::Unsupported(format!(
+                "flash tiles {}x{}: rows and cols must each be 16, 32 or 64",
+                self.rows, self.cols
+            )));
+        }
+        let limit = bt.context().limits.max_compute_workgroup_storage_size as usize;
+        if self.workgroup_bytes() > limit {
+            return Err(GpuError::Unsupported(format!(
+                "flash tiles {}x{} need {} B of workgroup memory; this device has {limit}",
+                self.rows,
+                self.cols,
+                self.workgroup_bytes()
+            )));
+        }
+        Ok([("FT_RPT", (self.rows / 16) as f64), ("FT_CPT", (self.cols / 16) as f64)])
+    }
+}
+
+/// Which kernels run attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// The `*_tiled` kernels: register tiles over a 16 x 16 workgroup. Head dims that are
+    /// multiples of 16 up to 128.
+    Tiled(FlashTiles),
+    /// One thread per query (or key) row: every head dim up to 256.
+    Rows,
+}
+
+impl FlashKernel {
+    /// The tiled kernels with default tiles where the head dim allows them (the model's 64 and
+    /// 128), else one thread per row.
+    pub fn for_head_dim(d: usize) -> FlashKernel {
+        if d.is_multiple_of(16) && d <= 128 {
+            FlashKernel::Tiled(FlashTiles::default())
+        } else {
+            FlashKernel::Rows
+        }
+    }
 }
 
 /// out (B, Tq, H, D) = attention(q, k, v); lse (B, Tq, H) saved for backward.
@@ -28,28 +95,14 @@ pub fn flash_forward(
     v: &GpuBuffer,
     s: AttnShape,
 ) -> Result<(), GpuError> {
-    let entry = if tiled_fits(s.d) { "flash_forward_tiled" } else { "flash_forward" };
-    forward_with(bt, entry, out, lse, q, k, v, s)
+    flash_forward_with(bt, FlashKernel::for_head_dim(s.d), out, lse, q, k, v, s)
 }
 
-/// `flash_forward` forced onto the one-thread-per-query-row kernel, the fallback for head dims
-/// `tiled_fits` rejects; for benchmarks (`kernel-bench attention --impl flash-rows`).
-pub fn flash_forward_rows(
-    bt: &mut Batch,
-    out: &GpuBuffer,
-    lse: &GpuBuffer,
-    q: &GpuBuffer,
-    k: &GpuBuffer,
-    v: &GpuBuffer,
-    s: AttnShape,
-) -> Result<(), GpuError> {
-    forward_with(bt, "flash_forward", out, lse, q, k, v, s)
-}
-
+/// `flash_forward` on chosen kernels (benchmarks, tuning, tests).
 #[allow(clippy::too_many_arguments)]
-fn forward_with(
+pub fn flash_forward_with(
     bt: &mut Batch,
-    entry: &'static str,
+    kernel: FlashKernel,
     out: &GpuBuffer,
     lse: &GpuBuffer,
     q: &GpuBuffer,
@@ -63,23 +116,34 @@ fn forward_with(
     if s.tq <= DECODE_MAX_ROWS {
         return flash_decode(bt, out, lse, q, k, v, s);
     }
-    let p = params(s, s.tq)?;
-    let groups = grid_1d(s.b * s.h * p.blocks as usize, 1);
-    if entry == "flash_forward_tiled" {
-        // The tiled kernels share helpers that can read dout (binding 6); the forward never
-        // does, so q stands in for it.
-        let bufs = [(1, out), (2, lse), (3, q), (4, k), (5, v), (6, q)];
-        return bt.dispatch_bound("flash_attention", entry, &p, &bufs, groups);
+    match kernel {
+        FlashKernel::Tiled(tiles) => {
+            check_tiled(s)?;
+            let consts = tiles.constants(bt)?;
+            let p = params(s, s.tq, tiles.rows)?;
+            let groups = grid_1d(s.b * s.h * p.blocks as usize, 1);
+            // The tiled kernels share helpers that can read dout (binding 6); the forward never
+            // does, so q stands in for it.
+            let bufs = [(1, out), (2, lse), (3, q), (4, k), (5, v), (6, q)];
+            bt.dispatch_tuned("flash_attention", "flash_forward_tiled", &consts, &p, &bufs, groups)
+        }
+        FlashKernel::Rows => {
+            let p = params(s, s.tq, BR)?;
+            let groups = grid_1d(s.b * s.h * p.blocks as usize, 1);
+            let bufs = [(1, out), (2, lse), (3, q), (4, k), (5, v)];
+            bt.dispatch_bound("flash_attention", "flash_forward", &p, &bufs, groups)
+        }
     }
-    let bufs = [(1, out), (2, lse), (3, q), (4, k), (5, v)];
-    bt.dispatch_bound("flash_attention", entry, &p, &bufs, groups)
 }
 
-/// Whether forward and backward run the `*_tiled` kernels (matmul-style register tiles spread
-/// over a 16 x 16 workgroup) rather than one thread per row: head dims that are multiples of 16
-/// up to 128, which covers the model's (64, 128).
-pub fn tiled_fits(d: usize) -> bool {
-    d.is_multiple_of(16) && d <= 128
+fn check_tiled(s: AttnShape) -> Result<(), GpuError> {
+    if FlashKernel::for_head_dim(s.d) == FlashKernel::Rows {
+        return Err(GpuError::Unsupported(format!(
+            "tiled flash attention needs a head dim that is a multiple of 16 up to 128, got {}",
+            s.d
+        )));
+    }
+    Ok(())
 }
 
 /// dq += .., dk += .., dv += .. given dout and the forward's out and lse.
@@ -97,37 +161,18 @@ pub fn flash_backward(
     lse: &GpuBuffer,
     s: AttnShape,
 ) -> Result<(), GpuError> {
-    backward_with(bt, tiled_fits(s.d), [dq, dk, dv, dout, q, k, v, out, lse], s)
+    let bufs = [dq, dk, dv, dout, q, k, v, out, lse];
+    flash_backward_with(bt, FlashKernel::for_head_dim(s.d), bufs, s)
 }
 
-/// `flash_backward` forced onto the one-thread-per-row kernels (for benchmarks).
-#[allow(clippy::too_many_arguments)]
-pub fn flash_backward_rows(
+/// `flash_backward` on chosen kernels; `bufs` = dq, dk, dv, dout, q, k, v, out, lse.
+pub fn flash_backward_with(
     bt: &mut Batch,
-    dq: &GpuBuffer,
-    dk: &GpuBuffer,
-    dv: &GpuBuffer,
-    dout: &GpuBuffer,
-    q: &GpuBuffer,
-    k: &GpuBuffer,
-    v: &GpuBuffer,
-    out: &GpuBuffer,
-    lse: &GpuBuffer,
-    s: AttnShape,
-) -> Result<(), GpuError> {
-    backward_with(bt, false, [dq, dk, dv, dout, q, k, v, out, lse], s)
-}
-
-/// The backward's two passes; `bufs` = dq, dk, dv, dout, q, k, v, out, lse.
-fn backward_with(
-    bt: &mut Batch,
-    tiled: bool,
+    kernel: FlashKernel,
     bufs: [&GpuBuffer; 9],
     s: AttnShape,
 ) -> Result<(), GpuError> {
     let [dq, dk, dv, dout, q, k, v, out, lse] = bufs;
-    let pq = params(s, s.tq)?;
-    let pk = params(s, s.tk)?;
     check_io(s, q, k, v)?;
     for (what, b) in [("flash dq", dq), ("flash dout", dout), ("flash out", out)] {
         b.check(what, q.len())?;
@@ -136,18 +181,22 @@ fn backward_with(
     dv.check("flash dv", k.len())?;
     let rows = s.b * s.tq * s.h;
     lse.check("flash lse", rows)?;
-    let delta = bt.context().alloc(rows)?;
-    let (dq_entry, dkv_entry) = if tiled {
-        ("flash_backward_dq_tiled", "flash_backward_dkv_tiled")
-    } else {
-        ("flash_backward_dq", "flash_backward_dkv")
+    let (block, consts, dq_entry, dkv_entry) = match kernel {
+        FlashKernel::Tiled(tiles) => {
+            check_tiled(s)?;
+            let c = tiles.constants(bt)?;
+            (tiles.rows, c.to_vec(), "flash_backward_dq_tiled", "flash_backward_dkv_tiled")
+        }
+        FlashKernel::Rows => (BR, Vec::new(), "flash_backward_dq", "flash_backward_dkv"),
     };
+    let (pq, pk) = (params(s, s.tq, block)?, params(s, s.tk, block)?);
+    let delta = bt.context().alloc(rows)?;
     let b1 = [(1, dq), (2, lse), (3, q), (4, k), (5, v), (6, dout), (7, out), (8, &delta)];
     let g1 = grid_1d(s.b * s.h * pq.blocks as usize, 1);
-    bt.dispatch_bound("flash_attention", dq_entry, &pq, &b1, g1)?;
+    bt.dispatch_tuned("flash_attention", dq_entry, &consts, &pq, &b1, g1)?;
     let b2 = [(1, dk), (2, lse), (3, q), (4, k), (5, v), (6, dout), (8, &delta), (9, dv)];
     let g2 = grid_1d(s.b * s.hkv * pk.blocks as usize, 1);
-    bt.dispatch_bound("flash_attention", dkv_entry, &pk, &b2, g2)
+    bt.dispatch_tuned("flash_attention", dkv_entry, &consts, &pk, &b2, g2)
 }
 
 /// Decode forward: the keys up to the last query split into KC-key chunks, one workgroup per

@@ -1,4 +1,5 @@
-//! Shader sources and the pipeline cache: one compute pipeline per (stem, entry point), built once.
+//! Shader sources and the pipeline cache: one compute pipeline per (stem, entry point, values of
+//! its pipeline-overridable constants), built once.
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -20,8 +21,11 @@ pub const SHADERS: &[(&str, &str)] = &[
 #[derive(Default)]
 pub(crate) struct Pipelines {
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<(&'static str, &'static str), wgpu::ComputePipeline>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
+
+/// Stem, entry point, and each overridden constant's name and value bits.
+type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
 
 impl Pipelines {
     pub(crate) fn get(
@@ -29,9 +33,11 @@ impl Pipelines {
         device: &wgpu::Device,
         stem: &'static str,
         entry: &'static str,
+        constants: &[(&'static str, f64)],
     ) -> wgpu::ComputePipeline {
+        let key = (stem, entry, constants.iter().map(|&(n, v)| (n, v.to_bits())).collect());
         let mut pipes = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = pipes.get(&(stem, entry)) {
+        if let Some(p) = pipes.get(&key) {
             return p.clone();
         }
         let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
@@ -48,10 +54,13 @@ impl Pipelines {
             layout: None,
             module,
             entry_point: Some(entry),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                ..Default::default()
+            },
             cache: None,
         });
-        pipes.insert((stem, entry), p.clone());
+        pipes.insert(key, p.clone());
         p
     }
 }

@@ -58,16 +58,16 @@ fn key_span(r0: u32, r1: u32) -> vec2<u32> {
     return vec2<u32>(first - min(p.window, first), p.pos0 + r1);
 }
 
-// The (batch, head, block of BR query rows) a query-block workgroup owns; `ok` is false for
+// The (batch, head, block of `rows` query rows) a query-block workgroup owns; `ok` is false for
 // the padding workgroups past the grid (folded into 2-D past 65535 workgroups).
 struct QBlock { ok: bool, bi: u32, hh: u32, kvh: u32, r0: u32, nr: u32 }
 
-fn query_block(wg3: vec3<u32>, nwg: vec3<u32>) -> QBlock {
+fn query_block(wg3: vec3<u32>, nwg: vec3<u32>, rows: u32) -> QBlock {
     let wg = wg3.y * nwg.x + wg3.x;
     let hh = (wg / p.blocks) % p.h;
-    let r0 = (wg % p.blocks) * BR;
+    let r0 = (wg % p.blocks) * rows;
     let ok = wg < p.b * p.h * p.blocks;
-    return QBlock(ok, wg / (p.blocks * p.h), hh, hh / (p.h / p.hkv), r0, min(BR, p.tq - r0));
+    return QBlock(ok, wg / (p.blocks * p.h), hh, hh / (p.h / p.hkv), r0, min(rows, p.tq - r0));
 }
 
 // Stage rows [j0, j0 + n) of k and v (kv head kvh) into the tiles; rows past Tk load zeros.
@@ -89,7 +89,7 @@ fn stage_kv(bi: u32, kvh: u32, j0: u32, n: u32, t: u32) {
 
 @compute @workgroup_size(BR)
 fn flash_forward(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let qb = query_block(wg3, nwg);
+    let qb = query_block(wg3, nwg, BR);
     if (!qb.ok) { return; }
     let bi = qb.bi;
     let hh = qb.hh;
@@ -138,33 +138,40 @@ fn flash_forward(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups)
 
 // Kernels tiled like a matmul (FlashAttention-2's structure), for head dims that are multiples
 // of 16 up to 128 (the model's 64 and 128; the launchers send others to the row-per-thread
-// kernels above and below). A 16 x 16 workgroup owns 64 rows (queries, or keys in dK/dV) and
-// walks 32-wide tiles of the other side. Every product is either a (64, 32) tile of A B^T over
-// 16-wide head-dim slices staged in workgroup memory (`tile_abt`: thread (ty, tx) holds rows
-// 4 ty.., columns tx and tx + 16) or the (64, 32) tile in t_p times 32 staged rows
-// (`acc_tile_x`: the thread holds rows 4 ty.., columns tx + 16 c of a (64, D) accumulator), so no
-// thread ever holds a whole row of length D, and every loop over a register array has a constant
-// bound (D / 16 <= 8 is a guard, not a trip count), so the arrays stay in registers.
-//   flash_forward_tiled:      per 32-key tile S = (scale Q) K^T; thread r < 64 runs row r's
-//                             online softmax (max, sum in its registers) on t_p and publishes
-//                             the rescale factor; O = O * rescale + P V.
-//   flash_backward_dq_tiled:  writes delta, then per 32-key tile S, dP -> scale dS in t_p,
+// kernels above and below). A 16 x 16 workgroup owns R rows (queries, or keys in dK/dV) and walks
+// C-wide tiles of the other side; R = 16 FT_RPT and C = 16 FT_CPT are pipeline constants (16, 32
+// or 64 each; 64 x 32 by default), so the host tunes them per device without a new shader. Every
+// product is either an (R, C) tile of A B^T over 16-wide head-dim slices staged in workgroup
+// memory (`tile_abt`: thread (ty, tx) holds rows FT_RPT ty + r, columns tx + 16 c) or the (R, C)
+// tile in t_p times C staged rows (`acc_tile_x`: the thread holds rows FT_RPT ty + r, columns
+// tx + 16 c of an (R, D) accumulator), so no thread ever holds a whole row of length D, and every
+// loop over a register array has a bound fixed at pipeline creation (D / 16 <= 8 is a guard), so
+// the arrays stay in registers.
+//   flash_forward_tiled:      per key tile S = (scale Q) K^T; thread r < R runs row r's online
+//                             softmax (max, sum in its registers) on t_p and publishes the
+//                             rescale factor; O = O * rescale + P V.
+//   flash_backward_dq_tiled:  writes delta, then per key tile S, dP -> scale dS in t_p,
 //                             dq += (scale dS) K.
-//   flash_backward_dkv_tiled: per query head of the group and 32-query tile S^T, dP^T -> P^T
-//                             in t_p, dv += P^T dOut, then dS^T in t_p, dk += dS^T (scale Q).
-// Workgroup memory: t_p, t_stage, t_row, t_row2: 3712 floats (14.5 KiB).
-const FT_R: u32 = 64u;      // rows per workgroup
-const FT_C: u32 = 32u;      // columns (keys, or queries in dK/dV) per tile
+//   flash_backward_dkv_tiled: per query head of the group and query tile S^T, dP^T -> P^T in
+//                             t_p, dv += P^T dOut, then dS^T in t_p, dk += dS^T (scale Q).
+// Workgroup memory: R C + 16 (R + C) + 128 floats: 14.5 KiB at 64 x 32 (24.5 KiB at 64 x 64,
+// past WebGPU's guaranteed 16 KiB: the host checks the device's limit).
+override FT_RPT: u32 = 4u;  // rows per thread
+override FT_CPT: u32 = 2u;  // columns per thread
+override FT_R: u32 = 16u * FT_RPT;
+override FT_C: u32 = 16u * FT_CPT;
+const FT_MAX_RPT: u32 = 4u;
+const FT_MAX_CPT: u32 = 4u;
 const FT_DS: u32 = 16u;     // head-dim slice of a tile_abt product
 const FT_MAX_DC: u32 = 8u;  // accumulator columns per thread: D / 16 <= 8
-const FT_STAGE: u32 = 1536u;
+const FT_MAX_RC: u32 = 64u; // largest R or C
 const NEG: f32 = -3.4e38;   // masked score (finite: no inf - inf)
 
-var<workgroup> t_p: array<f32, 2048>;        // [row * FT_C + col]: scores, P, dS
-var<workgroup> t_stage: array<f32, FT_STAGE>; // A^T slice [dd * 64 + row] and B^T slice
-                                             // [1024 + dd * 32 + row], or X rows [row * D + c]
-var<workgroup> t_row: array<f32, FT_R>;      // per row: rescale factor / 1 / l (fwd), lse (bwd)
-var<workgroup> t_row2: array<f32, FT_R>; // bwd: delta of the tile's query rows
+var<workgroup> t_p: array<f32, FT_R * FT_C>;             // [row * FT_C + col]: scores, P, dS
+var<workgroup> t_stage: array<f32, FT_DS * (FT_R + FT_C)>; // A^T slice [dd * R + row] and B^T
+                                          // slice [16 R + dd * C + row], or X rows [row * D + c]
+var<workgroup> t_row: array<f32, FT_MAX_RC>;  // per row: rescale, then 1 / l (fwd); lse (bwd)
+var<workgroup> t_row2: array<f32, FT_MAX_RC>; // bwd: delta of the tile's query rows
 
 // Whether the query at absolute position pos sees key (causal, sliding window, inside Tk).
 fn sees(pos: u32, key: u32) -> bool {
@@ -186,48 +193,47 @@ fn operand(src: u32, bi: u32, row: u32, head: u32, c: u32) -> f32 {
     }
 }
 
-// (64, 32) = A B^T with A rows a0 + (0..64) of operand sa (the first na exist) and B rows
-// b0 + (0..32) of sb (the first nb exist), over D in 16-wide slices staged transposed in
-// t_stage; thread (ty, tx) returns rows 4 ty + r, columns tx + 16 c. Starts with a barrier, so
-// callers may rewrite t_stage's previous contents' readers freely before it.
-fn tile_abt(sa: u32, ha: u32, a0: u32, na: u32, sb: u32, hb: u32, b0: u32, nb: u32, bi: u32, li: u32, tx: u32, ty: u32) -> array<array<f32, 2>, 4> {
-    var acc: array<array<f32, 2>, 4>; // zero-initialized
+// (R, C) = A B^T with A rows a0 + (0..R) of operand sa (the first na exist) and B rows
+// b0 + (0..C) of sb (the first nb exist), over D in 16-wide slices staged transposed in
+// t_stage; thread (ty, tx) returns rows FT_RPT ty + r, columns tx + 16 c. Starts with a barrier,
+// so callers may rewrite what the previous readers of t_stage read before calling it.
+fn tile_abt(sa: u32, ha: u32, a0: u32, na: u32, sb: u32, hb: u32, b0: u32, nb: u32, bi: u32, li: u32, tx: u32, ty: u32) -> array<array<f32, FT_MAX_CPT>, FT_MAX_RPT> {
+    var acc: array<array<f32, FT_MAX_CPT>, FT_MAX_RPT>; // zero-initialized
     for (var d0 = 0u; d0 < p.d; d0 += FT_DS) {
         workgroupBarrier();
-        for (var u = 0u; u < 4u; u++) {
+        for (var u = 0u; u < FT_RPT; u++) {
             let e = li + 256u * u;
             let row = e / FT_DS;
             var x = 0.0;
             if (row < na) { x = operand(sa, bi, a0 + row, ha, d0 + e % FT_DS); }
             t_stage[(e % FT_DS) * FT_R + row] = x;
         }
-        for (var u = 0u; u < 2u; u++) {
+        for (var u = 0u; u < FT_CPT; u++) {
             let e = li + 256u * u;
             let row = e / FT_DS;
             var x = 0.0;
             if (row < nb) { x = operand(sb, bi, b0 + row, hb, d0 + e % FT_DS); }
-            t_stage[1024u + (e % FT_DS) * FT_C + row] = x;
+            t_stage[FT_DS * FT_R + (e % FT_DS) * FT_C + row] = x;
         }
         workgroupBarrier();
         for (var dd = 0u; dd < FT_DS; dd++) {
-            let y0 = t_stage[1024u + dd * FT_C + tx];
-            let y1 = t_stage[1024u + dd * FT_C + tx + 16u];
-            for (var r = 0u; r < 4u; r++) {
-                let x = t_stage[dd * FT_R + 4u * ty + r];
-                acc[r][0] = fma(x, y0, acc[r][0]);
-                acc[r][1] = fma(x, y1, acc[r][1]);
+            var y: array<f32, FT_MAX_CPT>;
+            for (var c = 0u; c < FT_CPT; c++) { y[c] = t_stage[FT_DS * FT_R + dd * FT_C + tx + 16u * c]; }
+            for (var r = 0u; r < FT_RPT; r++) {
+                let x = t_stage[dd * FT_R + FT_RPT * ty + r];
+                for (var c = 0u; c < FT_CPT; c++) { acc[r][c] = fma(x, y[c], acc[r][c]); }
             }
         }
     }
     return acc;
 }
 
-// acc (64, D) += t_p (64, 32) X, X = rows x0 + (0..32) of operand sx (the first nx exist),
-// staged in chunks of rows; thread (ty, tx) holds rows 4 ty + r, columns tx + 16 c. Starts with
-// a barrier, which also publishes the caller's writes to t_p.
-fn acc_tile_x(acc: ptr<function, array<array<f32, FT_MAX_DC>, 4>>, sx: u32, hx: u32, x0: u32, nx: u32, bi: u32, li: u32, tx: u32, ty: u32) {
+// acc (R, D) += t_p (R, C) X, X = rows x0 + (0..C) of operand sx (the first nx exist), staged
+// in chunks of rows; thread (ty, tx) holds rows FT_RPT ty + r, columns tx + 16 c. Starts with a
+// barrier, which also publishes the caller's writes to t_p.
+fn acc_tile_x(acc: ptr<function, array<array<f32, FT_MAX_DC>, FT_MAX_RPT>>, sx: u32, hx: u32, x0: u32, nx: u32, bi: u32, li: u32, tx: u32, ty: u32) {
     let ndc = p.d / 16u;
-    let vk = min(FT_C, FT_STAGE / p.d);
+    let vk = min(FT_C, FT_DS * (FT_R + FT_C) / p.d);
     for (var kc = 0u; kc < FT_C; kc += vk) {
         workgroupBarrier();
         let nk = min(vk, FT_C - kc);
@@ -244,8 +250,8 @@ fn acc_tile_x(acc: ptr<function, array<array<f32, FT_MAX_DC>, 4>>, sx: u32, hx: 
                 xv[c] = 0.0;
                 if (c < ndc) { xv[c] = t_stage[kk * p.d + tx + 16u * c]; }
             }
-            for (var r = 0u; r < 4u; r++) {
-                let w = t_p[(4u * ty + r) * FT_C + kc + kk];
+            for (var r = 0u; r < FT_RPT; r++) {
+                let w = t_p[(FT_RPT * ty + r) * FT_C + kc + kk];
                 for (var c = 0u; c < FT_MAX_DC; c++) { (*acc)[r][c] = fma(w, xv[c], (*acc)[r][c]); }
             }
         }
@@ -255,7 +261,7 @@ fn acc_tile_x(acc: ptr<function, array<array<f32, FT_MAX_DC>, 4>>, sx: u32, hx: 
 
 @compute @workgroup_size(16, 16, 1)
 fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let qb = query_block(wg3, nwg);
+    let qb = query_block(wg3, nwg, FT_R);
     if (!qb.ok) { return; }
     let bi = qb.bi;
     let hh = qb.hh;
@@ -266,17 +272,17 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
     let tx = lid.x;
     let ty = lid.y;
     let ndc = p.d / 16u;
-    var m = NEG; // row li's running max and sum (threads li < 64)
+    var m = NEG; // row li's running max and sum (threads li < R)
     var l = 0.0;
-    var acc: array<array<f32, FT_MAX_DC>, 4>; // WGSL zero-initializes function variables
+    var acc: array<array<f32, FT_MAX_DC>, FT_MAX_RPT>; // WGSL zero-initializes function variables
     for (var j0 = span.x; j0 <= span.y; j0 += FT_C) {
         let nk = min(FT_C, p.tk - j0);
         let sc = tile_abt(OP_Q, hh, r0, nr, OP_K, kvh, j0, nk, bi, li, tx, ty);
         // Mask into t_p (its last readers, the previous tile's P V, passed tile_abt's barriers).
-        for (var r = 0u; r < 4u; r++) {
-            let row = 4u * ty + r;
+        for (var r = 0u; r < FT_RPT; r++) {
+            let row = FT_RPT * ty + r;
             let pos = p.pos0 + r0 + row;
-            for (var c = 0u; c < 2u; c++) {
+            for (var c = 0u; c < FT_CPT; c++) {
                 let key = j0 + tx + 16u * c;
                 let seen = row < nr && sees(pos, key);
                 t_p[row * FT_C + tx + 16u * c] = select(NEG, sc[r][c], seen);
@@ -301,8 +307,8 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
             t_row[li] = corr;
         }
         workgroupBarrier();
-        for (var r = 0u; r < 4u; r++) {
-            let corr = t_row[4u * ty + r];
+        for (var r = 0u; r < FT_RPT; r++) {
+            let corr = t_row[FT_RPT * ty + r];
             for (var c = 0u; c < FT_MAX_DC; c++) { acc[r][c] *= corr; }
         }
         acc_tile_x(&acc, OP_V, kvh, j0, nk, bi, li, tx, ty); // O += P V
@@ -313,8 +319,8 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
         lse[(bi * p.tq + r0 + li) * p.h + hh] = m + log(l);
     }
     workgroupBarrier();
-    for (var r = 0u; r < 4u; r++) {
-        let row = 4u * ty + r;
+    for (var r = 0u; r < FT_RPT; r++) {
+        let row = FT_RPT * ty + r;
         if (row >= nr) { continue; }
         let qo = q_off(bi, r0 + row, hh);
         let inv = t_row[row];
@@ -326,7 +332,7 @@ fn flash_forward_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workg
 
 @compute @workgroup_size(16, 16, 1)
 fn flash_backward_dq_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let qb = query_block(wg3, nwg);
+    let qb = query_block(wg3, nwg, FT_R);
     if (!qb.ok) { return; }
     let bi = qb.bi;
     let hh = qb.hh;
@@ -347,17 +353,17 @@ fn flash_backward_dq_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_w
         t_row[li] = lse[ri];
         t_row2[li] = dl;
     }
-    var acc: array<array<f32, FT_MAX_DC>, 4>; // WGSL zero-initializes function variables
+    var acc: array<array<f32, FT_MAX_DC>, FT_MAX_RPT>; // WGSL zero-initializes function variables
     for (var j0 = span.x; j0 <= span.y; j0 += FT_C) {
         let nk = min(FT_C, p.tk - j0);
         let s = tile_abt(OP_Q, hh, r0, nr, OP_K, kvh, j0, nk, bi, li, tx, ty);
         let dp = tile_abt(OP_DOUT, hh, r0, nr, OP_V, kvh, j0, nk, bi, li, tx, ty);
         // dS = P (dP - delta), times scale for dq = scale dS K; 0 at keys the row does not see.
         // (t_row, t_row2 were published by tile_abt's barriers; t_p's last readers passed them.)
-        for (var r = 0u; r < 4u; r++) {
-            let row = 4u * ty + r;
+        for (var r = 0u; r < FT_RPT; r++) {
+            let row = FT_RPT * ty + r;
             let pos = p.pos0 + r0 + row;
-            for (var c = 0u; c < 2u; c++) {
+            for (var c = 0u; c < FT_CPT; c++) {
                 let key = j0 + tx + 16u * c;
                 let seen = row < nr && sees(pos, key);
                 var ds = 0.0;
@@ -367,8 +373,8 @@ fn flash_backward_dq_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_w
         }
         acc_tile_x(&acc, OP_K, kvh, j0, nk, bi, li, tx, ty);
     }
-    for (var r = 0u; r < 4u; r++) {
-        let row = 4u * ty + r;
+    for (var r = 0u; r < FT_RPT; r++) {
+        let row = FT_RPT * ty + r;
         if (row >= nr) { continue; }
         let qo = q_off(bi, r0 + row, hh);
         for (var c = 0u; c < FT_MAX_DC; c++) {
@@ -390,8 +396,8 @@ fn flash_backward_dkv_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_
     let tx = lid.x;
     let ty = lid.y;
     let ndc = p.d / 16u;
-    var acc_k: array<array<f32, FT_MAX_DC>, 4>; // zero-initialized
-    var acc_v: array<array<f32, FT_MAX_DC>, 4>;
+    var acc_k: array<array<f32, FT_MAX_DC>, FT_MAX_RPT>; // zero-initialized
+    var acc_v: array<array<f32, FT_MAX_DC>, FT_MAX_RPT>;
     // Query rows that see some key of this block: positions [j0, min(j_last + window, last)].
     let last = p.pos0 + p.tq - 1u;
     let first_pos = max(j0, p.pos0);
@@ -413,30 +419,30 @@ fn flash_backward_dkv_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_
                     t_row2[li] = delta[ri];
                 }
                 workgroupBarrier();
-                var ds: array<array<f32, 2>, 4>;
-                for (var r = 0u; r < 4u; r++) {
-                    let key = j0 + 4u * ty + r;
-                    for (var c = 0u; c < 2u; c++) {
+                var ds: array<array<f32, FT_MAX_CPT>, FT_MAX_RPT>;
+                for (var r = 0u; r < FT_RPT; r++) {
+                    let key = j0 + FT_RPT * ty + r;
+                    for (var c = 0u; c < FT_CPT; c++) {
                         let col = tx + 16u * c;
                         let pos = p.pos0 + i0 + col;
-                        let seen = 4u * ty + r < nk && col < nq && sees(pos, key);
+                        let seen = FT_RPT * ty + r < nk && col < nq && sees(pos, key);
                         var pr = 0.0;
                         if (seen) { pr = exp(st[r][c] - t_row[col]); }
                         ds[r][c] = pr * (dpt[r][c] - t_row2[col]);
-                        t_p[(4u * ty + r) * FT_C + col] = pr;
+                        t_p[(FT_RPT * ty + r) * FT_C + col] = pr;
                     }
                 }
                 acc_tile_x(&acc_v, OP_DOUT, hh, i0, nq, bi, li, tx, ty); // dv += P^T dOut
                 workgroupBarrier(); // every read of P^T is done
-                for (var r = 0u; r < 4u; r++) {
-                    for (var c = 0u; c < 2u; c++) { t_p[(4u * ty + r) * FT_C + tx + 16u * c] = ds[r][c]; }
+                for (var r = 0u; r < FT_RPT; r++) {
+                    for (var c = 0u; c < FT_CPT; c++) { t_p[(FT_RPT * ty + r) * FT_C + tx + 16u * c] = ds[r][c]; }
                 }
                 acc_tile_x(&acc_k, OP_Q, hh, i0, nq, bi, li, tx, ty); // dk += dS^T (scale Q)
             }
         }
     }
-    for (var r = 0u; r < 4u; r++) {
-        let row = 4u * ty + r;
+    for (var r = 0u; r < FT_RPT; r++) {
+        let row = FT_RPT * ty + r;
         if (row >= nk) { continue; }
         let ko = k_off(bi, j0 + row, kvh);
         for (var c = 0u; c < FT_MAX_DC; c++) {
@@ -450,7 +456,7 @@ fn flash_backward_dkv_tiled(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_
 
 @compute @workgroup_size(BR)
 fn flash_backward_dq(@builtin(workgroup_id) wg3: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let qb = query_block(wg3, nwg);
+    let qb = query_block(wg3, nwg, BR);
     if (!qb.ok) { return; }
     let bi = qb.bi;
     let hh = qb.hh;
