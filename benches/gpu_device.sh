@@ -42,8 +42,10 @@ part() { # part NAME SECONDS FILE -- command...
 
 # 1. matmul: every kernel at the 8192^3 anchor, and the model's shapes (d12: C 768,
 #    B T = 16384 rows, MLP 4C, vocab 65536) in the transpose cases training runs.
-part "matmul 8192^3" 120 matmul.jsonl -- \
-    $KB matmul --device gpu --m 8192 --k 8192 --n 8192 --reps 10 --tiling 64,128,v4
+#    The vec4 kernel's slice settings (pipeline constants) too: which default suits this GPU.
+part "matmul 8192^3" 150 matmul.jsonl -- \
+    $KB matmul --device gpu --m 8192 --k 8192 --n 8192 --reps 10 \
+    --tiling 64,128,v4,v4-bk8,v4-bk32,v4-s2,v4-bk8-s2
 part "matmul sizes" 90 matmul.jsonl -- \
     $KB matmul --device gpu --m 1024,4096 --k 1024,4096 --n 1024,4096 --reps 20 --tiling 128,v4
 part "matmul d12 mlp" 60 matmul.jsonl -- \

@@ -49,11 +49,23 @@ fn matmul_matches_cpu_all_transposes_ragged_batched() {
         (1, 260, 52, 136),
         (1, 4, 4, 4),
     ];
-    for tiling in [MatmulTiling::T64, MatmulTiling::T128, MatmulTiling::V4] {
+    use gpu::matmul::Vec4Slices;
+    let v4 = |bk, stages| MatmulTiling::V4(Vec4Slices { bk, stages });
+    // Every vec4 slice setting within lavapipe's 32 KiB of workgroup memory.
+    let tilings = [
+        MatmulTiling::T64,
+        MatmulTiling::T128,
+        MatmulTiling::V4_DEFAULT,
+        v4(8, 1),
+        v4(8, 2),
+        v4(16, 2),
+        v4(32, 1),
+    ];
+    for tiling in tilings {
         for &(batch, m, k, n) in &shapes {
             for (ta, tb, acc) in (0..8).map(|i| (i & 1 == 1, i & 2 == 2, i & 4 == 4)) {
                 let s = MatmulShape::new(m, k, n, ta, tb);
-                if tiling == MatmulTiling::V4 && !MatmulTiling::vec4_fits(&s) {
+                if matches!(tiling, MatmulTiling::V4(_)) && !MatmulTiling::vec4_fits(&s) {
                     let gc = ctx.zeros(batch * m * n).unwrap();
                     let (ga, gb) =
                         (ctx.zeros(batch * m * k).unwrap(), ctx.zeros(batch * k * n).unwrap());
@@ -88,6 +100,20 @@ fn matmul_rejects_wrong_lengths() {
     let mut bt = ctx.batch();
     let s = MatmulShape::new(2, 3, 2, false, false);
     assert!(gpu::matmul::matmul(&mut bt, &c, &a, &b, s, false).is_err());
+    // vec4 slice settings outside 8/16/32 x 1/2, or past the device's workgroup memory.
+    use gpu::matmul::{MatmulTiling, Vec4Slices, matmul_batched_with};
+    let (a, b, c) = (ctx.zeros(16).unwrap(), ctx.zeros(16).unwrap(), ctx.zeros(16).unwrap());
+    let s = MatmulShape::new(4, 4, 4, false, false);
+    let limit = ctx.device.limits().max_compute_workgroup_storage_size as usize;
+    for v in [Vec4Slices { bk: 12, stages: 1 }, Vec4Slices { bk: 16, stages: 3 }] {
+        let err = matmul_batched_with(&mut bt, MatmulTiling::V4(v), &c, &a, &b, 1, s, false);
+        assert!(err.unwrap_err().to_string().contains("8, 16 or 32"));
+    }
+    let big = Vec4Slices { bk: 32, stages: 2 };
+    if big.workgroup_bytes() > limit {
+        let err = matmul_batched_with(&mut bt, MatmulTiling::V4(big), &c, &a, &b, 1, s, false);
+        assert!(err.unwrap_err().to_string().contains("workgroup memory"));
+    }
 }
 
 #[test]

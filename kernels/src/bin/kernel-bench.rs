@@ -132,7 +132,8 @@ struct MatmulArgs {
     device: Device,
     /// GPU kernels to time (comma-separated): auto (what the engine picks for the shape), 64
     /// (64x64 tiles, 4x4 per thread), 128 (128x128, 8x8) or v4 (128x128, 8x8, vec4 loads and a
-    /// prefetched K slice; needs the contiguous extents to be multiples of 4).
+    /// prefetched K slice; needs the contiguous extents to be multiples of 4), optionally with
+    /// its slice depth and workgroup buffers: v4-bk8, v4-bk32, v4-s2, v4-bk8-s2, ...
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     tiling: Vec<String>,
 }
@@ -583,6 +584,34 @@ fn time_attention_gpu(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64
     Ok((mean, best, extra))
 }
 
+/// A `--tiling` value: auto (None), 64, 128, or v4[-bkN][-sN] (the vec4 kernel's slice depth
+/// and workgroup buffers; default bk16, s1).
+fn parse_tiling(t: &str) -> Result<Option<femtochat_kernels::gpu::matmul::MatmulTiling>> {
+    use femtochat_kernels::gpu::matmul::{MatmulTiling, Vec4Slices};
+    let bad = || anyhow::anyhow!("--tiling {t}: expected auto, 64, 128 or v4[-bkN][-sN]");
+    match t {
+        "auto" => return Ok(None),
+        "64" => return Ok(Some(MatmulTiling::T64)),
+        "128" => return Ok(Some(MatmulTiling::T128)),
+        _ => {}
+    }
+    let mut parts = t.split('-');
+    if parts.next() != Some("v4") {
+        return Err(bad());
+    }
+    let mut v = Vec4Slices::default();
+    for part in parts {
+        if let Some(n) = part.strip_prefix("bk") {
+            v.bk = n.parse().map_err(|_| bad())?;
+        } else if let Some(n) = part.strip_prefix('s') {
+            v.stages = n.parse().map_err(|_| bad())?;
+        } else {
+            return Err(bad());
+        }
+    }
+    Ok(Some(MatmulTiling::V4(v)))
+}
+
 /// GPU matmul: `reps` launches recorded into one submission, timed to completion, so the
 /// per-launch time excludes submission and readback latency (reported separately as a
 /// single-launch round trip).
@@ -590,17 +619,7 @@ fn bench_matmul_gpu(args: &MatmulArgs) -> Result<()> {
     use femtochat_kernels::gpu::GpuContext;
     use femtochat_kernels::gpu::matmul::{MatmulTiling, matmul_batched_with};
     ensure!(args.reps > 0, "--reps must be at least 1");
-    let tilings = args
-        .tiling
-        .iter()
-        .map(|t| match t.as_str() {
-            "auto" => Ok(None),
-            "64" => Ok(Some(MatmulTiling::T64)),
-            "128" => Ok(Some(MatmulTiling::T128)),
-            "v4" => Ok(Some(MatmulTiling::V4)),
-            _ => bail!("--tiling {t}: expected auto, 64, 128 or v4"),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let tilings = args.tiling.iter().map(|t| parse_tiling(t)).collect::<Result<Vec<_>>>()?;
     let ctx = GpuContext::get()?;
     let device = format!("{} ({:?})", ctx.info.name, ctx.info.backend);
     for &m in &args.m {
@@ -615,7 +634,7 @@ fn bench_matmul_gpu(args: &MatmulArgs) -> Result<()> {
                 let (ga, gb, gc) = (ctx.upload(&a)?, ctx.upload(&b)?, ctx.zeros(nc)?);
                 for &tiling in &tilings {
                     let tiling = tiling.unwrap_or(MatmulTiling::auto(1, &s));
-                    if tiling == MatmulTiling::V4 && !MatmulTiling::vec4_fits(&s) {
+                    if matches!(tiling, MatmulTiling::V4(_)) && !MatmulTiling::vec4_fits(&s) {
                         bail!("--tiling v4: {m}x{k}x{n} needs multiples of 4 (use 64 or 128)");
                     }
                     let launch = |count: usize| -> Result<f64> {

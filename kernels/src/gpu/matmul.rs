@@ -14,15 +14,64 @@ pub enum MatmulTiling {
     T128,
     /// 128x128 C tiles, 8x8 per thread, vec4 global and workgroup loads, the next K slice
     /// prefetched into registers (`matmul_forward_v4`); needs `MatmulTiling::vec4_fits`.
-    V4,
+    V4(Vec4Slices),
+}
+
+/// The vec4 kernel's pipeline constants: `bk`, the K slice depth (8, 16 or 32), and `stages`,
+/// the workgroup buffers (1, or 2 to ping-pong with one barrier per slice). Workgroup memory:
+/// stages x bk KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vec4Slices {
+    pub bk: usize,
+    pub stages: usize,
+}
+
+impl Default for Vec4Slices {
+    /// 16-deep slices, one buffer: 16 KiB, WebGPU's guaranteed workgroup memory.
+    fn default() -> Self {
+        Vec4Slices { bk: 16, stages: 1 }
+    }
+}
+
+impl Vec4Slices {
+    pub fn workgroup_bytes(self) -> usize {
+        self.stages * self.bk * 1024
+    }
+
+    fn constants(self, bt: &Batch) -> Result<[(&'static str, f64); 2], GpuError> {
+        if !matches!(self.bk, 8 | 16 | 32) || !matches!(self.stages, 1 | 2) {
+            return Err(GpuError::Unsupported(format!(
+                "vec4 matmul slices: bk {} (8, 16 or 32), stages {} (1 or 2)",
+                self.bk, self.stages
+            )));
+        }
+        let limit = bt.context().limits.max_compute_workgroup_storage_size as usize;
+        if self.workgroup_bytes() > limit {
+            return Err(GpuError::Unsupported(format!(
+                "vec4 matmul bk {} x {} stages needs {} B of workgroup memory; this device has \
+                 {limit}",
+                self.bk,
+                self.stages,
+                self.workgroup_bytes()
+            )));
+        }
+        Ok([("MM_BK", self.bk as f64), ("MM_STAGES", self.stages as f64)])
+    }
 }
 
 impl MatmulTiling {
-    pub fn name(self) -> &'static str {
+    /// The vec4 kernel with default slices.
+    pub const V4_DEFAULT: MatmulTiling = MatmulTiling::V4(Vec4Slices { bk: 16, stages: 1 });
+
+    /// The kernel's name in benchmark output (the vec4 kernel's slices when not the default).
+    pub fn name(self) -> String {
         match self {
-            MatmulTiling::T64 => "wgsl_tiled_64x64_4x4",
-            MatmulTiling::T128 => "wgsl_tiled_128x128_8x8",
-            MatmulTiling::V4 => "wgsl_tiled_128x128_8x8_vec4",
+            MatmulTiling::T64 => "wgsl_tiled_64x64_4x4".into(),
+            MatmulTiling::T128 => "wgsl_tiled_128x128_8x8".into(),
+            MatmulTiling::V4(v) if v == Vec4Slices::default() => {
+                "wgsl_tiled_128x128_8x8_vec4".into()
+            }
+            MatmulTiling::V4(v) => format!("wgsl_tiled_128x128_8x8_vec4_bk{}_s{}", v.bk, v.stages),
         }
     }
 
@@ -41,7 +90,7 @@ impl MatmulTiling {
     pub fn auto(batch: usize, s: &MatmulShape) -> MatmulTiling {
         let (m, n) = (s.m, s.n);
         if batch * m.div_ceil(128) * n.div_ceil(128) >= 32 && m >= 128 && n >= 128 {
-            if MatmulTiling::vec4_fits(s) { MatmulTiling::V4 } else { MatmulTiling::T128 }
+            if MatmulTiling::vec4_fits(s) { MatmulTiling::V4_DEFAULT } else { MatmulTiling::T128 }
         } else {
             MatmulTiling::T64
         }
@@ -51,7 +100,7 @@ impl MatmulTiling {
         match self {
             MatmulTiling::T64 => (64, "matmul_forward"),
             MatmulTiling::T128 => (128, "matmul_forward_128"),
-            MatmulTiling::V4 => (128, "matmul_forward_v4"),
+            MatmulTiling::V4(_) => (128, "matmul_forward_v4"),
         }
     }
 }
@@ -108,15 +157,17 @@ pub fn matmul_batched_with(
     };
     let (tile, entry) = tiling.tile_and_entry();
     let groups = [s.n.div_ceil(tile) as u32, s.m.div_ceil(tile) as u32, batch as u32];
-    if tiling == MatmulTiling::V4 {
+    if let MatmulTiling::V4(slices) = tiling {
         if !MatmulTiling::vec4_fits(&s) {
             return Err(GpuError::Unsupported(format!(
                 "{}: {s:?} has a contiguous extent that is not a multiple of 4",
                 tiling.name()
             )));
         }
+        let consts = slices.constants(bt)?;
         // The vec4 views of A and B live at bindings 4 and 5 (the scalar kernels' 2 and 3).
-        return bt.dispatch_bound("matmul", entry, &p, &[(1, c), (4, a), (5, b)], groups);
+        let bufs = [(1, c), (4, a), (5, b)];
+        return bt.dispatch_tuned("matmul", entry, &consts, &p, &bufs, groups);
     }
     bt.dispatch("matmul", entry, &p, &[c, a, b], groups)
 }
@@ -141,13 +192,25 @@ mod tests {
     fn auto_picks_vec4_for_large_aligned_problems() {
         let s = |m, k, n, ta, tb| MatmulShape::new(m, k, n, ta, tb);
         // d12 shapes: (B T, C) x (C, 4C), the lm head, and a weight gradient (A^T B).
-        assert_eq!(MatmulTiling::auto(1, &s(16384, 768, 3072, false, true)), MatmulTiling::V4);
-        assert_eq!(MatmulTiling::auto(1, &s(16384, 768, 32768, false, true)), MatmulTiling::V4);
-        assert_eq!(MatmulTiling::auto(1, &s(768, 16384, 768, true, false)), MatmulTiling::V4);
+        assert_eq!(
+            MatmulTiling::auto(1, &s(16384, 768, 3072, false, true)),
+            MatmulTiling::V4_DEFAULT
+        );
+        assert_eq!(
+            MatmulTiling::auto(1, &s(16384, 768, 32768, false, true)),
+            MatmulTiling::V4_DEFAULT
+        );
+        assert_eq!(
+            MatmulTiling::auto(1, &s(768, 16384, 768, true, false)),
+            MatmulTiling::V4_DEFAULT
+        );
         // A ragged contiguous extent falls back to the scalar 128 tiling, small problems to 64.
         assert_eq!(MatmulTiling::auto(1, &s(4096, 766, 4096, false, false)), MatmulTiling::T128);
         assert_eq!(MatmulTiling::auto(1, &s(4097, 768, 4096, true, false)), MatmulTiling::T128);
-        assert_eq!(MatmulTiling::auto(1, &s(4097, 768, 4096, false, false)), MatmulTiling::V4);
+        assert_eq!(
+            MatmulTiling::auto(1, &s(4097, 768, 4096, false, false)),
+            MatmulTiling::V4_DEFAULT
+        );
         assert_eq!(MatmulTiling::auto(1, &s(256, 256, 256, false, false)), MatmulTiling::T64);
     }
 }

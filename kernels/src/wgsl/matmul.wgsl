@@ -160,74 +160,80 @@ fn matmul_forward_128(
 // thread reads its 8 A values and 8 B values as 2 + 2 vec4 (rows 4 ty.. and 64 + 4 ty.., columns
 // 4 tx.. and 64 + 4 tx..) and does 64 FMAs per 4 workgroup loads. The next slice is read from
 // global memory into registers before the current one is multiplied, so its latency hides
-// behind 16 x 64 FMAs. 16 KiB of workgroup memory, WebGPU's guaranteed minimum.
-const BK4: u32 = 16u;
+// behind MM_BK x 64 FMAs. Pipeline constants (tuned per device by the host, without another
+// shader): MM_BK, the slice depth (8, 16 or 32), and MM_STAGES, the workgroup buffers: 1 (the
+// slice is stored after everyone has read the last one: two barriers per slice) or 2 (ping-pong:
+// the next slice goes to the other buffer, one barrier per slice). Workgroup memory:
+// MM_STAGES x MM_BK KiB; the default 16 x 1 is 16 KiB, WebGPU's guaranteed minimum.
+override MM_BK: u32 = 16u;
+override MM_STAGES: u32 = 1u;
+const MM_MAX_LOADS: u32 = 4u; // vec4 loads per thread, operand and slice: MM_BK / 8
 
 @group(0) @binding(4) var<storage, read> a4: array<vec4<f32>>; // a, viewed as vec4
 @group(0) @binding(5) var<storage, read> b4: array<vec4<f32>>; // b, viewed as vec4
 
-var<workgroup> a_s4: array<vec4<f32>, 512>; // [q * 32 + i / 4]: op(A) slice, K-major
-var<workgroup> b_s4: array<vec4<f32>, 512>; // [q * 32 + j / 4]: op(B) slice, K-major
+var<workgroup> a_s4: array<vec4<f32>, MM_STAGES * MM_BK * 32u>; // [stage][q][i / 4], K-major
+var<workgroup> b_s4: array<vec4<f32>, MM_STAGES * MM_BK * 32u>; // [stage][q][j / 4], K-major
 
-// The two vec4 this thread loads of op(A)'s slice at k0. A (M, K): idx = li + 256 e covers
-// 128 rows x 4 vec4 of K; A^T (K, M): 16 K rows x 32 vec4 of M.
-fn load_a4(z: u32, row0: u32, k0: u32, li: u32) -> array<vec4<f32>, 2> {
-    var r: array<vec4<f32>, 2>;
-    for (var e = 0u; e < 2u; e++) {
+// The vec4 this thread loads of op(A)'s slice at k0 (idx = li + 256 e). A (M, K): 128 rows x
+// MM_BK / 4 vec4 of K; A^T (K, M): MM_BK rows of K x 32 vec4 of M.
+fn load_a4(z: u32, row0: u32, k0: u32, li: u32) -> array<vec4<f32>, MM_MAX_LOADS> {
+    var r: array<vec4<f32>, MM_MAX_LOADS>;
+    let per_row = MM_BK / 4u;
+    for (var e = 0u; e < MM_BK / 8u; e++) {
         let idx = li + e * 256u;
-        var v = vec4<f32>(0.0);
         if (p.trans_a == 0u) {
-            let row = row0 + idx / 4u;
-            let q = k0 + 4u * (idx % 4u);
-            if (row < p.m && q < p.k) { v = a4[(z * p.m * p.k + row * p.k + q) / 4u]; }
+            let row = row0 + idx / per_row;
+            let q = k0 + 4u * (idx % per_row);
+            if (row < p.m && q < p.k) { r[e] = a4[(z * p.m * p.k + row * p.k + q) / 4u]; }
         } else {
             let q = k0 + idx / 32u;
             let col = row0 + 4u * (idx % 32u);
-            if (q < p.k && col < p.m) { v = a4[(z * p.m * p.k + q * p.m + col) / 4u]; }
+            if (q < p.k && col < p.m) { r[e] = a4[(z * p.m * p.k + q * p.m + col) / 4u]; }
         }
-        r[e] = v;
     }
     return r;
 }
 
 // Same for op(B)'s slice: B (K, N) is read like A^T, B^T (N, K) like A.
-fn load_b4(z: u32, col0: u32, k0: u32, li: u32) -> array<vec4<f32>, 2> {
-    var r: array<vec4<f32>, 2>;
-    for (var e = 0u; e < 2u; e++) {
+fn load_b4(z: u32, col0: u32, k0: u32, li: u32) -> array<vec4<f32>, MM_MAX_LOADS> {
+    var r: array<vec4<f32>, MM_MAX_LOADS>;
+    let per_row = MM_BK / 4u;
+    for (var e = 0u; e < MM_BK / 8u; e++) {
         let idx = li + e * 256u;
-        var v = vec4<f32>(0.0);
         if (p.trans_b == 0u) {
             let q = k0 + idx / 32u;
             let col = col0 + 4u * (idx % 32u);
-            if (q < p.k && col < p.n) { v = b4[(z * p.k * p.n + q * p.n + col) / 4u]; }
+            if (q < p.k && col < p.n) { r[e] = b4[(z * p.k * p.n + q * p.n + col) / 4u]; }
         } else {
-            let col = col0 + idx / 4u;
-            let q = k0 + 4u * (idx % 4u);
-            if (col < p.n && q < p.k) { v = b4[(z * p.k * p.n + col * p.k + q) / 4u]; }
+            let col = col0 + idx / per_row;
+            let q = k0 + 4u * (idx % per_row);
+            if (col < p.n && q < p.k) { r[e] = b4[(z * p.k * p.n + col * p.k + q) / 4u]; }
         }
-        r[e] = v;
     }
     return r;
 }
 
-// Write loaded vec4 into the K-major tiles: K-contiguous loads scatter their 4 components over
-// 4 slice rows, the others land as one vec4.
-fn store_tiles4(ra: array<vec4<f32>, 2>, rb: array<vec4<f32>, 2>, li: u32) {
-    for (var e = 0u; e < 2u; e++) {
+// Write loaded vec4 into stage `st` of the K-major tiles: K-contiguous loads scatter their 4
+// components over 4 slice rows, the others land as one vec4.
+fn store_tiles4(ra: array<vec4<f32>, MM_MAX_LOADS>, rb: array<vec4<f32>, MM_MAX_LOADS>, li: u32, st: u32) {
+    let base = st * MM_BK * 32u;
+    let per_row = MM_BK / 4u;
+    for (var e = 0u; e < MM_BK / 8u; e++) {
         let idx = li + e * 256u;
         if (p.trans_a == 0u) {
-            let i = idx / 4u;
-            let q = 4u * (idx % 4u);
-            for (var u = 0u; u < 4u; u++) { a_s4[(q + u) * 32u + i / 4u][i % 4u] = ra[e][u]; }
+            let i = idx / per_row;
+            let q = 4u * (idx % per_row);
+            for (var u = 0u; u < 4u; u++) { a_s4[base + (q + u) * 32u + i / 4u][i % 4u] = ra[e][u]; }
         } else {
-            a_s4[idx] = ra[e];
+            a_s4[base + idx] = ra[e];
         }
         if (p.trans_b == 0u) {
-            b_s4[idx] = rb[e];
+            b_s4[base + idx] = rb[e];
         } else {
-            let j = idx / 4u;
-            let q = 4u * (idx % 4u);
-            for (var u = 0u; u < 4u; u++) { b_s4[(q + u) * 32u + j / 4u][j % 4u] = rb[e][u]; }
+            let j = idx / per_row;
+            let q = 4u * (idx % per_row);
+            for (var u = 0u; u < 4u; u++) { b_s4[base + (q + u) * 32u + j / 4u][j % 4u] = rb[e][u]; }
         }
     }
 }
@@ -245,19 +251,21 @@ fn matmul_forward_v4(
     var acc: array<vec4<f32>, 16>; // WGSL zero-initializes function variables
     var ra = load_a4(z, row0, 0u, li);
     var rb = load_b4(z, col0, 0u, li);
-    store_tiles4(ra, rb, li);
+    store_tiles4(ra, rb, li, 0u);
     workgroupBarrier();
-    for (var k0 = 0u; k0 < p.k; k0 += BK4) {
-        let more = k0 + BK4 < p.k;
+    var st = 0u;
+    for (var k0 = 0u; k0 < p.k; k0 += MM_BK) {
+        let more = k0 + MM_BK < p.k;
         if (more) {
-            ra = load_a4(z, row0, k0 + BK4, li);
-            rb = load_b4(z, col0, k0 + BK4, li);
+            ra = load_a4(z, row0, k0 + MM_BK, li);
+            rb = load_b4(z, col0, k0 + MM_BK, li);
         }
-        for (var q = 0u; q < BK4; q++) {
-            let a_lo = a_s4[q * 32u + lid.y];
-            let a_hi = a_s4[q * 32u + 16u + lid.y];
-            let b_lo = b_s4[q * 32u + lid.x];
-            let b_hi = b_s4[q * 32u + 16u + lid.x];
+        let base = st * MM_BK * 32u;
+        for (var q = 0u; q < MM_BK; q++) {
+            let a_lo = a_s4[base + q * 32u + lid.y];
+            let a_hi = a_s4[base + q * 32u + 16u + lid.y];
+            let b_lo = b_s4[base + q * 32u + lid.x];
+            let b_hi = b_s4[base + q * 32u + 16u + lid.x];
             for (var i = 0u; i < 4u; i++) {
                 acc[2u * i] = fma(vec4<f32>(a_lo[i]), b_lo, acc[2u * i]);
                 acc[2u * i + 1u] = fma(vec4<f32>(a_lo[i]), b_hi, acc[2u * i + 1u]);
@@ -265,9 +273,18 @@ fn matmul_forward_v4(
                 acc[9u + 2u * i] = fma(vec4<f32>(a_hi[i]), b_hi, acc[9u + 2u * i]);
             }
         }
-        workgroupBarrier();
-        if (more) {
-            store_tiles4(ra, rb, li);
+        if (MM_STAGES == 1u) {
+            workgroupBarrier(); // everyone is done reading before the slice is overwritten
+            if (more) {
+                store_tiles4(ra, rb, li, 0u);
+                workgroupBarrier();
+            }
+        } else {
+            // The other buffer's last readers finished before the previous barrier.
+            if (more) {
+                st = 1u - st;
+                store_tiles4(ra, rb, li, st);
+            }
             workgroupBarrier();
         }
     }
