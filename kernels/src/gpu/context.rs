@@ -76,6 +76,18 @@ impl GpuContext {
         self.limits.max_buffer_size.min(self.limits.max_storage_buffer_binding_size)
     }
 
+    /// An error naming `what` unless `bytes` of workgroup memory fit this device (pipelines with
+    /// larger tiles are refused here rather than failing pipeline validation).
+    pub(crate) fn check_workgroup_bytes(&self, what: &str, bytes: usize) -> Result<(), GpuError> {
+        let limit = self.limits.max_compute_workgroup_storage_size as usize;
+        if bytes > limit {
+            return Err(GpuError::Unsupported(format!(
+                "{what} needs {bytes} B of workgroup memory; this device has {limit}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Bytes of freed buffers the pool keeps for reuse.
     pub fn pooled_bytes(&self) -> u64 {
         self.pool.idle_bytes()

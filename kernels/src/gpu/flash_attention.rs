@@ -50,15 +50,8 @@ impl FlashTiles {
                 self.rows, self.cols
             )));
         }
-        let limit = bt.context().limits.max_compute_workgroup_storage_size as usize;
-        if self.workgroup_bytes() > limit {
-            return Err(GpuError::Unsupported(format!(
-                "flash tiles {}x{} need {} B of workgroup memory; this device has {limit}",
-                self.rows,
-                self.cols,
-                self.workgroup_bytes()
-            )));
-        }
+        let what = format!("flash tiles {}x{}", self.rows, self.cols);
+        bt.context().check_workgroup_bytes(&what, self.workgroup_bytes())?;
         Ok([("FT_RPT", (self.rows / 16) as f64), ("FT_CPT", (self.cols / 16) as f64)])
     }
 }

@@ -45,16 +45,8 @@ impl Vec4Slices {
                 self.bk, self.stages
             )));
         }
-        let limit = bt.context().limits.max_compute_workgroup_storage_size as usize;
-        if self.workgroup_bytes() > limit {
-            return Err(GpuError::Unsupported(format!(
-                "vec4 matmul bk {} x {} stages needs {} B of workgroup memory; this device has \
-                 {limit}",
-                self.bk,
-                self.stages,
-                self.workgroup_bytes()
-            )));
-        }
+        let what = format!("vec4 matmul bk {} x {} stages", self.bk, self.stages);
+        bt.context().check_workgroup_bytes(&what, self.workgroup_bytes())?;
         Ok([("MM_BK", self.bk as f64), ("MM_STAGES", self.stages as f64)])
     }
 }
