@@ -71,6 +71,11 @@ impl From<GpuError> for EngineError {
     }
 }
 
+/// GPU compute dispatches recorded so far in this process (0 without a GPU context).
+pub fn gpu_dispatch_count() -> u64 {
+    GpuContext::get().map_or(0, |c| c.dispatch_count())
+}
+
 pub(crate) fn context() -> Result<&'static GpuContext> {
     Ok(GpuContext::get()?)
 }

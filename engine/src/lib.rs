@@ -24,7 +24,7 @@ pub mod pool;
 pub mod tensor;
 
 pub use autograd::{Grads, NoGradGuard, is_grad_enabled, no_grad};
-pub use device::{Device, sync};
+pub use device::{Device, gpu_dispatch_count, sync};
 pub use error::{EngineError, Result};
 pub use op::{IGNORE_INDEX, RMSNORM_EPS, Reduction, RopeTable};
 pub use optim::{GroupKind, MuonAdamW, ParamGroup};

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use femtochat_engine::{Device, Ids, MuonAdamW, Reduction, sync};
+use femtochat_engine::{Device, Ids, MuonAdamW, Reduction, gpu_dispatch_count, sync};
 use femtochat_model::optim::{OptimizerConfig, param_groups};
 use femtochat_model::rng::Rng;
 use femtochat_model::{GPTConfig, Gpt};
@@ -64,10 +64,15 @@ pub fn main(a: Args) -> Result<()> {
             (0..=b * t).map(|_| (rng.next_u64() % a.vocab_size as u64) as u32).collect();
         let idx = Ids::new(ids[..b * t].to_vec(), &[b, t])?;
         let targets: Vec<i32> = ids[1..].iter().map(|&x| x as i32).collect();
+        let gpu = a.device == Device::Gpu;
+        let dispatches0 = if gpu { gpu_dispatch_count() } else { 0 };
         let t0 = Instant::now();
         let loss = gpt.loss(&idx, &targets, Reduction::Mean)?;
         let grads = loss.backward()?;
         opt.step(gpt.params(), &grads)?;
+        // On the GPU this is the host's recording time (batches are submitted as they fill, so
+        // the device runs meanwhile): near `ms`, the step is bound by launching, not by kernels.
+        let host_secs = t0.elapsed().as_secs_f64();
         sync();
         // Reading the loss waits for the whole step (forward, backward, update) to finish.
         let loss = loss.item()?;
@@ -84,6 +89,10 @@ pub fn main(a: Args) -> Result<()> {
         });
         if let Some(peak) = a.peak_flops {
             line["mfu"] = serde_json::json!(flops_per_step / secs / peak);
+        }
+        if gpu {
+            line["host_ms"] = serde_json::json!(host_secs * 1e3);
+            line["gpu_dispatches"] = serde_json::json!(gpu_dispatch_count() - dispatches0);
         }
         println!("{line}");
     }

@@ -106,9 +106,15 @@ fn bench_prints_steps_and_devices_agree() {
         assert!(l["tok_per_s"].as_f64().unwrap() > 0.0 && l["mfu"].as_f64().unwrap() > 0.0);
         assert_eq!(l["device"], "cpu");
     }
+    assert!(cpu[0].get("gpu_dispatches").is_none());
     if let Some(gpu) = run("gpu") {
         let (c, g) = (cpu[0]["loss"].as_f64().unwrap(), gpu[0]["loss"].as_f64().unwrap());
         assert!((c - g).abs() < 1e-3 * c, "cpu {c} gpu {g}");
+        // Launch diagnostics: the same dispatches every step, recorded within the step's time.
+        let n = |l: &serde_json::Value| l["gpu_dispatches"].as_u64().unwrap();
+        assert!(n(&gpu[0]) > 50 && n(&gpu[0]) == n(&gpu[1]), "{gpu:?}");
+        let (host, ms) = (gpu[0]["host_ms"].as_f64().unwrap(), gpu[0]["ms"].as_f64().unwrap());
+        assert!(host > 0.0 && host <= ms, "{gpu:?}");
     }
     let bad = train().args(["bench", "--steps", "0"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));

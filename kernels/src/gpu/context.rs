@@ -31,6 +31,7 @@ pub struct GpuContext {
     pub(crate) limits: wgpu::Limits,
     pub(crate) pipelines: Pipelines,
     pub(crate) pool: BufferPool,
+    dispatches: std::sync::atomic::AtomicU64,
 }
 
 static CONTEXT: OnceLock<Result<GpuContext, GpuError>> = OnceLock::new();
@@ -66,6 +67,7 @@ impl GpuContext {
             limits,
             pipelines: Pipelines::default(),
             pool: BufferPool::default(),
+            dispatches: Default::default(),
             device,
             queue,
         })
@@ -74,6 +76,12 @@ impl GpuContext {
     /// Largest storage buffer binding this device accepts, in bytes.
     pub fn max_buffer_bytes(&self) -> u64 {
         self.limits.max_buffer_size.min(self.limits.max_storage_buffer_binding_size)
+    }
+
+    /// Compute dispatches recorded since the context was created (launch overhead diagnostics:
+    /// `train bench` reports them per step).
+    pub fn dispatch_count(&self) -> u64 {
+        self.dispatches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// An error naming `what` unless `bytes` of workgroup memory fit this device (pipelines with
@@ -361,6 +369,7 @@ impl Batch {
         }
         let dev = &self.ctx.device;
         let pipeline = self.ctx.pipelines.get(dev, stem, entry, constants);
+        self.ctx.dispatches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // A fresh uniform per dispatch: queue writes would land before the whole batch runs.
         let ubuf = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(entry),
