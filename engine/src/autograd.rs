@@ -162,30 +162,40 @@ impl Grads {
         self.map.iter().map(|(id, g)| (*id, g))
     }
 
-    /// Add another pass's gradients into these (gradient accumulation over micro-batches).
-    pub fn accumulate(&mut self, other: Grads) {
+    /// Add another pass's gradients into these (gradient accumulation over micro-batches). A
+    /// failure (a lost GPU, a gradient of the wrong kind) is an error in every build: silently
+    /// skipping a micro-batch would train on the wrong gradient.
+    pub fn accumulate(&mut self, other: Grads) -> Result<()> {
         for (id, g) in other.map {
             match self.map.get(&id) {
                 // Gradients are leaves this store owns, so they are updated in place.
                 Some(mine) if mine.shape() == g.shape() && mine.device() == Device::Gpu => {
                     let (m, s) = (mine.storage(), g.storage());
-                    if let (Ok(m), Ok(s)) = (m.gpu_buf(), s.gpu_buf()) {
-                        let added = record(|bt| gk::elementwise::scale_backward(bt, m, s, 1.0));
-                        debug_assert!(added.is_ok(), "accumulating GPU gradients: {added:?}");
-                    }
+                    let (m, s) = (m.gpu_buf()?, s.gpu_buf()?);
+                    record(|bt| gk::elementwise::scale_backward(bt, m, s, 1.0))?;
                 }
                 Some(mine) if mine.shape() == g.shape() => {
-                    let src = g.data();
-                    let added = mine.with_data_mut(|m| {
+                    let src = g.try_to_vec()?;
+                    mine.with_data_mut(|m| {
                         m.iter_mut().zip(src.iter()).for_each(|(a, &b)| *a += b)
-                    });
-                    debug_assert!(added.is_ok(), "gradients are leaves");
+                    })?;
                 }
-                _ => {
+                Some(mine) => {
+                    return Err(EngineError::Invalid {
+                        op: "accumulate",
+                        msg: format!(
+                            "gradient shapes differ: {:?} vs {:?}",
+                            mine.shape(),
+                            g.shape()
+                        ),
+                    });
+                }
+                None => {
                     self.map.insert(id, g);
                 }
             }
         }
+        Ok(())
     }
 }
 

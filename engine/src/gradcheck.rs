@@ -353,7 +353,7 @@ fn deep_chain_has_no_recursion_limit() {
 fn leaf_update_and_grad_accumulation() {
     let p = Tensor::param(vec![1.0, 2.0, 3.0], &[3]).unwrap();
     let mut grads = p.mul(&p).unwrap().sum().unwrap().backward().unwrap();
-    grads.accumulate(p.sum().unwrap().backward().unwrap());
+    grads.accumulate(p.sum().unwrap().backward().unwrap()).unwrap();
     assert_eq!(grads.get(&p).unwrap().to_vec(), vec![3.0, 5.0, 7.0]);
     p.with_data_mut(|d| d[0] = 10.0).unwrap();
     assert_eq!(p.to_vec(), vec![10.0, 2.0, 3.0]);

@@ -329,7 +329,7 @@ impl Tensor {
         if self.numel() != 1 {
             return Err(EngineError::NotScalar { op: "item", shape: self.shape().to_vec() });
         }
-        Ok(self.data()[0])
+        Ok(self.try_to_vec()?[0])
     }
 
     /// Mutate a leaf's elements in place (optimizer updates). Errors on an op result, whose

@@ -78,11 +78,17 @@ fn serialize(
 
 /// Save the model's parameters, config and metadata to `path`.
 pub fn save_model(path: &Path, gpt: &Gpt, meta: &serde_json::Value) -> Result<()> {
-    let tensors: Vec<_> = gpt
+    // A failed GPU read is an error here, never NaNs written over a good checkpoint.
+    let tensors = gpt
         .params()
         .iter()
-        .map(|(n, t)| (n.to_string(), t.shape().to_vec(), f32_bytes(&t.data())))
-        .collect();
+        .map(|(n, t)| {
+            let data = t
+                .try_to_vec()
+                .map_err(|e| ck_err(path, format!("reading parameter `{n}`: {e}")))?;
+            Ok((n.to_string(), t.shape().to_vec(), f32_bytes(&data)))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let config = serde_json::to_string(gpt.config()).map_err(|e| ck_err(path, e.to_string()))?;
     let info =
         HashMap::from([("config".to_string(), config), ("meta".to_string(), meta.to_string())]);

@@ -1,4 +1,4 @@
-//! The GPT configuration (SPEC.md §1) and what derives from it: the depth dial, padded vocab,
+//! The GPT configuration (docs/reference.md §1) and what derives from it: the depth dial, padded vocab,
 //! per-layer attention windows, value-embedding layers, parameter and FLOP counts.
 use serde::{Deserialize, Serialize};
 
@@ -118,25 +118,44 @@ impl GPTConfig {
         Ok(())
     }
 
-    /// Parameters of the transformer matrices plus lm_head: the count the scaling rules use
-    /// (SPEC.md §7).
-    pub fn scaling_params(&self) -> usize {
+    /// Parameters inside the transformer blocks (nanochat's `transformer_matrices`: the
+    /// attention and MLP matrices plus the value-embedding gates).
+    pub fn transformer_matrix_params(&self) -> usize {
         let (c, kvd) = (self.n_embd, self.n_kv_head * self.head_dim());
         let per_layer = c * c * 2 + 2 * kvd * c + 8 * c * c;
-        self.n_layer * per_layer + self.padded_vocab_size() * c
+        let ve_gates = (0..self.n_layer).filter(|&i| self.has_value_embed(i)).count()
+            * self.n_kv_head
+            * VE_GATE_CHANNELS;
+        self.n_layer * per_layer + ve_gates
+    }
+
+    /// Transformer matrices plus lm_head: the count the scaling rules use (docs/reference.md §7).
+    pub fn scaling_params(&self) -> usize {
+        self.transformer_matrix_params() + self.padded_vocab_size() * self.n_embd
+    }
+
+    /// Parameters that multiply the token stream (every `Linear` of nanochat: the scaling
+    /// parameters plus the smear gate); embeddings are lookups and do not count.
+    pub fn matmul_params(&self) -> usize {
+        self.scaling_params() + SMEAR_GATE_CHANNELS
     }
 
     /// Training FLOPs per token: 6 * (matmul params) + attention, 12 * H * D * min(window, T)
-    /// per layer (SPEC.md §7).
+    /// per layer (docs/reference.md §7).
     pub fn flops_per_token(&self) -> f64 {
         let attn: usize = self
             .window_sizes()
             .iter()
             .map(|&w| 12 * self.n_head * self.head_dim() * w.min(self.sequence_len))
             .sum();
-        6.0 * self.scaling_params() as f64 + attn as f64
+        6.0 * self.matmul_params() as f64 + attn as f64
     }
 }
+
+/// Channels of the residual stream the value-embedding gate reads.
+pub const VE_GATE_CHANNELS: usize = 12;
+/// Channels the smear gate reads.
+pub const SMEAR_GATE_CHANNELS: usize = 24;
 
 #[cfg(test)]
 mod tests {
@@ -160,6 +179,17 @@ mod tests {
         assert_eq!(c.window_sizes(), vec![512, 512, 512, 2048, 512, 2048]);
         let c = GPTConfig { sequence_len: 512, window_pattern: "SL".into(), ..c };
         assert_eq!(c.window_sizes()[..2], [128, 512]);
+    }
+
+    /// nanochat's `num_scaling_params()['transformer_matrices'] + ['lm_head']` for d12 at its
+    /// defaults, counted by hand: 12 layers of 12 C^2 (C = 768), six value-embedding gates of
+    /// 6 x 12, and a 32768 x 768 lm_head.
+    #[test]
+    fn scaling_params_match_nanochat() {
+        let c = GPTConfig::from_depth(12, 64, 128, 2048, 32768, "SSSL").unwrap();
+        assert_eq!(c.transformer_matrix_params(), 12 * 12 * 768 * 768 + 6 * 6 * 12);
+        assert_eq!(c.scaling_params(), 84_935_088 + 32768 * 768);
+        assert_eq!(c.matmul_params(), c.scaling_params() + 24);
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub fn generate(
     let v = gpt.config().vocab_size;
     let mut cache = KvCache::with_rows(gpt.config(), 1, capacity);
     let logits = gpt.forward_cached(&Ids::new(prompt.to_vec(), &[1, prompt.len()])?, &mut cache)?;
-    let mut last = logits.data()[(prompt.len() - 1) * v..].to_vec();
+    let mut last = logits.try_to_vec()?[(prompt.len() - 1) * v..].to_vec();
     let mut out = Vec::new();
     loop {
         if out.len() >= max_new || cache.position(0) >= capacity {
@@ -55,6 +55,6 @@ pub fn generate(
         if out.len() >= max_new {
             return Ok((out, Finish::Length));
         }
-        last = gpt.forward_cached(&Ids::new(vec![tok], &[1, 1])?, &mut cache)?.to_vec();
+        last = gpt.forward_cached(&Ids::new(vec![tok], &[1, 1])?, &mut cache)?.try_to_vec()?;
     }
 }

@@ -1,11 +1,11 @@
-//! The nanochat GPT (SPEC.md §3) on engine ops: one forward for training and scoring, one
+//! The nanochat GPT (docs/reference.md §3) on engine ops: one forward for training and scoring, one
 //! cached forward for prefill and batched one-token decode. Both share the per-layer code, so the
 //! two paths cannot drift apart; the fixtures check that they agree.
 use femtochat_engine::{
     Device, Ids, ParamStore, RMSNORM_EPS, Reduction, RopeTable, Tensor, no_grad,
 };
 
-use crate::config::GPTConfig;
+use crate::config::{GPTConfig, SMEAR_GATE_CHANNELS as SMEAR_CHANNELS, VE_GATE_CHANNELS};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::rng::Rng;
@@ -20,13 +20,10 @@ const SOFTCAP: f32 = 15.0;
 /// and the cross-entropy in chunks: a d12 batch of 8 x 2048 rows x 65536 logits is exactly 4 GiB,
 /// one byte over the largest storage buffer a Vulkan GPU binds (2^32 - 1 bytes on NVIDIA).
 const LOSS_CHUNK_FLOATS: usize = 1 << 28;
-/// The smear gate reads the first 24 channels; the value-embedding gate the first 12.
-const SMEAR_CHANNELS: usize = 24;
-const VE_GATE_CHANNELS: usize = 12;
 /// QK-norm output scale.
 const QK_SCALE: f32 = 1.2;
 
-/// Names and shapes of every parameter, in nanochat's state-dict naming (SPEC.md §2).
+/// Names and shapes of every parameter, in nanochat's state-dict naming (docs/reference.md §2).
 pub fn param_shapes(c: &GPTConfig) -> Vec<(String, Vec<usize>)> {
     let (ce, d, vp) = (c.n_embd, c.head_dim(), c.padded_vocab_size());
     let (hd, kvd) = (c.n_head * d, c.n_kv_head * d);
@@ -101,7 +98,7 @@ impl Gpt {
         Ok(Gpt { config, params, rope, windows })
     }
 
-    /// A freshly initialised model (SPEC.md §4), reproducible from `seed`.
+    /// A freshly initialised model (docs/reference.md §4), reproducible from `seed`.
     pub fn init(config: GPTConfig, seed: u64) -> Result<Gpt> {
         config.validate()?;
         let mut rng = Rng::new(seed);
@@ -305,7 +302,7 @@ impl Gpt {
                     .to_device(x.device())?;
                 let prev =
                     if t == 1 { first } else { Tensor::cat(&[first, x.narrow(1, 0, t - 1)?], 1)? };
-                let last = x.narrow(1, t - 1, 1)?.to_vec();
+                let last = x.narrow(1, t - 1, 1)?.try_to_vec()?;
                 cache.set_prev_embeddings(&last, ce);
                 Ok(x.add(&gate_of(x)?.mul(&prev)?)?)
             }
@@ -337,8 +334,8 @@ impl Gpt {
         if c.has_value_embed(i) {
             let ve = Tensor::embedding(self.p(&format!("value_embeds.{i}.weight"))?, idx)?;
             let ve = ve.reshape(&[b, t, hkv, d])?;
-            // SPEC.md §3 says the gate reads x; the reference fixtures are only matched when it
-            // reads the attention input norm(x), and the fixtures are the final word.
+            // The gate reads the attention input norm(x), not x: only that matches the reference
+            // fixtures (docs/reference.md §3).
             let g = a.narrow(-1, 0, VE_GATE_CHANNELS)?.linear(l("attn.ve_gate.weight")?)?;
             let g = g.sigmoid()?.scale(3.0)?.reshape(&[b, t, hkv, 1])?;
             v = v.add(&g.mul(&ve)?)?;

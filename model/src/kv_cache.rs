@@ -1,4 +1,4 @@
-//! Per-row KV caches for inference (SPEC.md §5).
+//! Per-row KV caches for inference (docs/reference.md §5).
 //!
 //! Each row (one sequence) owns, per layer, k and v buffers (1, capacity, Hkv, D) holding keys
 //! after rope + QK-norm + scale and values after the value embedding, its position, and the

@@ -1,5 +1,5 @@
 //! nanochat's `setup_optimizer`: which parameters go to which MuonAdamW group, with what
-//! learning rates (SPEC.md §6).
+//! learning rates (docs/reference.md §6).
 use femtochat_engine::{GroupKind, ParamGroup};
 
 use crate::config::GPTConfig;

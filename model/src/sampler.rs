@@ -1,4 +1,4 @@
-//! Next-token sampling from a logits row (SPEC.md §10): temperature 0 is argmax; otherwise
+//! Next-token sampling from a logits row (docs/reference.md §10): temperature 0 is argmax; otherwise
 //! optional repetition penalties, then top-k, then temperature, softmax, top-p, and a draw from a
 //! seeded RNG, so a fixed seed reproduces a generation exactly.
 use crate::error::{ModelError, Result};

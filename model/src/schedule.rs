@@ -1,4 +1,4 @@
-//! nanochat's training schedules as functions of the step (SPEC.md §6): the LR multiplier
+//! nanochat's training schedules as functions of the step (docs/reference.md §6): the LR multiplier
 //! (warmup, flat, linear warmdown), Muon momentum and Muon weight decay.
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -49,11 +49,15 @@ impl Schedule {
         (1.0 - p) + p * self.final_lr_frac
     }
 
+    /// Muon momentum at step `it`. As in nanochat, the ramp wins over the warmdown: a run
+    /// whose warmdown starts before step 400 keeps ramping until then.
     pub fn muon_momentum(&self, it: usize) -> f64 {
-        let ramp = (it as f64 / MOMENTUM_RAMP_STEPS).min(1.0);
-        let m = MOMENTUM_START + (MOMENTUM_PEAK - MOMENTUM_START) * ramp;
+        if (it as f64) < MOMENTUM_RAMP_STEPS {
+            let ramp = it as f64 / MOMENTUM_RAMP_STEPS;
+            return MOMENTUM_START + (MOMENTUM_PEAK - MOMENTUM_START) * ramp;
+        }
         let p = self.warmdown_progress(it);
-        m + (MOMENTUM_END - m) * p
+        MOMENTUM_PEAK + (MOMENTUM_END - MOMENTUM_PEAK) * p
     }
 
     /// Muon weight decay at step `it`: cosine from `base` to 0 over the run.
@@ -83,6 +87,10 @@ mod tests {
         assert!(close(long.muon_momentum(400), 0.97));
         assert!(close(long.muon_momentum(700), 0.97));
         assert!(close(long.muon_momentum(1350), 0.935));
+        // A short run (warmdown from step 105) still ramps until step 400, as nanochat does.
+        let short = Schedule { num_iterations: 300, ..s };
+        assert!(close(short.muon_momentum(200), 0.91));
+        assert!(close(short.muon_momentum(299), 0.85 + 0.12 * 299.0 / 400.0));
         assert!(close(s.muon_weight_decay(0, 0.2), 0.2));
         assert!(close(s.muon_weight_decay(500, 0.2), 0.1));
         assert!(s.muon_weight_decay(1000, 0.2).abs() < 1e-12);

@@ -262,7 +262,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
         .map_err(|e| ServeError::invalid(format!("invalid request body: {e}"), None))
 }
 
-/// Turn chat messages into the prompt (SPEC.md §9): leading system (or developer) messages are
+/// Turn chat messages into the prompt (docs/reference.md §9): leading system (or developer) messages are
 /// folded into the first user message; consecutive messages of one role are joined, since the
 /// chat format needs strict user/assistant alternation and OpenAI's API does not.
 pub fn chat_prompt(messages: &[Message], info: &ModelInfo) -> Result<Vec<u32>> {

@@ -235,7 +235,7 @@ impl Engine {
 
 /// The special tokens the engine acts on.
 struct Specials {
-    /// A row ends on either (SPEC.md §10).
+    /// A row ends on either (docs/reference.md §10).
     end: [u32; 2],
     python_start: u32,
     python_end: u32,

@@ -1,4 +1,4 @@
-//! The calculator tool (SPEC.md §10). The model writes `<|python_start|> expr <|python_end|>`;
+//! The calculator tool (docs/reference.md §10). The model writes `<|python_start|> expr <|python_end|>`;
 //! if `expr` is pure arithmetic (digits, `+-*/.()` and spaces after commas are removed, no `**`)
 //! or a string `.count(...)` call, the engine forces `<|output_start|> result <|output_end|>`
 //! into the stream. Results print as Python's `str()` would, since the model was trained on

@@ -1,4 +1,5 @@
 //! `train base`: pretraining from one dial (`--depth`), as nanochat's base_train.
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,9 +11,13 @@ use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_model::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use serde::{Deserialize, Serialize};
+
 use crate::docs;
 use crate::loader::{BestFitLoader, Prefetch, ValSet};
-use crate::trainer::{Settings, Trainer};
+use crate::recipe::{Recipe, RecipeInput};
+use crate::rundir::{self, Fingerprint, RunLock};
+use crate::trainer::{self, BatchSource, LrSchedule, Settings, Trainer};
 
 /// Micro-batches the loader thread prepares ahead of the model.
 const PREFETCH_BATCHES: usize = 4;
@@ -22,12 +27,13 @@ const SAMPLE_PROMPTS: [&str; 3] = ["The meaning of life is", "Once upon a time",
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Run directory: metrics.jsonl, checkpoints, loss.svg, a copy of the tokenizer.
+    /// Run directory: metrics.jsonl, checkpoints, loss.svg, a copy of the tokenizer. A new run
+    /// refuses a directory that already holds one (see --resume, --overwrite).
     #[arg(long)]
     out: PathBuf,
-    /// Tokenizer directory (from `train tokenizer`).
+    /// Tokenizer directory (from `train tokenizer`). With --resume, defaults to the run's copy.
     #[arg(long)]
-    tokenizer: PathBuf,
+    tokenizer: Option<PathBuf>,
     /// Training data: files or directories (.txt, .jsonl, .jsonl.gz, .parquet); the last file is the
     /// validation split unless --val is given. Default: the corpus bundled in data/.
     #[arg(long, num_args = 1..)]
@@ -35,9 +41,22 @@ pub struct Args {
     /// Validation files (default: the last data file).
     #[arg(long, num_args = 1..)]
     val: Vec<PathBuf>,
-    /// Continue the run in --out from its latest checkpoint.
+    /// Continue the run in --out from its latest checkpoint, with the run's own settings. Flags
+    /// that would change the model, the batches or the optimizer are refused; --num-iterations
+    /// extends (or shortens) the run, and the eval/sample/save cadences may change.
     #[arg(long)]
     resume: bool,
+    /// Start a new run in an --out that holds one: the old run is moved aside to OUT.old-<time>.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// With --resume: continue even though the data or tokenizer files differ from the ones the
+    /// run started with (the batches will differ from an uninterrupted run's).
+    #[arg(long, requires = "resume")]
+    force: bool,
+    /// Skip records that are not documents (invalid JSON, no `text`), counting them, instead of
+    /// stopping at the first one.
+    #[arg(long)]
+    skip_bad: bool,
 
     /// Number of layers: the one dial; width and heads follow.
     #[arg(long, default_value_t = 4)]
@@ -45,43 +64,54 @@ pub struct Args {
     /// model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim.
     #[arg(long, default_value_t = 64)]
     aspect_ratio: usize,
+    /// Attention head dimension (nanochat: 128; 64 suits CPU-sized models).
     #[arg(long, default_value_t = 64)]
     head_dim: usize,
+    /// Context length (nanochat: 2048; 256 suits CPU-sized models).
     #[arg(long, default_value_t = 256)]
     max_seq_len: usize,
-    /// Attention window pattern tiled over layers (L = full, S = quarter context).
+    /// Attention window pattern tiled over layers (L = full, S = quarter context; nanochat: SSSL).
     #[arg(long, default_value = "L")]
     window_pattern: String,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     device_batch_size: usize,
-    /// Tokens per optimizer step (a multiple of device_batch_size * max_seq_len; default: one
-    /// micro-batch).
+    /// Tokens per optimizer step, a multiple of device_batch_size * max_seq_len. Default:
+    /// nanochat's scaling rule, 2^round(log2(2^19 * (D / D_d12)^0.383)) for D training tokens.
     #[arg(long)]
     total_batch_size: Option<usize>,
-    /// Optimizer steps (default: from --target-param-data-ratio).
+    /// Optimizer steps (default: from --target-flops, else from --target-param-data-ratio).
     #[arg(long)]
     num_iterations: Option<usize>,
-    /// Training tokens per scaling parameter when --num-iterations is not given (nanochat: 12).
-    #[arg(long, default_value_t = 12.0)]
+    /// Training FLOPs to spend: steps = round(FLOPs / (FLOPs per token * batch)).
+    #[arg(long, value_parser = positive_f64)]
+    target_flops: Option<f64>,
+    /// Training tokens per scaling parameter when neither --num-iterations nor --target-flops
+    /// is given (nanochat: 12).
+    #[arg(long, default_value_t = 12.0, value_parser = positive_f64)]
     target_param_data_ratio: f64,
 
-    #[arg(long, default_value_t = 0.004)]
+    /// AdamW LR of the lm_head before the batch-size scaling (nanochat's base_train: 0.008).
+    #[arg(long, default_value_t = 0.008, value_parser = learning_rate)]
     unembedding_lr: f32,
-    #[arg(long, default_value_t = 0.2)]
+    /// AdamW LR of the token embedding before the batch-size scaling (base_train: 0.3).
+    #[arg(long, default_value_t = 0.3, value_parser = learning_rate)]
     embedding_lr: f32,
-    #[arg(long, default_value_t = 0.02)]
+    /// Muon LR of the block matrices before the batch-size scaling (base_train: 0.02).
+    #[arg(long, default_value_t = 0.02, value_parser = learning_rate)]
     matrix_lr: f32,
-    #[arg(long, default_value_t = 0.5)]
+    /// AdamW LR of the per-layer scalars before the batch-size scaling (base_train: 0.5).
+    #[arg(long, default_value_t = 0.5, value_parser = learning_rate)]
     scalar_lr: f32,
-    /// Muon weight decay (cosine-decayed to 0).
-    #[arg(long, default_value_t = 0.0)]
+    /// Muon cautious weight decay at d12 (base_train: 0.28); scaled by sqrt(B/B_ref) * D_ref/D,
+    /// then cosine-decayed to 0 over the run.
+    #[arg(long, default_value_t = 0.28, value_parser = learning_rate)]
     weight_decay: f32,
     #[arg(long, default_value_t = 40)]
     warmup_steps: usize,
-    #[arg(long, default_value_t = 0.65)]
+    #[arg(long, default_value_t = 0.65, value_parser = fraction)]
     warmdown_ratio: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = fraction)]
     final_lr_frac: f64,
 
     /// Evaluate validation bits per byte every N steps (0: only at the end).
@@ -102,9 +132,35 @@ pub struct Args {
     /// H100's fp32; default: the TFLOP/s alone).
     #[arg(long)]
     peak_flops: Option<f64>,
-    /// cpu (rayon + SIMD) or gpu (WGSL kernels through wgpu: Vulkan, Metal or DX12).
+    /// cpu (rayon + SIMD) or gpu (WGSL kernels through wgpu).
     #[arg(long, default_value = "cpu")]
     device: Device,
+}
+
+/// A learning rate or weight decay: finite and not negative.
+pub fn learning_rate(s: &str) -> std::result::Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s} must be a finite number >= 0"));
+    }
+    Ok(v)
+}
+
+/// A fraction of the run in [0, 1].
+pub fn fraction(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{s} must be between 0 and 1"));
+    }
+    Ok(v)
+}
+
+fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(format!("{s} must be a finite number > 0"));
+    }
+    Ok(v)
 }
 
 /// The corpus bundled with the repository (data/ at the workspace root).
@@ -116,7 +172,52 @@ pub fn default_data() -> Result<PathBuf> {
         .context("no --data given and the bundled corpus (data/) was not found; run from the repository root")
 }
 
-fn settings(a: &Args, vocab_size: usize) -> Result<Settings> {
+/// Flags a resumed run must not change: they define the model, its batches or its optimizer.
+/// (`arg id`, value as given), for `run.json` and the comparison on resume.
+fn fixed_flags(a: &Args) -> BTreeMap<String, String> {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "auto".into());
+    [
+        ("depth", a.depth.to_string()),
+        ("aspect_ratio", a.aspect_ratio.to_string()),
+        ("head_dim", a.head_dim.to_string()),
+        ("max_seq_len", a.max_seq_len.to_string()),
+        ("window_pattern", a.window_pattern.clone()),
+        ("device_batch_size", a.device_batch_size.to_string()),
+        ("total_batch_size", opt(a.total_batch_size.map(|v| v.to_string()))),
+        ("target_flops", opt(a.target_flops.map(|v| v.to_string()))),
+        ("target_param_data_ratio", a.target_param_data_ratio.to_string()),
+        ("unembedding_lr", a.unembedding_lr.to_string()),
+        ("embedding_lr", a.embedding_lr.to_string()),
+        ("matrix_lr", a.matrix_lr.to_string()),
+        ("scalar_lr", a.scalar_lr.to_string()),
+        ("weight_decay", a.weight_decay.to_string()),
+        ("warmup_steps", a.warmup_steps.to_string()),
+        ("warmdown_ratio", a.warmdown_ratio.to_string()),
+        ("final_lr_frac", a.final_lr_frac.to_string()),
+        ("seed", a.seed.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// What `run.json` records for a base run.
+#[derive(Serialize, Deserialize)]
+struct RunRecord {
+    run_id: String,
+    stage: String,
+    command: String,
+    flags: BTreeMap<String, String>,
+    recipe: Option<Recipe>,
+    data: Vec<Fingerprint>,
+    val: Vec<Fingerprint>,
+    tokenizer: BTreeMap<String, String>,
+    /// Validation tokens per evaluation (may change on resume, kept unless given).
+    #[serde(default)]
+    eval_tokens: Option<usize>,
+}
+
+fn recipe_input(a: &Args, vocab_size: usize) -> Result<RecipeInput> {
     let model = GPTConfig::from_depth(
         a.depth,
         a.aspect_ratio,
@@ -125,37 +226,50 @@ fn settings(a: &Args, vocab_size: usize) -> Result<Settings> {
         vocab_size,
         &a.window_pattern,
     )?;
+    Ok(RecipeInput {
+        model,
+        aspect_ratio: a.aspect_ratio,
+        head_dim: a.head_dim,
+        target_param_data_ratio: a.target_param_data_ratio,
+        total_batch_size: a.total_batch_size,
+        num_iterations: a.num_iterations,
+        target_flops: a.target_flops,
+        embedding_lr: a.embedding_lr,
+        unembedding_lr: a.unembedding_lr,
+        matrix_lr: a.matrix_lr,
+        scalar_lr: a.scalar_lr,
+        weight_decay: a.weight_decay,
+    })
+}
+
+fn settings(a: &Args, input: &RecipeInput, r: &Recipe) -> Result<Settings> {
     let micro = a.device_batch_size * a.max_seq_len;
     if micro == 0 {
         bail!("--device-batch-size and --max-seq-len must be positive");
     }
-    let total = a.total_batch_size.unwrap_or(micro);
-    if total == 0 || !total.is_multiple_of(micro) {
+    if !r.total_batch_size.is_multiple_of(micro) {
         bail!(
-            "--total-batch-size {total} is not a multiple of --device-batch-size x --max-seq-len = {micro}"
+            "the total batch of {} tokens{} is not a multiple of --device-batch-size x \
+             --max-seq-len = {micro}; give --total-batch-size (a multiple of {micro}) or another \
+             --device-batch-size",
+            r.total_batch_size,
+            if r.batch_auto { " (from the scaling rule)" } else { "" }
         );
     }
-    let num_iterations = match a.num_iterations {
-        Some(n) => n,
-        None => ((a.target_param_data_ratio * model.scaling_params() as f64) / total as f64).ceil()
-            as usize,
-    };
-    if num_iterations == 0 {
-        bail!("--num-iterations must be positive");
-    }
     Ok(Settings {
-        model,
+        model: input.model.clone(),
         device_batch_size: a.device_batch_size,
-        grad_accum_steps: total / micro,
-        num_iterations,
+        grad_accum_steps: r.total_batch_size / micro,
+        num_iterations: r.num_iterations,
         warmup_steps: a.warmup_steps,
         warmdown_ratio: a.warmdown_ratio,
         final_lr_frac: a.final_lr_frac,
-        unembedding_lr: a.unembedding_lr,
-        embedding_lr: a.embedding_lr,
-        matrix_lr: a.matrix_lr,
-        scalar_lr: a.scalar_lr,
-        weight_decay: a.weight_decay,
+        unembedding_lr: r.unembedding_lr,
+        embedding_lr: r.embedding_lr,
+        matrix_lr: r.matrix_lr,
+        scalar_lr: r.scalar_lr,
+        weight_decay: r.weight_decay,
+        lr_schedule: LrSchedule::Base,
         eval_every: a.eval_every,
         save_every: a.save_every,
         sample_every: a.sample_every,
@@ -163,12 +277,55 @@ fn settings(a: &Args, vocab_size: usize) -> Result<Settings> {
     })
 }
 
-pub fn main(a: Args) -> Result<()> {
+/// Bytes a training step holds on the CPU, estimated from the shapes: parameters, gradients
+/// and two optimizer buffers; per token and layer the activations the backward keeps; the
+/// logits with their softmax and gradient. Used to refuse absurd sizes before allocating.
+pub fn estimate_step_bytes(c: &GPTConfig, device_batch: usize) -> f64 {
+    let params = (c.scaling_params()
+        + c.padded_vocab_size() * c.n_embd
+        + (0..c.n_layer).filter(|&i| c.has_value_embed(i)).count()
+            * c.padded_vocab_size()
+            * c.n_kv_head
+            * c.head_dim()) as f64;
+    let tokens = (device_batch * c.sequence_len) as f64;
+    // ~20 C-wide tensors per layer (norms, q/k/v, attention out, residuals) and 3 of 4C (MLP).
+    let activations = tokens * c.n_layer as f64 * (20.0 + 12.0) * c.n_embd as f64;
+    let logits = tokens * c.padded_vocab_size() as f64 * 3.0;
+    4.0 * (4.0 * params + activations + logits)
+}
+
+/// Memory this machine can still give, if the platform says.
+pub fn available_memory() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
+/// Refuse a model that cannot fit before allocating it.
+pub fn check_fits(c: &GPTConfig, device_batch: usize, device: Device) -> Result<()> {
+    let need = estimate_step_bytes(c, device_batch);
+    if device == Device::Cpu
+        && let Some(have) = available_memory()
+        && need > have
+    {
+        bail!(
+            "this model needs about {:.1} GiB for a training step (depth {}, width {}, context {}, \
+             {} sequences per micro-batch) but the machine has {:.1} GiB available; lower \
+             --depth, --max-seq-len or --device-batch-size",
+            need / (1u64 << 30) as f64,
+            c.n_layer,
+            c.n_embd,
+            c.sequence_len,
+            device_batch,
+            have / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
+
+pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
     a.device.ensure_available().with_context(|| format!("--device {}", a.device))?;
-    let tok = Arc::new(
-        Tokenizer::load(&a.tokenizer)
-            .with_context(|| format!("loading tokenizer {}", a.tokenizer.display()))?,
-    );
     let data = if a.data.is_empty() { vec![default_data()?] } else { a.data.clone() };
     let mut files = docs::expand(&data)?;
     let val_files = if a.val.is_empty() {
@@ -180,57 +337,24 @@ pub fn main(a: Args) -> Result<()> {
         docs::expand(&a.val)?
     };
 
-    let mut loader;
-    let mut trainer = if a.resume {
-        let s = Trainer::latest(&a.out)?
-            .with_context(|| format!("--resume: {} has no checkpoint", a.out.display()))?;
-        eprintln!("resuming from {} (step {})", s.0.display(), s.1);
-        // The loader's shape comes from the checkpoint's settings.
-        let state: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(s.0.join("state.json"))?)?;
-        let saved: Settings = serde_json::from_value(state["settings"].clone())?;
-        if saved.model.vocab_size != tok.vocab_size() {
-            bail!(
-                "the checkpoint's vocab size {} differs from the tokenizer's {}",
-                saved.model.vocab_size,
-                tok.vocab_size()
-            );
-        }
-        loader = Prefetch::new(
-            BestFitLoader::new(
-                files,
-                tok.clone(),
-                saved.device_batch_size,
-                saved.model.sequence_len,
-                true,
-            )?,
-            PREFETCH_BATCHES,
-        )?;
-        Trainer::resume(&a.out, &mut loader)?.with_device(a.device)?
+    let prepared = if a.resume {
+        resume(&a, explicit, &files, &val_files)?
     } else {
-        let s = settings(&a, tok.vocab_size())?;
-        loader = Prefetch::new(
-            BestFitLoader::new(
-                files,
-                tok.clone(),
-                s.device_batch_size,
-                s.model.sequence_len,
-                true,
-            )?,
-            PREFETCH_BATCHES,
-        )?;
-        Trainer::new(s, &a.out)?.with_device(a.device)?
+        start(&a, &files, &val_files)?
     };
+    let Prepared { mut trainer, mut loader, mut val, tok, _lock } = prepared;
+    if trainer.step() >= trainer.settings.num_iterations {
+        eprintln!(
+            "{} is complete at step {} of {}; nothing to do (extend it with --num-iterations)",
+            a.out.display(),
+            trainer.step(),
+            trainer.settings.num_iterations
+        );
+        return Ok(());
+    }
+    trainer = trainer.with_device(a.device)?;
     eprintln!("device: {}", a.device.describe());
-    tok.save(&a.out.join("tokenizer"))?;
     let s = trainer.settings.clone();
-    let mut val = ValSet::new(
-        val_files,
-        tok.clone(),
-        s.model.sequence_len,
-        s.device_batch_size,
-        a.eval_tokens,
-    )?;
     eprintln!(
         "model: depth {} dim {} heads {} ({} params); {} steps of {} tokens; validation {} tokens",
         s.model.n_layer,
@@ -277,10 +401,14 @@ pub fn main(a: Args) -> Result<()> {
         })?;
     bar.finish();
     crate::plot::loss_curve(&a.out)?;
+    let skipped = loader.state()["skipped"].as_u64().unwrap_or(0);
+    if skipped > 0 {
+        eprintln!("skipped {skipped} bad records (--skip-bad)");
+    }
     eprintln!(
-        "done: {} steps, final loss {:.4}, val bpb {}, {} tokens in {:.1}s ({:.0} tok/s); run in {}",
+        "done: {} steps, final loss {}, val bpb {}, {} tokens in {:.1}s ({:.0} tok/s); run in {}",
         summary.steps,
-        summary.final_loss,
+        summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
         summary.val_bpb.map_or("-".into(), |b| format!("{b:.4}")),
         summary.tokens,
         summary.seconds,
@@ -289,4 +417,212 @@ pub fn main(a: Args) -> Result<()> {
     );
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
+}
+
+/// A run ready to train: the trainer, its data, its tokenizer, and the run directory's lock.
+struct Prepared {
+    trainer: Trainer,
+    loader: Prefetch,
+    val: ValSet,
+    tok: Arc<Tokenizer>,
+    _lock: RunLock,
+}
+
+fn load_tokenizer(dir: &Path) -> Result<Arc<Tokenizer>> {
+    Ok(Arc::new(
+        Tokenizer::load(dir).with_context(|| format!("loading tokenizer {}", dir.display()))?,
+    ))
+}
+
+fn loader(a: &Args, files: &[PathBuf], tok: &Arc<Tokenizer>, s: &Settings) -> Result<Prefetch> {
+    let inner = BestFitLoader::new(
+        files.to_vec(),
+        tok.clone(),
+        s.device_batch_size,
+        s.model.sequence_len,
+        true,
+    )?
+    .skip_bad(a.skip_bad);
+    Prefetch::new(inner, PREFETCH_BATCHES)
+}
+
+fn val_set(
+    a: &Args,
+    files: &[PathBuf],
+    tok: &Arc<Tokenizer>,
+    s: &Settings,
+    eval_tokens: usize,
+) -> Result<ValSet> {
+    ValSet::new_skipping(
+        files.to_vec(),
+        tok.clone(),
+        s.model.sequence_len,
+        s.device_batch_size,
+        eval_tokens,
+        a.skip_bad,
+    )
+}
+
+fn start(a: &Args, files: &[PathBuf], val_files: &[PathBuf]) -> Result<Prepared> {
+    let tok_dir = a.tokenizer.as_ref().context("--tokenizer DIR is required for a new run")?;
+    let tok = load_tokenizer(tok_dir)?;
+    let input = recipe_input(a, tok.vocab_size())?;
+    check_fits(&input.model, a.device_batch_size, a.device)?;
+    let recipe = Recipe::derive(&input)?;
+    let s = settings(a, &input, &recipe)?;
+    // Everything that can fail on the inputs fails here, before the run directory is touched.
+    let loader = loader(a, files, &tok, &s)?;
+    let val = val_set(a, val_files, &tok, &s, a.eval_tokens)?;
+    if let Some(aside) = rundir::prepare_new(&a.out, a.overwrite)? {
+        eprintln!("moved the previous run in {} to {}", a.out.display(), aside.display());
+    }
+    let lock = RunLock::acquire(&a.out)?;
+    for line in recipe.describe(&input, s.device_batch_size * s.model.sequence_len) {
+        eprintln!("{line}");
+    }
+    let run_id = rundir::new_run_id();
+    tok.save(&a.out.join("tokenizer"))?;
+    let record = RunRecord {
+        run_id: run_id.clone(),
+        stage: "base".into(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        flags: fixed_flags(a),
+        recipe: Some(recipe),
+        data: rundir::fingerprints(files)?,
+        val: rundir::fingerprints(val_files)?,
+        tokenizer: rundir::dir_fingerprint(&a.out.join("tokenizer"))?,
+        eval_tokens: Some(a.eval_tokens),
+    };
+    rundir::write_run_file(&a.out, &record)?;
+    let trainer = Trainer::new(s, &a.out, &run_id)?;
+    Ok(Prepared { trainer, loader, val, tok, _lock: lock })
+}
+
+fn resume(
+    a: &Args,
+    explicit: &BTreeSet<String>,
+    files: &[PathBuf],
+    val_files: &[PathBuf],
+) -> Result<Prepared> {
+    if !a.out.join("latest.json").exists() {
+        bail!(
+            "--resume: {} has no checkpoint (no latest.json); start a new run without --resume",
+            a.out.display()
+        );
+    }
+    let lock = RunLock::acquire(&a.out)?;
+    let removed = rundir::clean_temporaries(&a.out)?;
+    if removed > 0 {
+        eprintln!("removed {removed} temporary files left by an interrupted write");
+    }
+    let record: Option<RunRecord> = rundir::read_run_file(&a.out)?;
+    let tok_dir = a.out.join("tokenizer");
+    let tok = load_tokenizer(&tok_dir)?;
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    match &record {
+        Some(r) => {
+            let now = fixed_flags(a);
+            for id in explicit {
+                if let (Some(was), Some(is)) = (r.flags.get(id), now.get(id))
+                    && was != is
+                {
+                    problems.push(format!("--{} {is} (the run has {was})", id.replace('_', "-")));
+                }
+            }
+            warnings.extend(rundir::data_differences(
+                "data",
+                &r.data,
+                &rundir::fingerprints(files)?,
+            ));
+            warnings.extend(rundir::data_differences(
+                "val",
+                &r.val,
+                &rundir::fingerprints(val_files)?,
+            ));
+            if let Some(t) = &a.tokenizer
+                && rundir::dir_fingerprint(t)? != r.tokenizer
+            {
+                warnings.push(format!("tokenizer: {} differs from the run's", t.display()));
+            }
+            if rundir::dir_fingerprint(&tok_dir)? != r.tokenizer {
+                warnings.push(format!(
+                    "tokenizer: {} was changed since the run started",
+                    tok_dir.display()
+                ));
+            }
+        }
+        None => eprintln!(
+            "note: {} has no run.json (a run from an older version or an import): the data and \
+             settings it started with cannot be checked",
+            a.out.display()
+        ),
+    }
+    if !problems.is_empty() {
+        bail!(
+            "--resume continues a run with its own settings; these flags contradict it:\n  {}\n\
+             drop them, or start a new run in another --out",
+            problems.join("\n  ")
+        );
+    }
+    if !warnings.is_empty() {
+        if !a.force {
+            bail!(
+                "--resume: the inputs differ from the ones this run started with:\n  {}\nthe \
+                 batches would differ from an uninterrupted run's; pass the original files, or \
+                 --force to continue anyway",
+                warnings.join("\n  ")
+            );
+        }
+        eprintln!("warning (--force): {}", warnings.join("; "));
+    }
+    let (ckpt, step) = Trainer::latest(&a.out)?.context("no checkpoint")?;
+    eprintln!("resuming from {} (step {step})", ckpt.display());
+    let saved = trainer::read_state(&ckpt)?.settings;
+    if saved.model.vocab_size != tok.vocab_size() {
+        bail!(
+            "the checkpoint's vocab size {} differs from the tokenizer's {} ({})",
+            saved.model.vocab_size,
+            tok.vocab_size(),
+            tok_dir.display()
+        );
+    }
+    let mut loader = loader(a, files, &tok, &saved)?;
+    // The run's own validation size, unless this command sets another.
+    let eval_tokens = match &record {
+        Some(r) if !explicit.contains("eval_tokens") => r.eval_tokens.unwrap_or(a.eval_tokens),
+        _ => a.eval_tokens,
+    };
+    let val = val_set(a, val_files, &tok, &saved, eval_tokens)?;
+    let run_id = record.as_ref().map(|r| r.run_id.as_str());
+    let mut trainer = Trainer::resume(&a.out, &mut loader, run_id)?;
+    // What may change on a resumed run.
+    if explicit.contains("num_iterations")
+        && let Some(n) = a.num_iterations
+        && n != trainer.settings.num_iterations
+    {
+        if n <= trainer.step() {
+            bail!(
+                "--num-iterations {n}: the run is already at step {}; give more steps",
+                trainer.step()
+            );
+        }
+        eprintln!(
+            "extending the run from {} to {n} steps: the LR, momentum and weight-decay schedules \
+             are recomputed for {n} steps from step {} on",
+            trainer.settings.num_iterations,
+            trainer.step()
+        );
+        trainer.settings.num_iterations = n;
+    }
+    if explicit.contains("eval_every") {
+        trainer.settings.eval_every = a.eval_every;
+    }
+    if explicit.contains("save_every") {
+        trainer.settings.save_every = a.save_every;
+    }
+    if explicit.contains("sample_every") {
+        trainer.settings.sample_every = a.sample_every;
+    }
+    Ok(Prepared { trainer, loader, val, tok, _lock: lock })
 }

@@ -9,6 +9,23 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+/// A record that cannot be a document (invalid JSON, no `text` string); the error names the
+/// file and line. Loaders may skip these (`--skip-bad`); every other error is fatal.
+#[derive(Debug)]
+pub struct BadRecord(pub String);
+
+impl std::fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadRecord {}
+
+fn bad(msg: String) -> anyhow::Error {
+    anyhow::Error::new(BadRecord(msg))
+}
+
 /// Expand directories into their data files, sorted; check that every file has a known format.
 pub fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
@@ -106,11 +123,11 @@ impl Iterator for FileDocs {
                 let at = || format!("{}:{}", self.path.display(), self.line_no);
                 let v: serde_json::Value = match serde_json::from_str(&line) {
                     Ok(v) => v,
-                    Err(e) => return Some(Err(anyhow::anyhow!("{}: invalid JSON: {e}", at()))),
+                    Err(e) => return Some(Err(bad(format!("{}: invalid JSON: {e}", at())))),
                 };
                 return Some(match v.get("text").and_then(|t| t.as_str()) {
                     Some(t) => Ok(t.to_string()),
-                    None => Err(anyhow::anyhow!("{}: no string field `text`", at())),
+                    None => Err(bad(format!("{}: no string field `text`", at()))),
                 });
             },
             Format::Text => {
@@ -177,9 +194,14 @@ fn parquet_docs(path: &Path) -> Result<impl Iterator<Item = Result<String>> + Se
         .into_iter()
         .project(Some(projection))
         .with_context(|| format!("{at}: reading `text`"))?;
+    let mut n = 0usize;
     Ok(rows.map(move |row| {
-        let row = row.with_context(|| format!("{at}: reading a row"))?;
-        Ok(row.get_string(0).with_context(|| format!("{at}: `text` is not a string"))?.clone())
+        n += 1;
+        let row = row.with_context(|| format!("{at}: reading row {n}"))?;
+        match row.get_string(0) {
+            Ok(t) => Ok(t.clone()),
+            Err(_) => Err(bad(format!("{at}: row {n}: `text` is not a string"))),
+        }
     }))
 }
 

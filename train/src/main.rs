@@ -1,7 +1,10 @@
 //! `train`: the researcher's entry point — tokenizer, base pretraining, parity checks.
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::collections::BTreeSet;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod base;
 mod batches;
@@ -10,6 +13,8 @@ mod docs;
 mod loader;
 mod parity;
 mod plot;
+mod recipe;
+mod rundir;
 mod tokenizer_cmd;
 mod trainer;
 
@@ -46,8 +51,23 @@ enum Command {
     Batches(batches::Args),
 }
 
+/// Argument ids of the subcommand that the user gave on the command line (not defaults): a
+/// resumed run refuses only the flags the user actually passed.
+fn explicit_args(matches: &ArgMatches) -> BTreeSet<String> {
+    let Some((_, sub)) = matches.subcommand() else { return BTreeSet::new() };
+    sub.ids()
+        .filter(|id| sub.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect()
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let explicit = explicit_args(&matches);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if let Some(n) = cli.threads
         && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()
     {
@@ -57,7 +77,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenizer(args) => tokenizer_cmd::main(args).map(|()| ExitCode::SUCCESS),
         Command::TokenizerEval(args) => tokenizer_cmd::eval(args).map(|()| ExitCode::SUCCESS),
-        Command::Base(args) => base::main(*args).map(|()| ExitCode::SUCCESS),
+        Command::Base(args) => base::main(*args, &explicit).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::main(args),
         Command::Bench(args) => bench::main(args).map(|()| ExitCode::SUCCESS),
         Command::Batches(args) => batches::main(args).map(|()| ExitCode::SUCCESS),

@@ -1,4 +1,4 @@
-//! The pretraining loop (SPEC.md §6-§7), independent of where batches come from: gradient
+//! The pretraining loop (docs/reference.md §6-§7), independent of where batches come from: gradient
 //! accumulation, schedules, MuonAdamW, periodic evaluation and samples, checkpoints, resume.
 //!
 //! Run directory:
@@ -8,6 +8,10 @@
 //!   the step, the batch source's state and the settings), complete before `latest.json` names it;
 //! - `latest.json`: the newest complete checkpoint, written atomically, so a crash at any moment
 //!   leaves a resumable run. Resuming continues bit-identically: same batches, same losses.
+//!
+//! Every checkpoint carries the id of the run that wrote it (see rundir.rs). The retention keeps
+//! the newest checkpoint and the one before it and deletes older ones of the same run only: a
+//! checkpoint copied in from elsewhere is never deleted, and never resumed from either.
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,8 +61,12 @@ pub struct Settings {
     pub embedding_lr: f32,
     pub matrix_lr: f32,
     pub scalar_lr: f32,
-    /// Muon weight decay at step 0 (cosine-decayed to 0).
+    /// Muon weight decay at step 0 (cosine-decayed to 0 by the base schedule; constant in the
+    /// chat schedule, where nanochat's SFT sets it to 0).
     pub weight_decay: f32,
+    /// Which of nanochat's schedules drives the learning rate and Muon momentum.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
     /// Evaluate every N steps (0 = only at the end).
     pub eval_every: usize,
     /// Checkpoint every N steps (0 = only at the end).
@@ -66,6 +74,27 @@ pub struct Settings {
     /// Print samples every N steps (0 = never).
     pub sample_every: usize,
     pub seed: u64,
+}
+
+/// nanochat's two schedule families.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// base_train: warmup over `warmup_steps`, flat, linear warmdown over the last
+    /// `warmdown_ratio` of the steps to `final_lr_frac`; Muon momentum 0.85 -> 0.97 over 400
+    /// steps, down to 0.90 in the warmdown; Muon weight decay cosine-decayed to 0.
+    #[default]
+    Base,
+    /// chat_sft (and the old mid_train): the same shape over the fraction of the run done
+    /// (warmup over `warmup_ratio`, warmdown over the last `warmdown_ratio`); Muon momentum
+    /// 0.85 -> 0.95 over 300 steps; Muon weight decay constant.
+    Chat { warmup_ratio: f64 },
+}
+
+/// Muon momentum of the chat schedule: 0.85 -> 0.95 over the first 300 steps.
+fn chat_momentum(it: usize) -> f64 {
+    let frac = (it as f64 / 300.0).min(1.0);
+    0.85 + (0.95 - 0.85) * frac
 }
 
 impl Settings {
@@ -82,6 +111,33 @@ impl Settings {
         }
     }
 
+    /// (LR multiplier, Muon momentum, Muon weight decay) at step `it`.
+    pub fn schedule_at(&self, it: usize) -> (f64, f64, f64) {
+        match self.lr_schedule {
+            LrSchedule::Base => {
+                let s = self.schedule();
+                (
+                    s.lr_multiplier(it),
+                    s.muon_momentum(it),
+                    s.muon_weight_decay(it, self.weight_decay as f64),
+                )
+            }
+            LrSchedule::Chat { warmup_ratio } => {
+                // The fraction of the run done once this step is taken.
+                let p = (it + 1) as f64 / self.num_iterations.max(1) as f64;
+                let lrm = if p < warmup_ratio {
+                    (p + 1e-8) / warmup_ratio
+                } else if p <= 1.0 - self.warmdown_ratio {
+                    1.0
+                } else {
+                    let decay = (p - (1.0 - self.warmdown_ratio)) / self.warmdown_ratio;
+                    (1.0 - decay) + decay * self.final_lr_frac
+                };
+                (lrm, chat_momentum(it), self.weight_decay as f64)
+            }
+        }
+    }
+
     fn optimizer(&self) -> OptimizerConfig {
         OptimizerConfig {
             unembedding_lr: self.unembedding_lr,
@@ -93,18 +149,30 @@ impl Settings {
     }
 }
 
+/// `step_NNNNNN/state.json`.
 #[derive(Serialize, Deserialize)]
-struct CheckpointState {
-    step: usize,
-    source: serde_json::Value,
-    settings: Settings,
+pub struct CheckpointState {
+    pub step: usize,
+    pub source: serde_json::Value,
+    pub settings: Settings,
+    /// The run that wrote this checkpoint (empty in checkpoints of older versions).
+    #[serde(default)]
+    pub run_id: String,
+}
+
+/// A checkpoint directory's state, naming the file on error.
+pub fn read_state(dir: &Path) -> Result<CheckpointState> {
+    let path = dir.join("state.json");
+    let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
 }
 
 /// What a finished run reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
     pub steps: usize,
-    pub final_loss: f32,
+    /// Mean loss of the last step trained in this call (None when it trained no step).
+    pub final_loss: Option<f32>,
     pub val_bpb: Option<f64>,
     pub tokens: usize,
     pub seconds: f64,
@@ -117,38 +185,100 @@ pub type SampleHook<'a> = dyn FnMut(&Gpt) -> Result<Vec<String>> + 'a;
 pub struct Trainer {
     pub settings: Settings,
     pub gpt: Gpt,
-    opt: MuonAdamW,
+    pub opt: MuonAdamW,
     step: usize,
     run_dir: PathBuf,
+    run_id: String,
+    /// Step of the newest checkpoint on disk (None before the first one).
+    saved_step: Option<usize>,
+}
+
+/// The newest checkpoint of `run_dir` named by `latest.json`, refusing a `latest.json` that
+/// points outside the run directory.
+pub fn latest_in(run_dir: &Path) -> Result<Option<(PathBuf, usize)>> {
+    let Some((dir, step)) = latest_checkpoint(run_dir)? else { return Ok(None) };
+    let name = dir.strip_prefix(run_dir).ok().and_then(|p| p.to_str()).unwrap_or_default();
+    let plain = name.starts_with("step_")
+        && name.len() > 5
+        && name[5..].bytes().all(|b| b.is_ascii_digit());
+    if !plain {
+        bail!(
+            "{} names {:?}, which is not a checkpoint directory of this run (step_NNNNNN); \
+             refusing to read or delete outside {}",
+            run_dir.join("latest.json").display(),
+            dir.display(),
+            run_dir.display()
+        );
+    }
+    Ok(Some((dir, step)))
 }
 
 impl Trainer {
-    /// A fresh run in `run_dir` (created if needed).
-    pub fn new(settings: Settings, run_dir: &Path) -> Result<Trainer> {
-        fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    /// A fresh run in `run_dir` (created if needed), from a fresh initialisation.
+    pub fn new(settings: Settings, run_dir: &Path, run_id: &str) -> Result<Trainer> {
         let gpt = Gpt::init(settings.model.clone(), settings.seed)?;
         let opt =
             MuonAdamW::new(param_groups(&settings.model, &settings.optimizer()), gpt.params())?;
-        // A fresh run starts a fresh metrics file.
-        fs::write(run_dir.join("metrics.jsonl"), b"")?;
-        Ok(Trainer { settings, gpt, opt, step: 0, run_dir: run_dir.to_path_buf() })
+        Trainer::start(settings, gpt, opt, run_dir, run_id)
+    }
+
+    /// A fresh run in `run_dir` from given weights and optimizer (fine-tuning a loaded model).
+    pub fn start(
+        settings: Settings,
+        gpt: Gpt,
+        opt: MuonAdamW,
+        run_dir: &Path,
+        run_id: &str,
+    ) -> Result<Trainer> {
+        fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        let metrics = run_dir.join("metrics.jsonl");
+        fs::write(&metrics, b"").with_context(|| format!("writing {}", metrics.display()))?;
+        Ok(Trainer {
+            settings,
+            gpt,
+            opt,
+            step: 0,
+            run_dir: run_dir.to_path_buf(),
+            run_id: run_id.to_string(),
+            saved_step: None,
+        })
     }
 
     /// The newest checkpoint of `run_dir`, if any: (directory, step).
     pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, usize)>> {
-        Ok(latest_checkpoint(run_dir)?)
+        latest_in(run_dir)
     }
 
     /// Continue the run in `run_dir` from its newest checkpoint; restores `source` to where it
-    /// was. `settings` must describe the same model (a different config is an error).
-    pub fn resume(run_dir: &Path, source: &mut dyn BatchSource) -> Result<Trainer> {
+    /// was. With `run_id`, the checkpoint must have been written by that run.
+    pub fn resume(
+        run_dir: &Path,
+        source: &mut dyn BatchSource,
+        run_id: Option<&str>,
+    ) -> Result<Trainer> {
         let (dir, _) = Trainer::latest(run_dir)?
             .with_context(|| format!("{} has no checkpoint to resume from", run_dir.display()))?;
-        let state: CheckpointState = serde_json::from_slice(&fs::read(dir.join("state.json"))?)
-            .with_context(|| format!("reading {}", dir.join("state.json").display()))?;
-        let (gpt, meta) = load_model(&dir.join("model.safetensors"))?;
+        let state = read_state(&dir)?;
+        if let Some(id) = run_id
+            && state.run_id != id
+        {
+            bail!(
+                "{} was not written by this run (its run id is {:?}, the run's is {id:?}): it \
+                 was copied in from elsewhere. Move it out, or point latest.json back at a \
+                 checkpoint of this run",
+                dir.display(),
+                state.run_id
+            );
+        }
+        let model_path = dir.join("model.safetensors");
+        let (gpt, meta) = load_model(&model_path)?;
         if meta.config != state.settings.model {
-            bail!("checkpoint {} holds a model of another config", dir.display());
+            bail!(
+                "{} holds a model of another config than its state.json ({:?} vs {:?})",
+                model_path.display(),
+                meta.config,
+                state.settings.model
+            );
         }
         let settings = state.settings;
         let mut opt =
@@ -169,7 +299,15 @@ impl Trainer {
             .map(|l| format!("{l}\n"))
             .collect();
         write_atomic(&metrics, kept.as_bytes())?;
-        Ok(Trainer { settings, gpt, opt, step: state.step, run_dir: run_dir.to_path_buf() })
+        Ok(Trainer {
+            settings,
+            gpt,
+            opt,
+            step: state.step,
+            run_dir: run_dir.to_path_buf(),
+            run_id: state.run_id,
+            saved_step: Some(state.step),
+        })
     }
 
     /// Train on `device` (the optimizer state is keyed by name and stays put).
@@ -182,28 +320,33 @@ impl Trainer {
         self.step
     }
 
-    fn log(&self, line: serde_json::Value) -> Result<()> {
+    /// Append one JSON line to `metrics.jsonl`.
+    pub fn log(&self, line: serde_json::Value) -> Result<()> {
+        let path = self.run_dir.join("metrics.jsonl");
         let mut f = fs::OpenOptions::new()
             .append(true)
             .create(true)
-            .open(self.run_dir.join("metrics.jsonl"))?;
-        writeln!(f, "{line}")?;
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 
-    /// Write a checkpoint of the current step and point `latest.json` at it; keeps the previous
-    /// one, deletes older ones.
-    pub fn save(&self, source: &dyn BatchSource) -> Result<PathBuf> {
+    /// Write a checkpoint of the current step (with the batch source at `source_state`) and
+    /// point `latest.json` at it; keeps the previous one, deletes older ones of this run. A
+    /// failure (a full disk, a lost GPU) leaves `latest.json` on the previous checkpoint.
+    pub fn save(&mut self, source_state: serde_json::Value) -> Result<PathBuf> {
         let name = format!("step_{:06}", self.step);
         let dir = self.run_dir.join(&name);
-        fs::create_dir_all(&dir)?;
-        let meta = serde_json::json!({ "step": self.step });
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let meta = serde_json::json!({ "step": self.step, "run_id": self.run_id });
         save_model(&dir.join("model.safetensors"), &self.gpt, &meta)?;
         save_optimizer(&dir.join("optimizer.safetensors"), &self.opt)?;
         let state = CheckpointState {
             step: self.step,
-            source: source.state(),
+            source: source_state,
             settings: self.settings.clone(),
+            run_id: self.run_id.clone(),
         };
         write_atomic(&dir.join("state.json"), &serde_json::to_vec_pretty(&state)?)?;
         let previous = Trainer::latest(&self.run_dir)?;
@@ -211,16 +354,45 @@ impl Trainer {
             &self.run_dir.join("latest.json"),
             &serde_json::to_vec(&Latest { step: self.step, dir: name })?,
         )?;
-        // Keep the previous checkpoint as a fallback, drop anything older.
+        self.saved_step = Some(self.step);
+        // Keep the previous checkpoint as a fallback, drop older ones this run wrote.
         for entry in fs::read_dir(&self.run_dir)? {
             let p = entry?.path();
             let is_ckpt = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_"));
             let keep = p == dir || previous.as_ref().is_some_and(|(d, _)| *d == p);
-            if is_ckpt && !keep {
+            if is_ckpt && !keep && read_state(&p).is_ok_and(|st| st.run_id == self.run_id) {
                 fs::remove_dir_all(&p).ok();
             }
         }
         Ok(dir)
+    }
+
+    /// On a failed batch: keep the work done so far (a checkpoint of the last completed step,
+    /// with the loader where that step left it), then report both.
+    fn stop_on_data_error(
+        &mut self,
+        err: anyhow::Error,
+        state: serde_json::Value,
+    ) -> anyhow::Error {
+        if self.step == 0 || self.saved_step == Some(self.step) {
+            let kept = match self.saved_step {
+                Some(s) => format!("the last checkpoint is step {s}"),
+                None => "no step was trained, so no checkpoint was written".into(),
+            };
+            return err.context(format!("the data failed at step {}; {kept}", self.step));
+        }
+        match self.save(state) {
+            Ok(dir) => err.context(format!(
+                "the data failed at step {}; saved {} first: fix the data (or pass --skip-bad) \
+                 and continue with --resume",
+                self.step,
+                dir.display()
+            )),
+            Err(e) => err.context(format!(
+                "the data failed at step {}, and saving a checkpoint failed too: {e:#}",
+                self.step
+            )),
+        }
     }
 
     /// Train until `num_iterations`, evaluating, sampling and checkpointing on the way.
@@ -233,12 +405,11 @@ impl Trainer {
         mut progress: impl FnMut(usize, f32, f64),
     ) -> Result<Summary> {
         let s = self.settings.clone();
-        let schedule = s.schedule();
         let (b, t) = (s.device_batch_size, s.model.sequence_len);
         let flops_per_token = s.model.flops_per_token();
         let start = Instant::now();
         let first_step = self.step;
-        let mut last_loss = f32::NAN;
+        let mut last_loss = None;
         let mut val_bpb = None;
         while self.step < s.num_iterations {
             let it = self.step;
@@ -259,11 +430,16 @@ impl Trainer {
                     eprintln!("[step {it}] {line}");
                 }
             }
+            // Where the data stands before this step: what a checkpoint of step `it` records.
+            let step_state = source.state();
             let t0 = Instant::now();
-            let mut grads = None;
+            let mut grads: Option<femtochat_engine::Grads> = None;
             let mut loss_sum = 0.0f64;
             for _ in 0..s.grad_accum_steps {
-                let batch = source.next_batch()?;
+                let batch = match source.next_batch() {
+                    Ok(b) => b,
+                    Err(e) => return Err(self.stop_on_data_error(e, step_state)),
+                };
                 if batch.inputs.len() != b * t || batch.targets.len() != b * t {
                     bail!("batch source gave {} tokens, expected {b}x{t}", batch.inputs.len());
                 }
@@ -285,13 +461,12 @@ impl Trainer {
                 let g = loss.scale(1.0 / s.grad_accum_steps as f32)?.backward()?;
                 match grads.as_mut() {
                     None => grads = Some(g),
-                    Some(acc) => femtochat_engine::Grads::accumulate(acc, g),
+                    Some(acc) => acc.accumulate(g)?,
                 }
             }
             let grads = grads.context("grad_accum_steps must be >= 1")?;
-            let lrm = schedule.lr_multiplier(it) as f32;
-            let momentum = schedule.muon_momentum(it) as f32;
-            let wd = schedule.muon_weight_decay(it, s.weight_decay as f64) as f32;
+            let (lrm, momentum, wd) = s.schedule_at(it);
+            let (lrm, momentum, wd) = (lrm as f32, momentum as f32, wd as f32);
             for g in self.opt.groups_mut() {
                 g.lr = g.initial_lr * lrm;
                 if let GroupKind::Muon { momentum: m, .. } = &mut g.kind {
@@ -302,20 +477,21 @@ impl Trainer {
             self.opt.step(self.gpt.params(), &grads)?;
             drop(grads);
             self.step += 1;
-            last_loss = (loss_sum / s.grad_accum_steps as f64) as f32;
+            let loss = (loss_sum / s.grad_accum_steps as f64) as f32;
+            last_loss = Some(loss);
             let dt = t0.elapsed().as_secs_f64();
             let tok_per_s = s.tokens_per_step() as f64 / dt;
             self.log(serde_json::json!({
-                "step": it, "loss": last_loss, "lr_mult": lrm, "muon_momentum": momentum,
+                "step": it, "loss": loss, "lr_mult": lrm, "muon_momentum": momentum,
                 "muon_wd": wd, "tok_per_s": tok_per_s, "tflops": flops_per_token * tok_per_s / 1e12,
                 "dt_ms": dt * 1e3,
             }))?;
-            progress(it, last_loss, tok_per_s);
+            progress(it, loss, tok_per_s);
             if s.save_every > 0
                 && self.step.is_multiple_of(s.save_every)
                 && self.step < s.num_iterations
             {
-                self.save(source)?;
+                self.save(source.state())?;
             }
         }
         if let Some(v) = validator {
@@ -323,7 +499,7 @@ impl Trainer {
             self.log(serde_json::json!({ "step": self.step, "val_bpb": bpb }))?;
             val_bpb = Some(bpb);
         }
-        self.save(source)?;
+        self.save(source.state())?;
         let seconds = start.elapsed().as_secs_f64();
         let tokens = (self.step - first_step) * s.tokens_per_step();
         Ok(Summary {
@@ -395,6 +571,7 @@ mod tests {
             matrix_lr: 0.02,
             scalar_lr: 0.5,
             weight_decay: 0.1,
+            lr_schedule: LrSchedule::Base,
             eval_every: 0,
             save_every: 3,
             sample_every: 0,
@@ -418,18 +595,20 @@ mod tests {
     #[test]
     fn resumed_run_equals_uninterrupted_run() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut whole = Trainer::new(settings(), a.path()).unwrap();
+        let mut whole = Trainer::new(settings(), a.path(), "run").unwrap();
         let summary = whole.train(&mut source(None), None, None, |_, _, _| {}).unwrap();
         assert_eq!(summary.steps, 6);
 
-        // Crash during step 4 (its 9th micro-batch), after the step-3 checkpoint.
-        let mut crashed = Trainer::new(settings(), b.path()).unwrap();
+        // The data fails during step 4 (its 9th micro-batch), after the step-3 checkpoint: the
+        // trainer saves step 4 (the loader where step 4 starts) before stopping.
+        let mut crashed = Trainer::new(settings(), b.path(), "run").unwrap();
         let err = crashed.train(&mut source(Some(8)), None, None, |_, _, _| {}).unwrap_err();
-        assert!(err.to_string().contains("simulated crash"));
-        assert_eq!(Trainer::latest(b.path()).unwrap().unwrap().1, 3);
+        let msg = format!("{err:#}");
+        assert!(msg.contains("simulated crash") && msg.contains("step_000004"), "{msg}");
+        assert_eq!(Trainer::latest(b.path()).unwrap().unwrap().1, 4);
         let mut src = source(None);
-        let mut resumed = Trainer::resume(b.path(), &mut src).unwrap();
-        assert_eq!(resumed.step(), 3);
+        let mut resumed = Trainer::resume(b.path(), &mut src, Some("run")).unwrap();
+        assert_eq!(resumed.step(), 4);
         resumed.train(&mut src, None, None, |_, _, _| {}).unwrap();
 
         assert_eq!(losses(a.path()), losses(b.path()));
@@ -445,6 +624,60 @@ mod tests {
         assert_eq!(Trainer::latest(a.path()).unwrap().unwrap().1, 6);
     }
 
+    /// Only checkpoints of this run are deleted by the retention; a foreign one copied in is
+    /// kept, and resuming from it is refused.
+    #[test]
+    fn retention_keeps_foreign_checkpoints_and_resume_refuses_them() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut other = Trainer::new(settings(), a.path(), "other").unwrap();
+        other.train(&mut source(None), None, None, |_, _, _| {}).unwrap();
+        let mut tr = Trainer::new(settings(), b.path(), "run").unwrap();
+        fs::create_dir_all(b.path().join("step_000001")).unwrap();
+        for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+            fs::copy(a.path().join("step_000006").join(f), b.path().join("step_000001").join(f))
+                .unwrap();
+        }
+        tr.train(&mut source(None), None, None, |_, _, _| {}).unwrap();
+        let mut names: Vec<String> = fs::read_dir(b.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("step_"))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["step_000001", "step_000003", "step_000006"]);
+        // latest.json pointed at the foreign checkpoint: resume refuses it.
+        fs::write(b.path().join("latest.json"), r#"{"step":1,"dir":"step_000001"}"#).unwrap();
+        let err = Trainer::resume(b.path(), &mut source(None), Some("run")).err().unwrap();
+        assert!(err.to_string().contains("not written by this run"), "{err}");
+        // latest.json may not point outside the run directory.
+        fs::write(b.path().join("latest.json"), r#"{"step":1,"dir":"../x"}"#).unwrap();
+        let err = Trainer::resume(b.path(), &mut source(None), None).err().unwrap();
+        assert!(err.to_string().contains("not a checkpoint directory"), "{err}");
+    }
+
+    /// The chat schedule: progress-based LR with nanochat's SFT defaults, momentum 0.85 -> 0.95
+    /// over 300 steps, constant weight decay.
+    #[test]
+    fn chat_schedule_points() {
+        let s = Settings {
+            num_iterations: 10,
+            warmdown_ratio: 0.5,
+            final_lr_frac: 0.0,
+            weight_decay: 0.0,
+            lr_schedule: LrSchedule::Chat { warmup_ratio: 0.0 },
+            ..settings()
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(s.schedule_at(0).0, 1.0));
+        assert!(close(s.schedule_at(4).0, 1.0), "progress 0.5 is still flat");
+        assert!(close(s.schedule_at(6).0, 0.6));
+        assert!(close(s.schedule_at(9).0, 0.0));
+        assert!(close(s.schedule_at(0).1, 0.85));
+        assert!(close(s.schedule_at(150).1, 0.90));
+        assert!(close(s.schedule_at(600).1, 0.95));
+        assert!(close(s.schedule_at(3).2, 0.0));
+    }
+
     /// Six optimizer steps on the GPU (lavapipe in CI) track the CPU run's losses.
     #[test]
     fn gpu_training_tracks_cpu_losses() {
@@ -453,9 +686,10 @@ mod tests {
             return;
         }
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut cpu = Trainer::new(settings(), a.path()).unwrap();
+        let mut cpu = Trainer::new(settings(), a.path(), "run").unwrap();
         cpu.train(&mut source(None), None, None, |_, _, _| {}).unwrap();
-        let mut gpu = Trainer::new(settings(), b.path()).unwrap().with_device(Device::Gpu).unwrap();
+        let mut gpu =
+            Trainer::new(settings(), b.path(), "run").unwrap().with_device(Device::Gpu).unwrap();
         assert_eq!(gpu.gpt.device(), Device::Gpu);
         gpu.train(&mut source(None), None, None, |_, _, _| {}).unwrap();
         let (lc, lg) = (losses(a.path()), losses(b.path()));
@@ -471,7 +705,7 @@ mod tests {
     #[test]
     fn non_finite_loss_is_reported_with_its_step() {
         let dir = tempfile::tempdir().unwrap();
-        let mut tr = Trainer::new(settings(), dir.path()).unwrap();
+        let mut tr = Trainer::new(settings(), dir.path(), "run").unwrap();
         tr.gpt.params().get("lm_head.weight").unwrap().with_data_mut(|d| d[0] = f32::NAN).unwrap();
         let err = tr.train(&mut source(None), None, None, |_, _, _| {}).unwrap_err().to_string();
         assert!(err.contains("step 0") && err.contains("no checkpoint"), "{err}");

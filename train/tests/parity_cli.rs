@@ -30,6 +30,27 @@ fn reference_fixtures_pass() {
     assert!(lines.iter().any(|l| l["tensor"] == "grad.lm_head.weight"));
 }
 
+/// The multi-step optimizer case: three steps' losses, gradients, updates and parameters.
+#[test]
+fn optimizer_steps_fixture_passes() {
+    let out = train()
+        .arg("parity")
+        .arg("--json")
+        .arg(fixtures().join("optim_steps.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3 * (1 + 3 * 21));
+    let updates = lines.iter().filter(|l| l["tensor"].as_str().unwrap().starts_with("update.3."));
+    assert_eq!(updates.clone().count(), 21);
+    assert!(updates.into_iter().all(|l| l["ok"] == true && l["tol"].as_f64() == Some(1e-4)));
+}
+
 #[test]
 fn perturbed_fixture_fails_and_missing_file_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -71,7 +92,7 @@ fn reference_fixtures_pass_on_gpu() {
     assert!(lines.iter().all(|l| l["ok"] == true));
     let grads = lines.iter().filter(|l| l["tensor"].as_str().unwrap().starts_with("grad."));
     assert!(grads.clone().count() > 10);
-    assert!(grads.into_iter().all(|l| l["tol"].as_f64() == Some(1e-3)));
+    assert!(grads.into_iter().all(|l| l["tol"].as_f64() == Some(femtochat_model::parity::TOL_GPU)));
 }
 
 /// `train bench` prints one JSON line per timed step; CPU and GPU compute the same first loss.

@@ -51,6 +51,21 @@ fn tiny_model_learns_real_text() {
         "8",
         "--num-iterations",
         "200",
+        // One micro-batch per step. The recipe scales every LR by sqrt(512 / 2^19) = 1/32 for
+        // a batch this small; these are the setup_optimizer defaults times 32, so the effective
+        // LRs are those defaults, and the Muon weight decay is off.
+        "--total-batch-size",
+        "512",
+        "--unembedding-lr",
+        "0.128",
+        "--embedding-lr",
+        "6.4",
+        "--matrix-lr",
+        "0.64",
+        "--scalar-lr",
+        "16",
+        "--weight-decay",
+        "0",
         "--warmup-steps",
         "10",
         "--eval-every",
@@ -137,6 +152,8 @@ fn bad_inputs_give_clear_errors() {
         "32",
         "--device-batch-size",
         "2",
+        "--total-batch-size",
+        "64",
         "--num-iterations",
         "2",
         "--eval-tokens",
@@ -153,10 +170,16 @@ fn bad_inputs_give_clear_errors() {
         "--out",
         tok2.to_str().unwrap(),
     ]));
+    // Resuming with another tokenizer than the run's is refused (the run keeps its own copy).
     err(
         train(&["base", "--tokenizer", tok2.to_str().unwrap(), "--out", r, "--resume"]),
-        "vocab size",
+        "tokenizer",
     );
+    // A tokenizer of another vocabulary copied over the run's own is refused by its vocab size.
+    for f in ["tokenizer.tiktoken", "tokenizer.json"] {
+        std::fs::copy(tok2.join(f), run.join("tokenizer").join(f)).unwrap();
+    }
+    err(train(&["base", "--out", r, "--resume", "--force", "--num-iterations", "3"]), "vocab size");
 }
 
 /// `train batches` writes the rows `train base` trains on: BOS-led rows of T + 1 tokens, the

@@ -1,4 +1,4 @@
-//! AdamW with decoupled weight decay, in the fused form nanochat uses (SPEC.md §6).
+//! AdamW with decoupled weight decay, in the fused form nanochat uses (docs/reference.md §6).
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWHyper {

@@ -1,4 +1,4 @@
-//! MuonAdamW (SPEC.md §6): AdamW for embeddings, the unembedding and scalars; Muon (Polar
+//! MuonAdamW (docs/reference.md §6): AdamW for embeddings, the unembedding and scalars; Muon (Polar
 //! Express orthogonalisation + NorMuon second moment + cautious weight decay) for the matrices
 //! inside the transformer blocks. One `step` updates every group.
 //!

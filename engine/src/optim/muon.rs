@@ -1,4 +1,4 @@
-//! Muon for one weight matrix (rows, cols), exactly as nanochat's MuonAdamW (SPEC.md §6):
+//! Muon for one weight matrix (rows, cols), exactly as nanochat's MuonAdamW (docs/reference.md §6):
 //! Nesterov momentum -> row equilibration -> Polar Express orthogonalisation -> renormalisation
 //! -> NorMuon factored second moment -> cautious weight decay.
 //!

@@ -8,7 +8,11 @@ use super::pool::BufferPool;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GpuError {
-    #[error("no GPU adapter found (on Linux without a GPU, install lavapipe: mesa-vulkan-drivers)")]
+    #[error(
+        "no GPU adapter found: install a Vulkan driver (without a GPU on Debian/Ubuntu: \
+         `apt-get install mesa-vulkan-drivers libvulkan1`), or set FEMTOCHAT_SKIP_GPU=1 to skip \
+         the GPU tests"
+    )]
     NoAdapter,
     #[error("GPU device request failed: {0}")]
     Device(String),

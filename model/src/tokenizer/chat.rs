@@ -1,4 +1,4 @@
-//! nanochat's chat format (SPEC.md §9): token ids plus a training mask (1 = the assistant's
+//! nanochat's chat format (docs/reference.md §9): token ids plus a training mask (1 = the assistant's
 //! tokens, which SFT learns to produce).
 use serde::{Deserialize, Serialize};
 

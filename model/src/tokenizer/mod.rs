@@ -1,4 +1,4 @@
-//! Byte-level BPE (SPEC.md §9): training with rustbpe's semantics (`train.rs`), encoding with
+//! Byte-level BPE (docs/reference.md §9): training with rustbpe's semantics (`train.rs`), encoding with
 //! tiktoken's (lowest-rank merge first), decoding, streaming decoding, chat rendering (`chat.rs`),
 //! and tiktoken's `.tiktoken` file format plus a small JSON for the pattern and specials.
 mod chat;
@@ -206,7 +206,7 @@ impl Tokenizer {
         })
     }
 
-    /// Train on documents (SPEC.md §9): `vocab_size` includes the 9 special tokens.
+    /// Train on documents (docs/reference.md §9): `vocab_size` includes the 9 special tokens.
     pub fn train<S: AsRef<str> + Sync>(docs: &[S], vocab_size: usize) -> Result<Tokenizer> {
         let n_special = SPECIAL_TOKENS.len();
         if vocab_size < 256 + n_special {
