@@ -153,6 +153,59 @@ fn optim_steps_on_gpu() {
     check_optim_steps(Device::Gpu);
 }
 
+/// A prefill that computes logits for the last position only gives the last position of the
+/// full cached forward's logits; rows forked from the prefilled row decode as fresh prefills do,
+/// and decoding them leaves the original row untouched (they copy, not share, its keys).
+#[test]
+fn last_position_prefill_and_forked_rows() {
+    last_position_and_fork_on(femtochat::engine::Device::Cpu, 1e-6);
+}
+
+#[test]
+fn last_position_prefill_and_forked_rows_on_gpu() {
+    use femtochat::engine::Device;
+    if let Err(e) = Device::Gpu.ensure_available() {
+        assert!(std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1"), "{e}");
+        return;
+    }
+    last_position_and_fork_on(Device::Gpu, 1e-5);
+}
+
+fn last_position_and_fork_on(device: femtochat::engine::Device, tol: f64) {
+    let fx = Fixture::load(&path("gqa_window")).unwrap();
+    let gpt = fx.model_on(device).unwrap();
+    let v = gpt.config().vocab_size;
+    let p = 7;
+    let prompt: Vec<u32> = (0..p).map(|i| (i * 53 % 300) as u32).collect();
+    let ids = Ids::new(prompt.clone(), &[1, p]).unwrap();
+    let mut full_cache = KvCache::with_rows(gpt.config(), 1, 16);
+    let full = gpt.forward_cached(&ids, &mut full_cache).unwrap().to_vec(); // (1, P, V)
+    let mut cache = KvCache::with_rows(gpt.config(), 1, 16);
+    let last = gpt.forward_cached_last(&ids, &mut cache).unwrap();
+    assert_eq!(last.shape(), &[1, v]);
+    let e = rel_err(&last.to_vec(), &full[(p - 1) * v..]);
+    assert!(e < tol, "last-position prefill vs full forward rel err {e}");
+    assert_eq!(cache.position(0), p);
+
+    // One step after the prompt, solo: a fresh prefill per token.
+    let solo = |tok: u32| {
+        let mut c = KvCache::with_rows(gpt.config(), 1, 16);
+        gpt.forward_cached_last(&ids, &mut c).unwrap();
+        gpt.forward_cached(&Ids::new(vec![tok], &[1, 1]).unwrap(), &mut c).unwrap().to_vec()
+    };
+    let (a, b, d) = (11, 222, 5);
+    let mut forks = cache.fork_row(0, 2).unwrap();
+    assert_eq!((forks.rows(), forks.position(0), forks.position(1)), (2, p, p));
+    let got = gpt.forward_cached(&Ids::new(vec![a, b], &[2, 1]).unwrap(), &mut forks).unwrap();
+    let want: Vec<f32> = [solo(a), solo(b)].concat();
+    let e = rel_err(&got.to_vec(), &want);
+    assert!(e < tol, "forked rows vs fresh prefills rel err {e}");
+    let got = gpt.forward_cached(&Ids::new(vec![d], &[1, 1]).unwrap(), &mut cache).unwrap();
+    let e = rel_err(&got.to_vec(), &solo(d));
+    assert!(e < tol, "the original row after its forks decoded: rel err {e}");
+    assert!(cache.fork_row(1, 1).is_err());
+}
+
 /// The same fixtures with the model on the GPU (lavapipe in CI): logits, loss, every gradient,
 /// one optimizer step and KV-cache decode within `TOL_GPU` of the PyTorch reference.
 #[test]

@@ -35,10 +35,9 @@ pub fn generate(
     if prompt.len() >= capacity && max_new > 0 {
         return Err(ModelError::ContextFull { pos: 0, len: prompt.len(), capacity });
     }
-    let v = gpt.config().vocab_size;
     let mut cache = KvCache::with_rows(gpt.config(), 1, capacity);
-    let logits = gpt.forward_cached(&Ids::new(prompt.to_vec(), &[1, prompt.len()])?, &mut cache)?;
-    let mut last = logits.try_to_vec()?[(prompt.len() - 1) * v..].to_vec();
+    let prompt_ids = Ids::new(prompt.to_vec(), &[1, prompt.len()])?;
+    let mut last = gpt.forward_cached_last(&prompt_ids, &mut cache)?.try_to_vec()?; // (1, V)
     let mut out = Vec::new();
     loop {
         if out.len() >= max_new || cache.position(0) >= capacity {

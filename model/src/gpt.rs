@@ -164,7 +164,7 @@ impl Gpt {
 
     /// Logits (B, T, V) for token ids (B, T).
     pub fn forward(&self, idx: &Ids) -> Result<Tensor> {
-        self.run(idx, AttnMode::Full)
+        self.all_logits(&self.trunk(idx, AttnMode::Full)?)
     }
 
     /// Cross-entropy of the next-token predictions against `targets` (B*T, -1 ignored): a scalar
@@ -220,7 +220,27 @@ impl Gpt {
     /// is a prefill. No graph is recorded.
     pub fn forward_cached(&self, idx: &Ids, cache: &mut KvCache) -> Result<Tensor> {
         let _g = no_grad();
-        let (b, t) = (idx.shape()[0], idx.shape()[1]);
+        self.all_logits(&self.trunk_cached(idx, cache)?)
+    }
+
+    /// `forward_cached` with the lm head on the last new position of each row only: logits
+    /// (B, V), equal to the last position of `forward_cached`'s. What a prefill needs to sample
+    /// the first token, without (B, T, V) logits (gigabytes for a long prompt and a large vocab).
+    pub fn forward_cached_last(&self, idx: &Ids, cache: &mut KvCache) -> Result<Tensor> {
+        let _g = no_grad();
+        let x = self.trunk_cached(idx, cache)?; // (B, T, C)
+        let (b, t, c) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        self.head(&x.narrow(1, t - 1, 1)?.reshape(&[b, c])?) // (B, V)
+    }
+
+    /// The trunk over a KV cache: appends `idx` (B, T) to the rows, returns (B, T, C).
+    fn trunk_cached(&self, idx: &Ids, cache: &mut KvCache) -> Result<Tensor> {
+        let &[b, t] = idx.shape() else {
+            return Err(ModelError::Invalid(format!(
+                "token ids must be (B, T), got {:?}",
+                idx.shape()
+            )));
+        };
         if b != cache.rows() {
             return Err(ModelError::Invalid(format!(
                 "{b} rows of tokens for {} cache rows",
@@ -228,16 +248,15 @@ impl Gpt {
             )));
         }
         cache.check_room(t)?;
-        let logits = self.run(idx, AttnMode::Cached(cache))?;
+        let x = self.trunk(idx, AttnMode::Cached(cache))?;
         cache.advance(t);
-        Ok(logits)
+        Ok(x)
     }
 
-    /// Shared forward: the trunk, then the lm head on every position: logits (B, T, V).
-    fn run(&self, idx: &Ids, mode: AttnMode) -> Result<Tensor> {
-        let x = self.trunk(idx, mode)?;
+    /// The lm head on every position of the trunk's output (B, T, C): logits (B, T, V).
+    fn all_logits(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t) = (x.shape()[0], x.shape()[1]);
-        Ok(self.head(&x)?.reshape(&[b, t, self.config.vocab_size])?)
+        Ok(self.head(x)?.reshape(&[b, t, self.config.vocab_size])?)
     }
 
     /// Logits (.., V) of normed final hidden states (.., C): the lm head, cut to the true vocab,

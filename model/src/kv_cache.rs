@@ -82,6 +82,32 @@ impl KvCache {
         Ok(KvCache { rows: vec![row], ..*self })
     }
 
+    /// A cache of `copies` rows that each continue row `r`: its keys and values (copied on their
+    /// device, up to its position), position and last embedding. The n choices of one request
+    /// share one prefill this way.
+    pub fn fork_row(&self, r: usize, copies: usize) -> Result<KvCache> {
+        let src = self.rows.get(r).ok_or_else(|| {
+            ModelError::Invalid(format!("no cache row {r} of {}", self.rows.len()))
+        })?;
+        let copy = |t: &Tensor| -> Result<Tensor> {
+            let c = Tensor::zeros(t.shape()).to_device(t.device())?;
+            if src.pos > 0 {
+                c.write_block(1, 0, &t.narrow(1, 0, src.pos)?)?;
+            }
+            Ok(c)
+        };
+        let mut rows = Vec::with_capacity(copies);
+        for _ in 0..copies {
+            rows.push(Row {
+                pos: src.pos,
+                k: src.k.iter().map(copy).collect::<Result<_>>()?,
+                v: src.v.iter().map(copy).collect::<Result<_>>()?,
+                prev: src.prev.clone(),
+            });
+        }
+        Ok(KvCache { rows, ..*self })
+    }
+
     pub fn rows(&self) -> usize {
         self.rows.len()
     }

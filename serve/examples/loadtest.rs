@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use femtochat_model::tokenizer::{SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, parse_tiktoken};
 use femtochat_serve::cache::CacheConfig;
 use femtochat_serve::fixture::{tiny_config, tiny_model};
-use femtochat_serve::http::{AppState, start};
+use femtochat_serve::http::AppState;
 use femtochat_serve::scheduler::{Engine, EngineConfig};
+use femtochat_serve::server::{HttpConfig, start};
 use serde_json::{Value, json};
 
 struct Args {
@@ -159,7 +160,8 @@ fn main() {
             engine.wait_ready().unwrap();
             let no_cache = CacheConfig { max_entries: 0, ..Default::default() };
             let state = Arc::new(AppState::new(engine, "tiny".into(), no_cache));
-            let server = start(state, "127.0.0.1", 0, 2).unwrap();
+            let http = HttpConfig { port: 0, workers: 2, ..Default::default() };
+            let server = start(state, &http).unwrap();
             let url = format!("http://{}", server.addr);
             _server = server;
             url

@@ -13,6 +13,9 @@ pub enum ServeError {
     /// The body is larger than the server accepts (413).
     #[error("request body exceeds {limit} bytes")]
     TooLarge { limit: usize },
+    /// The client did not send its request in time (408).
+    #[error("{0}")]
+    Timeout(String),
     /// `model` names a model this server does not have (404).
     #[error("the model `{0}` does not exist")]
     UnknownModel(String),
@@ -22,7 +25,7 @@ pub enum ServeError {
     /// The waiting queue is full (429).
     #[error("the server is busy: {0} requests are already waiting; retry later")]
     QueueFull(usize),
-    /// The model is still loading, or the engine stopped (503).
+    /// The model is still loading, or the engine stopped (503); the message says which and why.
     #[error("{0}")]
     NotReady(String),
     /// Generation failed inside the engine (500).

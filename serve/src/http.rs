@@ -1,27 +1,24 @@
 //! The actix-web front: routes, request checks, SSE streaming, the response cache and the
 //! OpenAI error format. Handlers never block: generation runs on the engine thread and comes
 //! back as events on a channel; dropping that channel (client gone) cancels the request.
-use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+//! A non-streaming reply is gathered inside the handler, so a failure mid-generation is still a
+//! status code (500, or 503 when the engine died) rather than a 200 cut short.
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::ContentType;
-use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use femtochat_model::ModelError;
 use femtochat_model::tokenizer::{ChatMessage, Content, Conversation};
-use futures_util::StreamExt;
-use serde::Serialize;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::api::*;
+use crate::body::read_body;
 use crate::cache::{CacheConfig, ResponseCache};
 use crate::error::{Result, ServeError};
 use crate::scheduler::{Engine, Event, Finish, GenParams, ModelInfo};
-
-/// Largest request body accepted; prompts longer than any context fit well below it.
-pub const MAX_BODY_BYTES: usize = 4 << 20;
+use crate::sse::Sse;
 
 /// The web chat page.
 const INDEX_HTML: &str = include_str!("web/index.html");
@@ -50,12 +47,12 @@ impl AppState {
     }
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A random-looking id with OpenAI's prefixes (`chatcmpl-`, `cmpl-`).
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
@@ -73,6 +70,7 @@ impl ResponseError for ServeError {
                 StatusCode::BAD_REQUEST
             }
             ServeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ServeError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ServeError::UnknownModel(_) | ServeError::NotFound(_) => StatusCode::NOT_FOUND,
             ServeError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             ServeError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -95,6 +93,7 @@ pub fn error_body(e: &ServeError) -> ErrorBody {
             ("invalid_request_error", Some("messages".to_string()), Some("context_length_exceeded"))
         }
         ServeError::TooLarge { .. } => ("invalid_request_error", None, Some("request_too_large")),
+        ServeError::Timeout(_) => ("invalid_request_error", None, Some("request_timeout")),
         ServeError::UnknownModel(_) => {
             ("invalid_request_error", Some("model".to_string()), Some("model_not_found"))
         }
@@ -110,68 +109,6 @@ pub fn error_body(e: &ServeError) -> ErrorBody {
             param,
             code: code.map(str::to_string),
         },
-    }
-}
-
-/// Start the HTTP server on its own thread (with its own actix runtime) and return once it
-/// listens. Port 0 picks a free port; `workers` 0 = actix's default (one per core).
-pub fn start(state: Arc<AppState>, host: &str, port: u16, workers: usize) -> Result<RunningServer> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let host = host.to_string();
-    let thread = std::thread::Builder::new().name("http".into()).spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let data = web::Data::from(state);
-            let mut server =
-                HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
-                    .disable_signals();
-            if workers > 0 {
-                server = server.workers(workers);
-            }
-            let server = match server.bind((host.as_str(), port)) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return Ok(());
-                }
-            };
-            let addr = server.addrs().first().copied();
-            let server = server.run();
-            let _ = tx.send(Ok((addr, server.handle())));
-            server.await
-        })
-    })?;
-    let (addr, handle) = rx
-        .recv()
-        .map_err(|_| ServeError::Engine("the HTTP thread died while starting".into()))??;
-    let addr = addr.ok_or_else(|| ServeError::Engine("the server bound no address".into()))?;
-    Ok(RunningServer { addr, handle, thread: Some(thread) })
-}
-
-/// A server started by [`start`].
-pub struct RunningServer {
-    pub addr: SocketAddr,
-    handle: actix_web::dev::ServerHandle,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-}
-
-impl RunningServer {
-    /// Serve until the server stops.
-    pub fn join(mut self) -> Result<()> {
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => Ok(r?),
-            Some(Err(_)) => Err(ServeError::Engine("the HTTP thread panicked".into())),
-            None => Ok(()),
-        }
-    }
-
-    /// Stop accepting connections and end the server (in-flight streams are dropped).
-    pub fn stop(mut self) {
-        let stop = self.handle.stop(false);
-        // A throwaway runtime drives the stop future: the caller may be outside any runtime.
-        actix_web::rt::System::new().block_on(stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -206,6 +143,8 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
             "queued": e.queued(),
             "max_batch": e.config().max_batch,
             "max_queue": e.config().max_queue,
+            "prefills": e.prefills().0,
+            "prefill_tokens": e.prefills().1,
         })),
         Err(err) => HttpResponse::ServiceUnavailable()
             .json(serde_json::json!({"status": "unavailable", "message": err.to_string()})),
@@ -241,20 +180,6 @@ async fn cache_clear(state: web::Data<AppState>) -> HttpResponse {
     let cleared = cache.stats().entries;
     cache.clear();
     HttpResponse::Ok().json(serde_json::json!({ "cleared": cleared }))
-}
-
-/// The body, refusing more than `limit` bytes without reading them all.
-async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes> {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ServeError::invalid(format!("reading the body: {e}"), None))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ServeError::TooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
@@ -366,7 +291,8 @@ pub fn gen_params(
         (Some(m), _) => (Some(m), "max_completion_tokens"),
         (None, m) => (m, "max_tokens"),
     };
-    let room = info.context.saturating_sub(prompt.len());
+    let prompt_len = prompt.len();
+    let room = info.context.saturating_sub(prompt_len);
     if room == 0 {
         return Err(ServeError::ContextLength {
             message: format!(
@@ -381,13 +307,13 @@ pub fn gen_params(
         None => room,
         Some(0) => return bad(format!("{field} must be at least 1"), field),
         Some(m) if m > room as u64 => {
+            // u128: the sum of any prompt length and any u64 is exact.
+            let requested = prompt_len as u128 + m as u128;
             return Err(ServeError::ContextLength {
                 message: format!(
                     "This model's maximum context length is {} tokens. However, you requested \
-                     {} tokens ({} in the prompt, {m} for the completion).",
+                     {requested} tokens ({prompt_len} in the prompt, {m} for the completion).",
                     info.context,
-                    prompt.len() as u64 + m,
-                    prompt.len()
                 ),
             });
         }
@@ -413,16 +339,13 @@ pub fn gen_params(
 
 /// Which endpoint's shapes a response takes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Chat,
     Text,
 }
 
-async fn chat_completions(
-    state: web::Data<AppState>,
-    payload: web::Payload,
-) -> Result<HttpResponse> {
-    let req: ChatRequest = parse(&read_body(payload, MAX_BODY_BYTES).await?)?;
+async fn chat_completions(state: web::Data<AppState>, http: HttpRequest) -> Result<HttpResponse> {
+    let req: ChatRequest = parse(&read_body(&http).await?)?;
     let info = state.engine.info()?;
     if let Some(m) = &req.sampling.model
         && *m != state.model_name
@@ -433,8 +356,8 @@ async fn chat_completions(
     respond(state, Kind::Chat, &req.sampling, prompt).await
 }
 
-async fn completions(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse> {
-    let req: CompletionRequest = parse(&read_body(payload, MAX_BODY_BYTES).await?)?;
+async fn completions(state: web::Data<AppState>, http: HttpRequest) -> Result<HttpResponse> {
+    let req: CompletionRequest = parse(&read_body(&http).await?)?;
     let info = state.engine.info()?;
     let mut prompts = req.prompt.into_vec();
     if prompts.len() != 1 {
@@ -466,20 +389,7 @@ async fn respond(
             s.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
         let (tx, rx) = unbounded_channel();
         state.engine.submit(params, tx)?;
-        let sse = Sse {
-            rx,
-            kind,
-            id: new_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }),
-            created: unix_now(),
-            model,
-            include_usage,
-            prompt_tokens,
-            n,
-            done: 0,
-            completion_tokens: 0,
-            out: VecDeque::new(),
-            finished: false,
-        };
+        let sse = Sse::new(rx, state.clone(), kind, model, include_usage, prompt_tokens, n);
         return Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
             .insert_header(("cache-control", "no-cache"))
@@ -498,29 +408,21 @@ async fn respond(
             .insert_header(("x-cache", "hit"))
             .body(body));
     }
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, rx) = unbounded_channel();
     state.engine.submit(params, tx)?;
-    // Wait for the first event, so a request that fails at once still gets its status code.
-    let first = rx.recv().await;
-    if let Some(Event::Error(m)) = first {
-        return Err(ServeError::Engine(m));
-    }
+    // The whole reply before the status line: a failure at any token is a 500 (or 503), never
+    // a 200 cut short, which clients would retry as a connection error. A client that hangs up
+    // meanwhile ends this handler (the server refuses half-closed connections), and dropping
+    // `rx` cancels the generation.
+    let (texts, finishes, tokens) = collect(rx, n, &state.engine).await?;
+    let body = completion_body(kind, model, prompt_tokens, texts, finishes, tokens)?;
     let mut resp = HttpResponse::Ok();
     resp.content_type(ContentType::json());
-    if key.is_some() {
+    if let Some(k) = key {
         resp.insert_header(("x-cache", "miss"));
+        state.cache().insert(k, body.clone());
     }
-    // The rest is sent as a body stream: actix drops a response body when its client hangs up,
-    // but not a handler that is still running, and dropping `rx` is what cancels generation.
-    let body = async move {
-        let (texts, finishes, tokens) = collect(first, rx, n).await?;
-        let body = completion_body(kind, model, prompt_tokens, texts, finishes, tokens)?;
-        if let Some(k) = key {
-            state.cache().insert(k, body.clone());
-        }
-        Ok::<_, ServeError>(web::Bytes::from(body))
-    };
-    Ok(resp.streaming(futures_util::stream::once(body)))
+    Ok(resp.body(body))
 }
 
 /// The whole (non-streamed) response of either endpoint.
@@ -571,22 +473,16 @@ fn completion_body(
 }
 
 /// Wait for all n choices: their texts, finish reasons, and the total tokens generated.
-/// `first` is the event already taken off `rx`.
 async fn collect(
-    first: Option<Event>,
     mut rx: UnboundedReceiver<Event>,
     n: usize,
+    engine: &Engine,
 ) -> Result<(Vec<String>, Vec<Finish>, usize)> {
     let mut texts = vec![String::new(); n];
     let mut finishes = vec![None; n];
     let (mut done, mut tokens) = (0, 0);
-    let mut next = first;
     while done < n {
-        let event = match next.take() {
-            Some(e) => Some(e),
-            None => rx.recv().await,
-        };
-        match event {
+        match rx.recv().await {
             Some(Event::Text { index, text }) => texts[index].push_str(&text),
             Some(Event::Done { index, finish, tokens: t }) => {
                 finishes[index] = Some(finish);
@@ -594,153 +490,8 @@ async fn collect(
                 done += 1;
             }
             Some(Event::Error(m)) => return Err(ServeError::Engine(m)),
-            None => return Err(ServeError::Engine("the engine dropped the request".into())),
+            None => return Err(engine.lost_request()),
         }
     }
     Ok((texts, finishes.into_iter().map(|f| f.unwrap_or(Finish::Stop)).collect(), tokens))
-}
-
-/// Turns engine events into server-sent events of OpenAI's chunk shapes.
-struct Sse {
-    rx: UnboundedReceiver<Event>,
-    kind: Kind,
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
-    prompt_tokens: usize,
-    n: usize,
-    done: usize,
-    completion_tokens: usize,
-    /// Events ready to go out.
-    out: VecDeque<web::Bytes>,
-    finished: bool,
-}
-
-fn sse_line(value: &impl Serialize) -> web::Bytes {
-    let json = serde_json::to_string(value).unwrap_or_default();
-    web::Bytes::from(format!("data: {json}\n\n"))
-}
-
-impl Sse {
-    fn into_stream(
-        mut self,
-    ) -> impl futures_util::Stream<Item = std::result::Result<web::Bytes, actix_web::Error>> {
-        if self.kind == Kind::Chat {
-            // OpenAI opens each choice with the role.
-            for index in 0..self.n {
-                let delta = Delta { role: Some("assistant".into()), content: Some(String::new()) };
-                let chunk = self.chat_chunk(index, delta, None);
-                self.out.push_back(chunk);
-            }
-        }
-        // Dropping this stream (client gone) drops `rx`, which the engine sees as a cancel.
-        futures_util::stream::unfold(self, |mut s| async move {
-            loop {
-                if let Some(b) = s.out.pop_front() {
-                    return Some((Ok(b), s));
-                }
-                if s.finished {
-                    return None;
-                }
-                let event = s.rx.recv().await;
-                s.on_event(event);
-            }
-        })
-    }
-
-    fn usage_field(&self) -> Option<Option<Usage>> {
-        self.include_usage.then_some(None)
-    }
-
-    fn chat_chunk(&self, index: usize, delta: Delta, finish: Option<Finish>) -> web::Bytes {
-        sse_line(&ChatChunk {
-            id: self.id.clone(),
-            object: "chat.completion.chunk".into(),
-            created: self.created,
-            model: self.model.clone(),
-            choices: vec![ChunkChoice {
-                index,
-                delta,
-                logprobs: None,
-                finish_reason: finish.map(|f| f.as_str().into()),
-            }],
-            usage: self.usage_field(),
-        })
-    }
-
-    fn text_chunk(&self, choices: Vec<TextChoice>, usage: Option<Option<Usage>>) -> web::Bytes {
-        sse_line(&TextCompletion {
-            id: self.id.clone(),
-            object: "text_completion".into(),
-            created: self.created,
-            model: self.model.clone(),
-            choices,
-            usage,
-        })
-    }
-
-    fn on_event(&mut self, event: Option<Event>) {
-        let chunk = match event {
-            Some(Event::Text { index, text }) => match self.kind {
-                Kind::Chat => {
-                    self.chat_chunk(index, Delta { role: None, content: Some(text) }, None)
-                }
-                Kind::Text => self.text_chunk(
-                    vec![TextChoice { text, index, logprobs: None, finish_reason: None }],
-                    self.usage_field(),
-                ),
-            },
-            Some(Event::Done { index, finish, tokens }) => {
-                self.done += 1;
-                self.completion_tokens += tokens;
-                match self.kind {
-                    Kind::Chat => self.chat_chunk(index, Delta::default(), Some(finish)),
-                    Kind::Text => self.text_chunk(
-                        vec![TextChoice {
-                            text: String::new(),
-                            index,
-                            logprobs: None,
-                            finish_reason: Some(finish.as_str().into()),
-                        }],
-                        self.usage_field(),
-                    ),
-                }
-            }
-            Some(Event::Error(m)) => {
-                self.finished = true;
-                sse_line(&error_body(&ServeError::Engine(m)))
-            }
-            None => {
-                self.finished = true;
-                sse_line(&error_body(&ServeError::Engine("the engine dropped the request".into())))
-            }
-        };
-        self.out.push_back(chunk);
-        if self.done == self.n && !self.finished {
-            self.finished = true;
-            if self.include_usage {
-                let usage = Some(Some(Usage {
-                    prompt_tokens: self.prompt_tokens,
-                    completion_tokens: self.completion_tokens,
-                    total_tokens: self.prompt_tokens + self.completion_tokens,
-                }));
-                let last = match self.kind {
-                    Kind::Chat => sse_line(&ChatChunk {
-                        id: self.id.clone(),
-                        object: "chat.completion.chunk".into(),
-                        created: self.created,
-                        model: self.model.clone(),
-                        choices: vec![],
-                        usage,
-                    }),
-                    Kind::Text => self.text_chunk(vec![], usage),
-                };
-                self.out.push_back(last);
-            }
-        }
-        if self.finished {
-            self.out.push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
-        }
-    }
 }

@@ -14,8 +14,9 @@ use femtochat_model::generate::{Finish, generate};
 use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_model::tokenizer::{ChatMessage, Content, Conversation, StreamDecoder, Tokenizer};
 use femtochat_serve::cache::CacheConfig;
-use femtochat_serve::http::{AppState, start};
+use femtochat_serve::http::AppState;
 use femtochat_serve::scheduler::{Engine, EngineConfig};
+use femtochat_serve::server::{HttpConfig, MAX_BODY_BYTES, start};
 
 /// With no subcommand, `serve` is the HTTP server.
 #[derive(Parser)]
@@ -45,14 +46,26 @@ struct HttpArgs {
     #[arg(long, default_value_t = 8000)]
     port: u16,
     /// Most sequences decoded together (continuous batching).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     max_batch: usize,
     /// Most requests waiting for a free row; more get 429.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
     /// Tokens per sequence, prompt + reply (default: the model's sequence_len).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     context: Option<usize>,
+    /// Seconds a client has to send a request's head (line and headers); then 408 and close.
+    #[arg(long, default_value = "10", value_parser = positive_seconds)]
+    request_timeout: Duration,
+    /// Seconds a client has to send a request's body once the head is in; then 408 and close.
+    #[arg(long, default_value = "30", value_parser = positive_seconds)]
+    body_timeout: Duration,
+    /// Seconds an idle connection stays open between requests (0 = close after each response).
+    #[arg(long, default_value = "15", value_parser = seconds)]
+    keep_alive: Duration,
+    /// Most open connections; more wait in the listen backlog until one closes.
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
+    max_connections: usize,
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -92,8 +105,11 @@ struct ModelArgs {
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
     /// Most new tokens per reply.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     max_tokens: usize,
+    /// Tokens per conversation, prompt + reply (default: the model's sequence_len).
+    #[arg(long, value_parser = at_least_one)]
+    context: Option<usize>,
     /// Makes sampling reproducible.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -123,6 +139,8 @@ struct Session {
     tok: Tokenizer,
     sampler: Sampler,
     max_tokens: usize,
+    /// Most tokens of prompt + reply.
+    context: usize,
 }
 
 impl Session {
@@ -139,20 +157,34 @@ impl Session {
             top_p: a.top_p,
             ..Default::default()
         };
-        Ok(Session { gpt, tok, sampler: Sampler::new(params, a.seed)?, max_tokens: a.max_tokens })
+        // Like the HTTP engine: the trained context unless told otherwise, never past the
+        // rotary tables.
+        let context = a.context.unwrap_or(gpt.config().sequence_len).min(gpt.max_positions());
+        let sampler = Sampler::new(params, a.seed)?;
+        Ok(Session { gpt, tok, sampler, max_tokens: a.max_tokens, context })
     }
 
-    /// Generate after `prompt`, printing text as it completes; returns the text.
+    /// Room for the reply after `prompt`, or a one-line error naming the sizes (never the text).
+    fn room(&self, prompt: &[u32], what: &str, fix: &str) -> Result<usize> {
+        match self.context.checked_sub(prompt.len()) {
+            Some(room) if room > 0 => Ok(room),
+            _ => bail!(
+                "{what} is {} tokens and the context holds {} (prompt + reply); {fix}",
+                prompt.len(),
+                self.context
+            ),
+        }
+    }
+
+    /// Generate up to `room` tokens after `prompt`, printing text as it completes; returns the
+    /// text.
     fn stream(
         &mut self,
         prompt: &[u32],
+        room: usize,
         stop: &[u32],
         out: &mut impl Write,
     ) -> Result<(String, Finish)> {
-        let room = self.gpt.max_positions().saturating_sub(prompt.len() + 1);
-        if room == 0 {
-            bail!("the conversation is longer than the model's context; /reset to start over");
-        }
         let mut dec = StreamDecoder::default();
         let mut text = String::new();
         let mut failed = None;
@@ -202,10 +234,18 @@ fn chat(a: ModelArgs) -> Result<()> {
     let mut stdout = std::io::stdout();
     loop {
         eprint!("\nyou> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let mut raw = Vec::new();
+        if stdin.lock().read_until(b'\n', &mut raw)? == 0 {
             break;
         }
+        let line = match String::from_utf8(raw) {
+            Ok(l) => l,
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                eprintln!("error: that line is not valid UTF-8 (byte {at}); nothing was sent");
+                continue;
+            }
+        };
         let line = line.trim();
         match line {
             "" => continue,
@@ -219,9 +259,20 @@ fn chat(a: ModelArgs) -> Result<()> {
         }
         conv.messages
             .push(ChatMessage { role: "user".into(), content: Content::Text(line.to_string()) });
-        let prompt = s.tok.render_prompt(&conv)?;
+        let checked = s.tok.render_prompt(&conv).map_err(anyhow::Error::from).and_then(|p| {
+            let room = s.room(&p, "the conversation", "/reset to start over")?;
+            Ok((p, room))
+        });
+        let (prompt, room) = match checked {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                conv.messages.pop();
+                continue;
+            }
+        };
         eprint!("bot> ");
-        match s.stream(&prompt, &stop, &mut stdout) {
+        match s.stream(&prompt, room, &stop, &mut stdout) {
             Ok((reply, _)) => {
                 println!();
                 conv.messages
@@ -254,7 +305,7 @@ fn http(a: HttpArgs) -> Result<()> {
         max_batch: a.max_batch,
         max_queue: a.max_queue,
         context: a.context,
-        step_delay: Duration::ZERO,
+        ..Default::default()
     };
     let device = a.device;
     let load = move || {
@@ -274,11 +325,44 @@ fn http(a: HttpArgs) -> Result<()> {
         ttl: Duration::from_secs(a.cache_ttl),
     };
     let state = Arc::new(AppState::new(engine, model_name, cache));
-    let server = start(state, &a.host, a.port, a.http_workers)
-        .with_context(|| format!("listening on {}:{}", a.host, a.port))?;
+    let http = HttpConfig {
+        host: a.host.clone(),
+        port: a.port,
+        workers: a.http_workers,
+        request_timeout: a.request_timeout,
+        body_timeout: a.body_timeout,
+        keep_alive: a.keep_alive,
+        max_connections: a.max_connections,
+        max_body_bytes: MAX_BODY_BYTES,
+    };
+    let server =
+        start(state, &http).with_context(|| format!("listening on {}:{}", a.host, a.port))?;
     eprintln!("serving on http://{} (web chat at /, API at /v1)", server.addr);
     server.join()?;
     Ok(())
+}
+
+/// A count of at least 1 (`--max-tokens 0` would ask for nothing, `--context 0` fit nothing).
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Seconds (fractions allowed), zero or more.
+fn seconds(s: &str) -> std::result::Result<Duration, String> {
+    let x: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    Duration::try_from_secs_f64(x).map_err(|_| "must be a number of seconds, 0 or more".into())
+}
+
+/// Seconds above zero (a zero timeout would mean none).
+fn positive_seconds(s: &str) -> std::result::Result<Duration, String> {
+    match seconds(s)? {
+        d if d.is_zero() => Err("must be above 0".into()),
+        d => Ok(d),
+    }
 }
 
 /// The run directory's own name (`runs/d12` -> `d12`).
@@ -295,9 +379,10 @@ fn main() -> std::process::ExitCode {
         Some(Command::Generate { model, prompt }) => Session::open(&model).and_then(|mut s| {
             let mut ids = vec![s.tok.bos()];
             ids.extend(s.tok.encode(&prompt));
+            let room = s.room(&ids, "the prompt", "shorten it or raise --context")?;
             print!("{prompt}");
             let bos = [s.tok.bos()];
-            let (_, finish) = s.stream(&ids, &bos, &mut std::io::stdout())?;
+            let (_, finish) = s.stream(&ids, room, &bos, &mut std::io::stdout())?;
             println!();
             eprintln!("(finish: {finish:?})");
             Ok(())

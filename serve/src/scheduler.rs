@@ -1,26 +1,30 @@
 //! The batching engine: one thread owns the model and runs continuous batching.
 //!
-//! Requests arrive on a bounded channel (its bound is the waiting queue; a full queue is a 429).
 //! Each request becomes `n` rows; a row is one sequence with its own KV-cache row, sampler, stop
-//! strings and calculator state. A request is admitted when enough rows are free: its prompt is
-//! prefilled alone ((n, T) forward into a fresh cache) and its rows then join the shared cache.
-//! Every decode step is one forward of (R, 1) tokens over all R active rows, each at its own
-//! position; a row leaves (and its cache row is freed) when it stops, reaches its length, or its
-//! client goes away. Rows never wait for each other to finish.
+//! strings and calculator state. Admission is one ledger shared by `submit` and the engine
+//! thread: a request takes free rows at once if nobody is waiting, else a place in the waiting
+//! queue, else a 429 — so a burst of max_batch + max_queue requests is always accepted, however
+//! far the engine thread lags behind. A request's prompt is prefilled once, alone ((1, T)
+//! forward, logits for the last position only), and its n rows fork from that cache row. Every
+//! decode step is one forward of (R, 1) tokens over all R active rows, each at its own position;
+//! a row leaves (and its cache row is freed) when it stops, reaches its length, or its client
+//! goes away. Rows never wait for each other to finish. If the engine thread dies, the engine
+//! reports why to `/health` and to every request from then on.
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use femtochat_engine::Ids;
 use femtochat_model::sampler::{Sampler, SamplingParams};
-use femtochat_model::tokenizer::{StreamDecoder, Tokenizer};
+use femtochat_model::tokenizer::Tokenizer;
 use femtochat_model::{Gpt, KvCache};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::{Result, ServeError};
-use crate::tool::use_calculator;
+use crate::row::{Row, Specials};
 
 /// What one request asks the engine for (already validated against the model).
 /// Its `Debug` form is the response cache's key (floats print exactly, fields in order).
@@ -73,11 +77,13 @@ pub enum Event {
     Error(String),
 }
 
-/// A request in the queue: what to generate and where the events go. Dropping the receiving
-/// end cancels it.
-pub struct Job {
-    pub params: GenParams,
-    pub events: UnboundedSender<Event>,
+/// An accepted request: what to generate and where the events go. Dropping the receiving end
+/// cancels it.
+struct Job {
+    params: GenParams,
+    events: UnboundedSender<Event>,
+    /// Whether its rows were reserved at submission (else it holds a place in the queue).
+    reserved: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -91,11 +97,20 @@ pub struct EngineConfig {
     /// Pause after every decode step. Zero in service; tests use it to keep requests in flight
     /// long enough to observe queueing and cancellation on a model that is otherwise instant.
     pub step_delay: Duration,
+    /// Fault injection, for tests only: the engine thread panics at this decode step (counted
+    /// from 1), as a bug or a lost device would end it. None in service.
+    pub panic_at_step: Option<u64>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch: 8, max_queue: 64, context: None, step_delay: Duration::ZERO }
+        EngineConfig {
+            max_batch: 8,
+            max_queue: 64,
+            context: None,
+            step_delay: Duration::ZERO,
+            panic_at_step: None,
+        }
     }
 }
 
@@ -113,12 +128,38 @@ enum Status {
     Failed(String),
 }
 
+/// Who holds the rows. `submit` and the engine thread change it under one lock, so what a
+/// request is promised never depends on how far the engine thread has got.
+#[derive(Default)]
+struct Ledger {
+    /// Rows the engine holds (an over-count between admitting a request and its prefill).
+    active: usize,
+    /// Rows promised to accepted requests the engine has not started.
+    reserved: usize,
+    /// Requests waiting for rows.
+    queued: usize,
+}
+
 struct Shared {
     info: OnceLock<ModelInfo>,
     status: Mutex<Status>,
     changed: Condvar,
-    active_rows: AtomicUsize,
-    queued: AtomicUsize,
+    ledger: Mutex<Ledger>,
+    /// Prompts run through the model, and their tokens (one prefill per request, not per choice).
+    prefills: AtomicU64,
+    prefill_tokens: AtomicU64,
+}
+
+impl Shared {
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        // Plain counters: a panic elsewhere cannot leave them half-updated.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, s: Status) {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        self.changed.notify_all();
+    }
 }
 
 /// Load the model and tokenizer (runs on the engine thread).
@@ -126,7 +167,8 @@ pub type Loader = Box<dyn FnOnce() -> femtochat_model::Result<(Gpt, Tokenizer)> 
 
 /// Handle to the engine thread; cheap to share behind an `Arc`.
 pub struct Engine {
-    tx: SyncSender<Job>,
+    /// Unbounded: the ledger, not the channel, bounds what is accepted.
+    tx: Sender<Job>,
     shared: Arc<Shared>,
     config: EngineConfig,
 }
@@ -138,34 +180,45 @@ impl Engine {
         if config.max_batch == 0 {
             return Err(ServeError::invalid("max batch must be at least 1", None));
         }
-        let (tx, rx) = sync_channel(config.max_queue);
+        if config.context == Some(0) {
+            return Err(ServeError::invalid("context must be at least 1 token", None));
+        }
+        let (tx, rx) = channel();
         let shared = Arc::new(Shared {
             info: OnceLock::new(),
             status: Mutex::new(Status::Loading),
             changed: Condvar::new(),
-            active_rows: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
+            ledger: Mutex::new(Ledger::default()),
+            prefills: AtomicU64::new(0),
+            prefill_tokens: AtomicU64::new(0),
         });
         let (sh, cfg) = (shared.clone(), config.clone());
         std::thread::Builder::new().name("engine".into()).spawn(move || {
-            let set = |s: Status| {
-                *sh.status.lock().unwrap_or_else(|p| p.into_inner()) = s;
-                sh.changed.notify_all();
+            let (gpt, tok) = match catch_unwind(AssertUnwindSafe(loader)) {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    return sh.set(Status::Failed(format!("loading the model failed: {e}")));
+                }
+                Err(p) => {
+                    let why = panic_message(p.as_ref());
+                    return sh.set(Status::Failed(format!("loading the model panicked: {why}")));
+                }
             };
-            let (gpt, tok) = match loader() {
-                Ok(m) => m,
-                Err(e) => return set(Status::Failed(format!("loading the model failed: {e}"))),
-            };
-            let context =
-                cfg.context.unwrap_or(gpt.config().sequence_len).min(gpt.max_positions()).max(1);
+            let context = cfg.context.unwrap_or(gpt.config().sequence_len).min(gpt.max_positions());
             let tok = Arc::new(tok);
             let info =
                 ModelInfo { tokenizer: tok.clone(), context, vocab_size: gpt.config().vocab_size };
             let _ = sh.info.set(info);
-            set(Status::Ready);
+            sh.set(Status::Ready);
             let mut worker = Worker::new(gpt, tok, context, cfg, sh.clone());
-            worker.run(rx);
-            set(Status::Failed("the engine stopped".into()));
+            let why = match catch_unwind(AssertUnwindSafe(|| worker.run(&rx))) {
+                Ok(()) => "the engine stopped".to_string(),
+                Err(p) => format!("the engine thread panicked: {}", panic_message(p.as_ref())),
+            };
+            // The reason is set before the worker drops its rows' event channels and the queue
+            // closes, so a request that sees either finds out why.
+            sh.set(Status::Failed(why));
+            drop((worker, rx));
         })?;
         Ok(Engine { tx, shared, config })
     }
@@ -193,195 +246,73 @@ impl Engine {
         }
     }
 
+    /// What a request whose events stopped before its end is told: why the engine stopped, or
+    /// (engine still running) that it dropped the request.
+    pub fn lost_request(&self) -> ServeError {
+        match self.info() {
+            Err(e) => e,
+            Ok(_) => ServeError::Engine("the engine dropped the request".into()),
+        }
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
 
     /// Rows decoding now.
     pub fn active_rows(&self) -> usize {
-        self.shared.active_rows.load(Ordering::Relaxed)
+        self.shared.ledger().active
     }
 
     /// Requests waiting for rows.
     pub fn queued(&self) -> usize {
-        self.shared.queued.load(Ordering::Relaxed)
+        self.shared.ledger().queued
     }
 
-    /// Queue a request; events arrive on `events`. Full queue: `QueueFull`.
+    /// Prefills run so far, and the prompt tokens they covered.
+    pub fn prefills(&self) -> (u64, u64) {
+        let s = &self.shared;
+        (s.prefills.load(Ordering::Relaxed), s.prefill_tokens.load(Ordering::Relaxed))
+    }
+
+    /// Accept a request; events arrive on `events`. It gets rows at once when enough are free
+    /// and nobody waits before it, else a place in the queue; a full queue is `QueueFull`.
     pub fn submit(&self, params: GenParams, events: UnboundedSender<Event>) -> Result<()> {
         self.info()?;
-        if params.n == 0 || params.n > self.config.max_batch {
+        let n = params.n;
+        if n == 0 || n > self.config.max_batch {
             return Err(ServeError::invalid(
                 format!("n must be between 1 and {} (the batch size)", self.config.max_batch),
                 Some("n"),
             ));
         }
-        // Counted before sending so the engine's decrement can never run first.
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Job { params, events }) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(match e {
-                    TrySendError::Full(_) => ServeError::QueueFull(self.config.max_queue),
-                    TrySendError::Disconnected(_) => {
-                        ServeError::NotReady("the engine stopped".into())
-                    }
-                })
-            }
+        let mut ledger = self.shared.ledger();
+        let free = self.config.max_batch.saturating_sub(ledger.active + ledger.reserved);
+        // Nobody waiting: a queued request never has rows promised past it.
+        let reserved = ledger.queued == 0 && n <= free;
+        if !reserved && ledger.queued >= self.config.max_queue {
+            return Err(ServeError::QueueFull(self.config.max_queue));
         }
+        // Sent under the ledger's lock, so the channel's order is the order of the promises.
+        if self.tx.send(Job { params, events, reserved }).is_err() {
+            drop(ledger);
+            return Err(self.lost_request());
+        }
+        if reserved {
+            ledger.reserved += n;
+        } else {
+            ledger.queued += 1;
+        }
+        Ok(())
     }
 }
 
-/// The special tokens the engine acts on.
-struct Specials {
-    /// A row ends on either (docs/reference.md §10).
-    end: [u32; 2],
-    python_start: u32,
-    python_end: u32,
-    output_start: u32,
-    output_end: u32,
-}
-
-impl Specials {
-    fn of(tok: &Tokenizer) -> Specials {
-        // Tokenizer::load checks that every nanochat special exists.
-        let s = |name: &str| tok.special(name).unwrap_or(0);
-        Specials {
-            end: [s("<|assistant_end|>"), tok.bos()],
-            python_start: s("<|python_start|>"),
-            python_end: s("<|python_end|>"),
-            output_start: s("<|output_start|>"),
-            output_end: s("<|output_end|>"),
-        }
-    }
-}
-
-/// One sequence being generated.
-struct Row {
-    index: usize,
-    events: UnboundedSender<Event>,
-    sampler: Sampler,
-    max_tokens: usize,
-    stop: Arc<Vec<String>>,
-    /// Generated tokens (sampled and forced), for the penalties and the count.
-    generated: Vec<u32>,
-    /// The token to feed at the next decode step.
-    next: u32,
-    decoder: StreamDecoder,
-    /// Decoded text so far; `sent` bytes of it have gone out as events.
-    text: String,
-    sent: usize,
-    /// Calculator: inside `<|python_start|> ... `, with the expression's tokens so far.
-    in_python: Option<Vec<u32>>,
-    /// Tokens to emit instead of sampling (the calculator's answer).
-    forced: VecDeque<u32>,
-}
-
-impl Row {
-    /// Take the next token given this row's logits (V); false once the row is done (its final
-    /// events are sent) or its client is gone.
-    fn step(&mut self, logits: &[f32], tok: &Tokenizer, sp: &Specials) -> bool {
-        let id = match self.forced.pop_front() {
-            Some(id) => id,
-            None => match self.sampler.sample(logits, &self.generated) {
-                Ok(id) => id,
-                Err(e) => {
-                    let _ = self.events.send(Event::Error(e.to_string()));
-                    return false;
-                }
-            },
-        };
-        self.generated.push(id);
-        if sp.end.contains(&id) {
-            return self.finish(Finish::Stop);
-        }
-        self.calculator(id, tok, sp);
-        match self.decoder.push(tok, id) {
-            Ok(s) => self.text.push_str(&s),
-            Err(e) => {
-                let _ = self.events.send(Event::Error(e.to_string()));
-                return false;
-            }
-        }
-        if !self.emit() {
-            return false;
-        }
-        if self.generated.len() >= self.max_tokens {
-            return self.finish(Finish::Length);
-        }
-        self.next = id;
-        true
-    }
-
-    /// Track python blocks; on `<|python_end|>` queue the calculator's answer, if any.
-    fn calculator(&mut self, id: u32, tok: &Tokenizer, sp: &Specials) {
-        if id == sp.python_start {
-            self.in_python = Some(Vec::new());
-        } else if id == sp.python_end {
-            if let Some(expr) = self.in_python.take()
-                && !expr.is_empty()
-                && let Some(result) = tok.decode(&expr).ok().and_then(|e| use_calculator(&e))
-            {
-                self.forced.push_back(sp.output_start);
-                self.forced.extend(tok.encode(&result));
-                self.forced.push_back(sp.output_end);
-            }
-        } else if let Some(expr) = &mut self.in_python {
-            expr.push(id);
-        }
-    }
-
-    /// Send the text that can no longer turn into a stop string; on a stop string, send the
-    /// text before it and finish. False when the row is done.
-    fn emit(&mut self) -> bool {
-        let pending = &self.text[self.sent..];
-        let hit = self.stop.iter().filter_map(|s| pending.find(s.as_str())).min();
-        if let Some(p) = hit {
-            let end = self.sent + p;
-            self.send_text(end);
-            self.text.truncate(end);
-            let _ = self.events.send(Event::Done {
-                index: self.index,
-                finish: Finish::Stop,
-                tokens: self.generated.len(),
-            });
-            return false;
-        }
-        // Hold back the longest tail that is the start of a stop string: it may complete.
-        let hold = self
-            .stop
-            .iter()
-            .filter_map(|s| {
-                (1..s.len()).rev().find(|&k| s.is_char_boundary(k) && self.text.ends_with(&s[..k]))
-            })
-            .max()
-            .unwrap_or(0);
-        self.send_text(self.text.len() - hold.min(self.text.len() - self.sent));
-        !self.events.is_closed()
-    }
-
-    fn send_text(&mut self, end: usize) {
-        if end > self.sent {
-            let text = self.text[self.sent..end].to_string();
-            self.sent = end;
-            let _ = self.events.send(Event::Text { index: self.index, text });
-        }
-    }
-
-    /// Flush the decoder and held-back text, and report the finish.
-    fn finish(&mut self, finish: Finish) -> bool {
-        let rest = self.decoder.finish();
-        self.text.push_str(&rest);
-        if self.emit() {
-            self.send_text(self.text.len());
-            let _ = self.events.send(Event::Done {
-                index: self.index,
-                finish,
-                tokens: self.generated.len(),
-            });
-        }
-        false
+/// The text of a panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "(no message)".into(),
     }
 }
 
@@ -396,9 +327,10 @@ struct Worker {
     /// One cache row per entry of `rows`, in the same order.
     cache: KvCache,
     rows: Vec<Row>,
-    /// A request taken from the queue that waits for enough free rows.
-    pending: Option<Job>,
+    /// Accepted requests not started yet, in order: those with reserved rows, then the queue.
+    waiting: VecDeque<Job>,
     seeds: u64,
+    steps: u64,
 }
 
 impl Worker {
@@ -424,68 +356,101 @@ impl Worker {
             shared,
             cache,
             rows: Vec::new(),
-            pending: None,
+            waiting: VecDeque::new(),
             seeds,
+            steps: 0,
         }
     }
 
-    fn run(&mut self, rx: Receiver<Job>) {
+    fn run(&mut self, rx: &Receiver<Job>) {
         loop {
-            if !self.admit(&rx) {
+            if !self.receive(rx) {
                 return;
             }
             self.drop_cancelled();
+            self.admit();
             if !self.rows.is_empty() {
+                self.steps += 1;
+                if self.config.panic_at_step == Some(self.steps) {
+                    panic!("fault injected at decode step {}", self.steps);
+                }
                 self.decode_step();
                 if !self.config.step_delay.is_zero() {
                     std::thread::sleep(self.config.step_delay);
                 }
             }
-            self.shared.active_rows.store(self.rows.len(), Ordering::Relaxed);
+            self.shared.ledger().active = self.rows.len();
         }
     }
 
-    /// Take queued requests while rows are free (blocking when idle). False when every sender
-    /// is gone and nothing is left to do.
-    fn admit(&mut self, rx: &Receiver<Job>) -> bool {
-        loop {
-            let free = self.config.max_batch - self.rows.len();
-            let job = match self.pending.take() {
-                Some(job) => job,
-                // Leave requests in the channel while no row is free, so its bound is the queue.
-                None if free == 0 => return true,
-                None if self.rows.is_empty() => match rx.recv() {
-                    Ok(job) => self.dequeued(job),
-                    Err(_) => return false,
-                },
-                None => match rx.try_recv() {
-                    Ok(job) => self.dequeued(job),
-                    Err(TryRecvError::Empty) => return true,
-                    Err(TryRecvError::Disconnected) => return true,
-                },
-            };
-            if job.events.is_closed() {
-                continue;
+    /// Move newly accepted requests to `waiting`, blocking while there is nothing to do. False
+    /// when every sender is gone and nothing is left.
+    fn receive(&mut self, rx: &Receiver<Job>) -> bool {
+        if self.rows.is_empty() && self.waiting.is_empty() {
+            match rx.recv() {
+                Ok(job) => self.waiting.push_back(job),
+                Err(_) => return false,
             }
-            if job.params.n > free {
-                self.pending = Some(job);
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(job) => self.waiting.push_back(job),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
+
+    /// Start waiting requests in order while their rows are free: a reserved request's rows are
+    /// free by construction; a queued one waits until enough rows are.
+    fn admit(&mut self) {
+        while let Some(job) = self.waiting.front() {
+            let n = job.params.n;
+            {
+                let mut ledger = self.shared.ledger();
+                if job.reserved {
+                    ledger.reserved -= n;
+                } else if ledger.active + ledger.reserved + n <= self.config.max_batch {
+                    ledger.queued -= 1;
+                } else {
+                    return;
+                }
+                ledger.active += n;
+            }
+            if let Some(job) = self.waiting.pop_front() {
+                self.prefill(job);
+            }
+            self.shared.ledger().active = self.rows.len();
+        }
+    }
+
+    /// Free the rows, reservations and queue places of requests whose clients are gone.
+    fn drop_cancelled(&mut self) {
+        for i in (0..self.rows.len()).rev() {
+            if self.rows[i].events.is_closed() {
+                self.remove(i);
+            }
+        }
+        let shared = &self.shared;
+        self.waiting.retain(|job| {
+            if !job.events.is_closed() {
                 return true;
             }
-            self.prefill(job);
-            self.shared.active_rows.store(self.rows.len(), Ordering::Relaxed);
-        }
+            let mut ledger = shared.ledger();
+            if job.reserved {
+                ledger.reserved -= job.params.n;
+            } else {
+                ledger.queued -= 1;
+            }
+            false
+        });
     }
 
-    fn dequeued(&self, job: Job) -> Job {
-        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-        job
-    }
-
-    /// Run the prompt for all n rows of a request, take each row's first token, and move the
-    /// rows that go on into the shared cache.
+    /// Run the prompt once (logits for its last position only), fork its cache row for the n
+    /// choices, take each choice's first token, and move the rows that go on into the shared
+    /// cache.
     fn prefill(&mut self, job: Job) {
         let p = &job.params;
-        let (n, t, v) = (p.n, p.prompt.len(), self.gpt.config().vocab_size);
+        let (n, t) = (p.n, p.prompt.len());
         let fail = |e: String| {
             let _ = job.events.send(Event::Error(e));
         };
@@ -495,16 +460,23 @@ impl Worker {
                 p.max_tokens, self.context
             ));
         }
-        let mut cache = KvCache::with_rows(self.gpt.config(), n, self.context);
-        // Every row gets the same prompt: (n, T).
-        let ids: Vec<u32> = (0..n).flat_map(|_| p.prompt.iter().copied()).collect();
-        let logits = match Ids::new(ids, &[n, t])
+        self.shared.prefills.fetch_add(1, Ordering::Relaxed);
+        self.shared.prefill_tokens.fetch_add(t as u64, Ordering::Relaxed);
+        let mut cache = KvCache::with_rows(self.gpt.config(), 1, self.context);
+        let logits = Ids::new(p.prompt.clone(), &[1, t])
             .map_err(femtochat_model::ModelError::from)
-            .and_then(|ids| self.gpt.forward_cached(&ids, &mut cache))
-        {
-            Ok(l) => l.to_vec(), // (n, T, V)
+            .and_then(|ids| self.gpt.forward_cached_last(&ids, &mut cache))
+            .and_then(|l| Ok(l.try_to_vec()?)); // (1, V)
+        let logits = match logits {
+            Ok(l) => l,
             Err(e) => return fail(e.to_string()),
         };
+        if n > 1 {
+            match cache.fork_row(0, n - 1).and_then(|more| cache.absorb(more)) {
+                Ok(()) => {}
+                Err(e) => return fail(e.to_string()),
+            }
+        }
         let stop = Arc::new(p.stop.clone());
         let mut rows = Vec::with_capacity(n);
         for i in 0..n {
@@ -522,26 +494,10 @@ impl Worker {
                 Ok(s) => s,
                 Err(e) => return fail(e.to_string()),
             };
-            rows.push(Row {
-                index: i,
-                events: job.events.clone(),
-                sampler,
-                max_tokens: p.max_tokens,
-                stop: stop.clone(),
-                generated: Vec::new(),
-                next: 0,
-                decoder: StreamDecoder::default(),
-                text: String::new(),
-                sent: 0,
-                in_python: None,
-                forced: VecDeque::new(),
-            });
+            rows.push(Row::new(i, job.events.clone(), sampler, p.max_tokens, stop.clone()));
         }
-        let mut alive = Vec::with_capacity(n);
-        for (i, row) in rows.iter_mut().enumerate() {
-            let last = &logits[(i * t + t - 1) * v..(i * t + t) * v];
-            alive.push(row.step(last, &self.tok, &self.sp));
-        }
+        let alive: Vec<bool> =
+            rows.iter_mut().map(|row| row.step(&logits, &self.tok, &self.sp)).collect();
         // Rows done after one token free their cache rows at once (from the back: indices shift).
         for i in (0..n).rev() {
             if !alive[i] {
@@ -553,15 +509,6 @@ impl Worker {
             return fail(e.to_string());
         }
         self.rows.extend(rows);
-    }
-
-    /// Free the rows whose clients are gone.
-    fn drop_cancelled(&mut self) {
-        for i in (0..self.rows.len()).rev() {
-            if self.rows[i].events.is_closed() {
-                self.remove(i);
-            }
-        }
     }
 
     fn remove(&mut self, i: usize) {
@@ -576,9 +523,10 @@ impl Worker {
         let ids: Vec<u32> = self.rows.iter().map(|row| row.next).collect();
         let logits = Ids::new(ids, &[r, 1])
             .map_err(femtochat_model::ModelError::from)
-            .and_then(|ids| self.gpt.forward_cached(&ids, &mut self.cache));
+            .and_then(|ids| self.gpt.forward_cached(&ids, &mut self.cache))
+            .and_then(|l| Ok(l.try_to_vec()?)); // (R, 1, V)
         let logits = match logits {
-            Ok(l) => l.to_vec(), // (R, 1, V)
+            Ok(l) => l,
             Err(e) => {
                 // The cache may be half written: fail every row and start over clean.
                 for row in &self.rows {
@@ -598,130 +546,5 @@ impl Worker {
                 self.remove(i);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use femtochat_model::tokenizer::{SPECIAL_TOKENS, SPLIT_PATTERN, parse_tiktoken};
-    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
-
-    fn tokenizer() -> Tokenizer {
-        let path =
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tokenizer/ranks_2048.tiktoken");
-        let ranks = parse_tiktoken(&std::fs::read_to_string(path).unwrap()).unwrap();
-        Tokenizer::new(ranks, &SPECIAL_TOKENS, SPLIT_PATTERN).unwrap()
-    }
-
-    /// A greedy row, so one-hot logits choose each token.
-    fn row(stop: &[&str], max_tokens: usize) -> (Row, UnboundedReceiver<Event>) {
-        let (events, rx) = unbounded_channel();
-        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
-        let row = Row {
-            index: 0,
-            events,
-            sampler: Sampler::new(greedy, 0).unwrap(),
-            max_tokens,
-            stop: Arc::new(stop.iter().map(|s| s.to_string()).collect()),
-            generated: Vec::new(),
-            next: 0,
-            decoder: StreamDecoder::default(),
-            text: String::new(),
-            sent: 0,
-            in_python: None,
-            forced: VecDeque::new(),
-        };
-        (row, rx)
-    }
-
-    fn one_hot(tok: &Tokenizer, id: u32) -> Vec<f32> {
-        let mut l = vec![0.0; tok.vocab_size()];
-        l[id as usize] = 1.0;
-        l
-    }
-
-    fn drain(rx: &mut UnboundedReceiver<Event>) -> (String, Option<(Finish, usize)>) {
-        let (mut text, mut done) = (String::new(), None);
-        while let Ok(e) = rx.try_recv() {
-            match e {
-                Event::Text { text: t, .. } => {
-                    assert!(done.is_none(), "text after done");
-                    text.push_str(&t);
-                }
-                Event::Done { finish, tokens, .. } => done = Some((finish, tokens)),
-                Event::Error(m) => panic!("{m}"),
-            }
-        }
-        (text, done)
-    }
-
-    #[test]
-    fn calculator_answer_is_forced_into_the_stream() {
-        let tok = tokenizer();
-        let sp = Specials::of(&tok);
-        let (mut r, mut rx) = row(&[], 100);
-        let mut script = vec![sp.python_start];
-        script.extend(tok.encode("12 * 3,000"));
-        script.push(sp.python_end);
-        for &id in &script {
-            assert!(r.step(&one_hot(&tok, id), &tok, &sp));
-        }
-        // The answer comes next whatever the logits say (here: the end token).
-        let answer = tok.encode("36000");
-        for _ in 0..answer.len() + 2 {
-            assert!(r.step(&one_hot(&tok, sp.end[0]), &tok, &sp));
-        }
-        assert!(!r.step(&one_hot(&tok, sp.end[0]), &tok, &sp));
-        let (text, done) = drain(&mut rx);
-        assert_eq!(
-            text,
-            "<|python_start|>12 * 3,000<|python_end|><|output_start|>36000<|output_end|>"
-        );
-        assert_eq!(done, Some((Finish::Stop, script.len() + answer.len() + 3)));
-
-        // Not arithmetic: nothing is forced, the model's own token follows.
-        let (mut r, mut rx) = row(&[], 100);
-        let mut script = vec![sp.python_start];
-        script.extend(tok.encode("import os"));
-        script.push(sp.python_end);
-        for &id in &script {
-            assert!(r.step(&one_hot(&tok, id), &tok, &sp));
-        }
-        assert!(!r.step(&one_hot(&tok, sp.end[1]), &tok, &sp));
-        assert_eq!(drain(&mut rx).0, "<|python_start|>import os<|python_end|>");
-    }
-
-    #[test]
-    fn stop_strings_are_held_back_and_never_sent() {
-        let tok = tokenizer();
-        let sp = Specials::of(&tok);
-        let (mut r, mut rx) = row(&["o w", "zzz"], 100);
-        let ids: Vec<u32> =
-            "hello world".bytes().map(|b| tok.encode(&(b as char).to_string())[0]).collect();
-        let mut sent = String::new();
-        for (i, &id) in ids.iter().enumerate() {
-            let alive = r.step(&one_hot(&tok, id), &tok, &sp);
-            let (t, done) = drain(&mut rx);
-            sent.push_str(&t);
-            // "o" and "o " might begin the stop string, so they wait.
-            assert!(!sent.contains('o'), "sent {sent:?}");
-            if i == 6 {
-                assert!(!alive);
-                assert_eq!(done, Some((Finish::Stop, 7)));
-                break;
-            }
-            assert!(alive);
-        }
-        assert_eq!(sent, "hell");
-
-        // At max_tokens the held-back text is flushed.
-        let (mut r, mut rx) = row(&["zzz"], 3);
-        for c in ["a", "z", "z"] {
-            r.step(&one_hot(&tok, tok.encode(c)[0]), &tok, &sp);
-        }
-        let (text, done) = drain(&mut rx);
-        assert_eq!(done, Some((Finish::Length, 3)));
-        assert_eq!(text, "azz");
     }
 }

@@ -289,7 +289,8 @@ fn every_bad_request_is_an_openai_error() {
     assert_eq!((status, code), (400, json!("context_length_exceeded")));
 
     // A body over the limit: 413, still in OpenAI's format.
-    let huge = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(femtochat_serve::http::MAX_BODY_BYTES));
+    let huge =
+        format!(r#"{{"prompt": "{}"}}"#, "x".repeat(femtochat_serve::server::MAX_BODY_BYTES));
     let (status, _, _, code) = error_of(&post_raw(&s.base, TEXT, &huge));
     assert_eq!((status, code), (413, json!("request_too_large")));
 

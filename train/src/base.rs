@@ -11,13 +11,11 @@ use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_model::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use serde::{Deserialize, Serialize};
-
 use crate::docs;
 use crate::loader::{BestFitLoader, Prefetch, ValSet};
 use crate::recipe::{Recipe, RecipeInput};
-use crate::rundir::{self, Fingerprint, RunLock};
-use crate::trainer::{self, BatchSource, LrSchedule, Settings, Trainer};
+use crate::rundir::{self, ResumeInputs, RunLock, RunRecord};
+use crate::trainer::{self, BatchSource, Cadence, LrSchedule, Settings, Trainer};
 
 /// Micro-batches the loader thread prepares ahead of the model.
 const PREFETCH_BATCHES: usize = 4;
@@ -199,22 +197,6 @@ fn fixed_flags(a: &Args) -> BTreeMap<String, String> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
-}
-
-/// What `run.json` records for a base run.
-#[derive(Serialize, Deserialize)]
-struct RunRecord {
-    run_id: String,
-    stage: String,
-    command: String,
-    flags: BTreeMap<String, String>,
-    recipe: Option<Recipe>,
-    data: Vec<Fingerprint>,
-    val: Vec<Fingerprint>,
-    tokenizer: BTreeMap<String, String>,
-    /// Validation tokens per evaluation (may change on resume, kept unless given).
-    #[serde(default)]
-    eval_tokens: Option<usize>,
 }
 
 fn recipe_input(a: &Args, vocab_size: usize) -> Result<RecipeInput> {
@@ -473,27 +455,22 @@ fn start(a: &Args, files: &[PathBuf], val_files: &[PathBuf]) -> Result<Prepared>
     // Everything that can fail on the inputs fails here, before the run directory is touched.
     let loader = loader(a, files, &tok, &s)?;
     let val = val_set(a, val_files, &tok, &s, a.eval_tokens)?;
-    if let Some(aside) = rundir::prepare_new(&a.out, a.overwrite)? {
-        eprintln!("moved the previous run in {} to {}", a.out.display(), aside.display());
-    }
-    let lock = RunLock::acquire(&a.out)?;
+    let lock = rundir::begin_new(&a.out, a.overwrite)?;
     for line in recipe.describe(&input, s.device_batch_size * s.model.sequence_len) {
         eprintln!("{line}");
     }
-    let run_id = rundir::new_run_id();
     tok.save(&a.out.join("tokenizer"))?;
-    let record = RunRecord {
-        run_id: run_id.clone(),
-        stage: "base".into(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        flags: fixed_flags(a),
-        recipe: Some(recipe),
-        data: rundir::fingerprints(files)?,
-        val: rundir::fingerprints(val_files)?,
-        tokenizer: rundir::dir_fingerprint(&a.out.join("tokenizer"))?,
-        eval_tokens: Some(a.eval_tokens),
-    };
+    let record = RunRecord::new(
+        &a.out,
+        "base",
+        fixed_flags(a),
+        files,
+        val_files,
+        a.eval_tokens,
+        serde_json::json!({ "recipe": recipe }),
+    )?;
     rundir::write_run_file(&a.out, &record)?;
+    let run_id = record.run_id;
     let trainer = Trainer::new(s, &a.out, &run_id)?;
     Ok(Prepared { trainer, loader, val, tok, _lock: lock })
 }
@@ -504,77 +481,20 @@ fn resume(
     files: &[PathBuf],
     val_files: &[PathBuf],
 ) -> Result<Prepared> {
-    if !a.out.join("latest.json").exists() {
-        bail!(
-            "--resume: {} has no checkpoint (no latest.json); start a new run without --resume",
-            a.out.display()
-        );
-    }
-    let lock = RunLock::acquire(&a.out)?;
-    let removed = rundir::clean_temporaries(&a.out)?;
-    if removed > 0 {
-        eprintln!("removed {removed} temporary files left by an interrupted write");
-    }
-    let record: Option<RunRecord> = rundir::read_run_file(&a.out)?;
+    let (lock, record) = rundir::begin_resume(&a.out)?;
     let tok_dir = a.out.join("tokenizer");
     let tok = load_tokenizer(&tok_dir)?;
-    let mut problems = Vec::new();
-    let mut warnings = Vec::new();
-    match &record {
-        Some(r) => {
-            let now = fixed_flags(a);
-            for id in explicit {
-                if let (Some(was), Some(is)) = (r.flags.get(id), now.get(id))
-                    && was != is
-                {
-                    problems.push(format!("--{} {is} (the run has {was})", id.replace('_', "-")));
-                }
-            }
-            warnings.extend(rundir::data_differences(
-                "data",
-                &r.data,
-                &rundir::fingerprints(files)?,
-            ));
-            warnings.extend(rundir::data_differences(
-                "val",
-                &r.val,
-                &rundir::fingerprints(val_files)?,
-            ));
-            if let Some(t) = &a.tokenizer
-                && rundir::dir_fingerprint(t)? != r.tokenizer
-            {
-                warnings.push(format!("tokenizer: {} differs from the run's", t.display()));
-            }
-            if rundir::dir_fingerprint(&tok_dir)? != r.tokenizer {
-                warnings.push(format!(
-                    "tokenizer: {} was changed since the run started",
-                    tok_dir.display()
-                ));
-            }
-        }
-        None => eprintln!(
-            "note: {} has no run.json (a run from an older version or an import): the data and \
-             settings it started with cannot be checked",
-            a.out.display()
-        ),
-    }
-    if !problems.is_empty() {
-        bail!(
-            "--resume continues a run with its own settings; these flags contradict it:\n  {}\n\
-             drop them, or start a new run in another --out",
-            problems.join("\n  ")
-        );
-    }
-    if !warnings.is_empty() {
-        if !a.force {
-            bail!(
-                "--resume: the inputs differ from the ones this run started with:\n  {}\nthe \
-                 batches would differ from an uninterrupted run's; pass the original files, or \
-                 --force to continue anyway",
-                warnings.join("\n  ")
-            );
-        }
-        eprintln!("warning (--force): {}", warnings.join("; "));
+    if let Some(r) = &record {
+        let flags = fixed_flags(a);
+        let now = ResumeInputs {
+            explicit,
+            flags: &flags,
+            data: files,
+            val: val_files,
+            tokenizer: a.tokenizer.as_deref(),
+            force: a.force,
+        };
+        rundir::check_resume(&a.out, r, &now)?;
     }
     let (ckpt, step) = Trainer::latest(&a.out)?.context("no checkpoint")?;
     eprintln!("resuming from {} (step {step})", ckpt.display());
@@ -596,33 +516,14 @@ fn resume(
     let val = val_set(a, val_files, &tok, &saved, eval_tokens)?;
     let run_id = record.as_ref().map(|r| r.run_id.as_str());
     let mut trainer = Trainer::resume(&a.out, &mut loader, run_id)?;
-    // What may change on a resumed run.
-    if explicit.contains("num_iterations")
-        && let Some(n) = a.num_iterations
-        && n != trainer.settings.num_iterations
-    {
-        if n <= trainer.step() {
-            bail!(
-                "--num-iterations {n}: the run is already at step {}; give more steps",
-                trainer.step()
-            );
-        }
-        eprintln!(
-            "extending the run from {} to {n} steps: the LR, momentum and weight-decay schedules \
-             are recomputed for {n} steps from step {} on",
-            trainer.settings.num_iterations,
-            trainer.step()
-        );
-        trainer.settings.num_iterations = n;
-    }
-    if explicit.contains("eval_every") {
-        trainer.settings.eval_every = a.eval_every;
-    }
-    if explicit.contains("save_every") {
-        trainer.settings.save_every = a.save_every;
-    }
-    if explicit.contains("sample_every") {
-        trainer.settings.sample_every = a.sample_every;
-    }
+    trainer.apply_resume_flags(
+        explicit,
+        a.num_iterations,
+        Cadence {
+            eval_every: a.eval_every,
+            save_every: a.save_every,
+            sample_every: a.sample_every,
+        },
+    )?;
     Ok(Prepared { trainer, loader, val, tok, _lock: lock })
 }

@@ -300,6 +300,143 @@ pub fn write_run_file<T: Serialize>(dir: &Path, run: &T) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// What `run.json` records for a run of any stage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    /// `base`, `mid`, `sft`, ...
+    pub stage: String,
+    pub command: String,
+    /// The flags that define the run (arg id -> value as given); `--resume` refuses others.
+    pub flags: BTreeMap<String, String>,
+    pub data: Vec<Fingerprint>,
+    pub val: Vec<Fingerprint>,
+    /// Hash of every file of the run's own copy of the tokenizer.
+    pub tokenizer: BTreeMap<String, String>,
+    /// Validation tokens per evaluation (may change on resume, kept unless given).
+    #[serde(default)]
+    pub eval_tokens: Option<usize>,
+    /// What the stage derived or started from (base: the recipe; sft/mid: the base run).
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+impl RunRecord {
+    /// A record for a new run in `dir`, whose tokenizer copy is already written.
+    pub fn new(
+        dir: &Path,
+        stage: &str,
+        flags: BTreeMap<String, String>,
+        data: &[PathBuf],
+        val: &[PathBuf],
+        eval_tokens: usize,
+        details: serde_json::Value,
+    ) -> Result<RunRecord> {
+        Ok(RunRecord {
+            run_id: new_run_id(),
+            stage: stage.into(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            flags,
+            data: fingerprints(data)?,
+            val: fingerprints(val)?,
+            tokenizer: dir_fingerprint(&dir.join("tokenizer"))?,
+            eval_tokens: Some(eval_tokens),
+            details,
+        })
+    }
+}
+
+/// Start a new run in `dir`: refuse (or, with `overwrite`, move aside) an existing run, then
+/// lock the directory.
+pub fn begin_new(dir: &Path, overwrite: bool) -> Result<RunLock> {
+    if let Some(aside) = prepare_new(dir, overwrite)? {
+        eprintln!("moved the previous run in {} to {}", dir.display(), aside.display());
+    }
+    RunLock::acquire(dir)
+}
+
+/// Open a run in `dir` to resume it: it must have a checkpoint; lock it, clean what a crash
+/// left, and read its record (None for runs of older versions and imports, with a note).
+pub fn begin_resume(dir: &Path) -> Result<(RunLock, Option<RunRecord>)> {
+    if !dir.join("latest.json").exists() {
+        bail!(
+            "--resume: {} has no checkpoint (no latest.json); start a new run without --resume",
+            dir.display()
+        );
+    }
+    let lock = RunLock::acquire(dir)?;
+    let removed = clean_temporaries(dir)?;
+    if removed > 0 {
+        eprintln!("removed {removed} temporary files left by an interrupted write");
+    }
+    let record: Option<RunRecord> = read_run_file(dir)?;
+    if record.is_none() {
+        eprintln!(
+            "note: {} has no run.json (a run from an older version or an import): the data and \
+             settings it started with cannot be checked",
+            dir.display()
+        );
+    }
+    Ok((lock, record))
+}
+
+/// What a resumed run is given now, to compare with what it started with.
+pub struct ResumeInputs<'a> {
+    /// Arg ids the user passed on this command line.
+    pub explicit: &'a std::collections::BTreeSet<String>,
+    /// The fixed flags as this command line gives them.
+    pub flags: &'a BTreeMap<String, String>,
+    pub data: &'a [PathBuf],
+    pub val: &'a [PathBuf],
+    /// A tokenizer the user named (checked against the run's).
+    pub tokenizer: Option<&'a Path>,
+    /// Continue despite different inputs (with a warning).
+    pub force: bool,
+}
+
+/// Refuse flags that contradict the run (listing them all), and inputs that differ from the
+/// ones it started with unless `force`.
+pub fn check_resume(dir: &Path, record: &RunRecord, now: &ResumeInputs) -> Result<()> {
+    let mut problems = Vec::new();
+    for id in now.explicit {
+        if let (Some(was), Some(is)) = (record.flags.get(id), now.flags.get(id))
+            && was != is
+        {
+            problems.push(format!("--{} {is} (the run has {was})", id.replace('_', "-")));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "--resume continues a run with its own settings; these flags contradict it:\n  {}\n\
+             drop them, or start a new run in another --out",
+            problems.join("\n  ")
+        );
+    }
+    let mut warnings = data_differences("data", &record.data, &fingerprints(now.data)?);
+    warnings.extend(data_differences("val", &record.val, &fingerprints(now.val)?));
+    if let Some(t) = now.tokenizer
+        && dir_fingerprint(t)? != record.tokenizer
+    {
+        warnings.push(format!("tokenizer: {} differs from the run's", t.display()));
+    }
+    let own = dir.join("tokenizer");
+    if dir_fingerprint(&own)? != record.tokenizer {
+        warnings.push(format!("tokenizer: {} was changed since the run started", own.display()));
+    }
+    if !warnings.is_empty() {
+        if !now.force {
+            bail!(
+                "--resume: the inputs differ from the ones this run started with:\n  {}\nthe \
+                 batches would differ from an uninterrupted run's; pass the original files, or \
+                 --force to continue anyway",
+                warnings.join("\n  ")
+            );
+        }
+        eprintln!("warning (--force): {}", warnings.join("; "));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -167,6 +167,14 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState> {
     serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// How often a run evaluates, checkpoints and samples (may change when a run is resumed).
+#[derive(Clone, Copy, Debug)]
+pub struct Cadence {
+    pub eval_every: usize,
+    pub save_every: usize,
+    pub sample_every: usize,
+}
+
 /// What a finished run reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
@@ -318,6 +326,44 @@ impl Trainer {
 
     pub fn step(&self) -> usize {
         self.step
+    }
+
+    /// Apply what a resumed run may change, for the flags the user gave (`explicit` arg ids):
+    /// a new length (`num_iterations`, not below the steps done; the schedules are then those
+    /// of the new length from here on) and the eval/save/sample cadences.
+    pub fn apply_resume_flags(
+        &mut self,
+        explicit: &std::collections::BTreeSet<String>,
+        num_iterations: Option<usize>,
+        cadence: Cadence,
+    ) -> Result<()> {
+        if explicit.contains("num_iterations")
+            && let Some(n) = num_iterations
+            && n != self.settings.num_iterations
+        {
+            if n <= self.step {
+                bail!(
+                    "--num-iterations {n}: the run is already at step {}; give more steps",
+                    self.step
+                );
+            }
+            eprintln!(
+                "extending the run from {} to {n} steps: the LR, momentum and weight-decay \
+                 schedules are recomputed for {n} steps from step {} on",
+                self.settings.num_iterations, self.step
+            );
+            self.settings.num_iterations = n;
+        }
+        if explicit.contains("eval_every") {
+            self.settings.eval_every = cadence.eval_every;
+        }
+        if explicit.contains("save_every") {
+            self.settings.save_every = cadence.save_every;
+        }
+        if explicit.contains("sample_every") {
+            self.settings.sample_every = cadence.sample_every;
+        }
+        Ok(())
     }
 
     /// Append one JSON line to `metrics.jsonl`.

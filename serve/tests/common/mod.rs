@@ -11,8 +11,9 @@ use femtochat_model::Gpt;
 use femtochat_model::tokenizer::{SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, parse_tiktoken};
 use femtochat_serve::cache::CacheConfig;
 use femtochat_serve::fixture::{tiny_config, tiny_model};
-use femtochat_serve::http::{AppState, RunningServer, start};
+use femtochat_serve::http::AppState;
 use femtochat_serve::scheduler::{Engine, EngineConfig, Loader};
+use femtochat_serve::server::{HttpConfig, RunningServer, start};
 use serde_json::Value;
 
 /// Context of the test model: room for a few hundred tokens so long requests can be cut short.
@@ -48,8 +49,8 @@ pub fn engine_config(max_batch: usize, max_queue: usize, step_delay_ms: u64) -> 
     EngineConfig {
         max_batch,
         max_queue,
-        context: None,
         step_delay: Duration::from_millis(step_delay_ms),
+        ..Default::default()
     }
 }
 
@@ -57,12 +58,27 @@ pub fn no_cache() -> CacheConfig {
     CacheConfig { max_entries: 0, ..Default::default() }
 }
 
+/// The test servers' HTTP settings: an ephemeral loopback port, two workers.
+pub fn http_config() -> HttpConfig {
+    HttpConfig { host: "127.0.0.1".into(), port: 0, workers: 2, ..Default::default() }
+}
+
 /// A server over the tiny model, loaded by `loader` (default: at once).
 pub fn serve_with(config: EngineConfig, cache: CacheConfig, loader: Option<Loader>) -> TestServer {
+    serve_http(config, cache, loader, &http_config())
+}
+
+/// `serve_with` under the HTTP settings `http`.
+pub fn serve_http(
+    config: EngineConfig,
+    cache: CacheConfig,
+    loader: Option<Loader>,
+    http: &HttpConfig,
+) -> TestServer {
     let loader = loader.unwrap_or_else(|| Box::new(|| Ok((model(), tokenizer()))));
     let engine = Engine::spawn(config, loader).expect("engine");
     let state = Arc::new(AppState::new(engine, MODEL.into(), cache));
-    let server = start(state, "127.0.0.1", 0, 2).expect("server");
+    let server = start(state, http).expect("server");
     TestServer { base: format!("http://{}", server.addr), server: Some(server) }
 }
 
