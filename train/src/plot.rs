@@ -72,7 +72,9 @@ pub fn curves(path: &Path, caption: &str, series: &[(String, Vec<(f64, f64)>)]) 
         chart
             .draw_series(LineSeries::new(c.iter().copied(), color.stroke_width(2)))?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()

@@ -127,7 +127,8 @@ fn plan(a: &Args, threads: Option<usize>) -> Result<Vec<Run>> {
     for variant in combinations(&axes) {
         for seed in a.seed..a.seed + a.seeds.max(1) {
             let dir = a.out.join("runs").join(variant_name(&variant)).join(format!("seed-{seed}"));
-            let mut argv: Vec<String> = threads.map(|t| format!("--threads={t}")).into_iter().collect();
+            let mut argv: Vec<String> =
+                threads.map(|t| format!("--threads={t}")).into_iter().collect();
             argv.extend(a.command.iter().cloned());
             argv.extend(variant.iter().map(|(k, v)| format!("--{}={v}", k.replace('_', "-"))));
             argv.push(format!("{steps_flag}={}", a.steps));
@@ -146,12 +147,18 @@ fn plan(a: &Args, threads: Option<usize>) -> Result<Vec<Run>> {
 
 fn commit() -> String {
     let git = |args: &[&str]| {
-        Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| {
-            String::from_utf8_lossy(&o.stdout).trim().to_string()
-        })
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     match git(&["rev-parse", "--short", "HEAD"]) {
-        Some(c) if git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) => {
+        Some(c)
+            if git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty()) =>
+        {
             format!("{c}-dirty")
         }
         Some(c) => c,
@@ -166,9 +173,12 @@ fn base_params(run_dir: &Path) -> Result<u64> {
     let bytes = std::fs::read(run_dir.join(dir).join("model.safetensors"))?;
     let n = u64::from_le_bytes(bytes.get(..8).context("short checkpoint")?.try_into()?) as usize;
     let header: Value = serde_json::from_slice(bytes.get(8..8 + n).context("short header")?)?;
-    let shapes = header.as_object().context("bad header")?.iter().filter(|(k, _)| *k != "__metadata__");
+    let shapes =
+        header.as_object().context("bad header")?.iter().filter(|(k, _)| *k != "__metadata__");
     Ok(shapes
-        .map(|(_, t)| t["shape"].as_array().map_or(0, |s| s.iter().filter_map(Value::as_u64).product()))
+        .map(|(_, t)| {
+            t["shape"].as_array().map_or(0, |s| s.iter().filter_map(Value::as_u64).product())
+        })
         .sum())
 }
 
@@ -255,8 +265,10 @@ pub fn main(a: Args, threads: Option<usize>) -> Result<()> {
     );
     let bar = ProgressBar::new(todo.len() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} runs {msg} [{elapsed_precise}<{eta_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} runs {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let queue = Mutex::new(todo);
     let results: Mutex<Vec<(usize, Result<Value>)>> = Mutex::new(Vec::new());
@@ -294,7 +306,10 @@ pub fn main(a: Args, threads: Option<usize>) -> Result<()> {
     let axes: Vec<String> = parse_grid(&a.grid)?.into_iter().map(|(k, _)| k).collect();
     let rows: Vec<Value> = rows.into_values().collect();
     crate::sweep_report::write(&a.out, &axes, &rows)?;
-    println!("{}", json!({ "runs": runs.len(), "ran": ran, "skipped": skipped, "failed": failed.len(), "out": a.out }));
+    println!(
+        "{}",
+        json!({ "runs": runs.len(), "ran": ran, "skipped": skipped, "failed": failed.len(), "out": a.out })
+    );
     if !failed.is_empty() {
         bail!("{} of {} runs failed:\n{}", failed.len(), runs.len(), failed.join("\n"));
     }

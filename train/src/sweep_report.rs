@@ -28,7 +28,9 @@ const SMOOTHING: f64 = 0.9;
 fn cell(v: &Value) -> String {
     match v {
         Value::Null => String::new(),
-        Value::String(s) if s.contains([',', '"', '\n']) => format!("\"{}\"", s.replace('"', "\"\"")),
+        Value::String(s) if s.contains([',', '"', '\n']) => {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        }
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
@@ -38,7 +40,11 @@ fn cell(v: &Value) -> String {
 fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let m = xs.iter().sum::<f64>() / n;
-    let var = if xs.len() > 1 { xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
     (m, var.sqrt())
 }
 
@@ -105,7 +111,8 @@ pub fn write(out: &Path, axes: &[String], rows: &[Value]) -> Result<()> {
         }
         by_variant.entry(v).or_default().push(r);
     }
-    let col = |rs: &[&Value], k: &str| -> Vec<f64> { rs.iter().filter_map(|r| r[k].as_f64()).collect() };
+    let col =
+        |rs: &[&Value], k: &str| -> Vec<f64> { rs.iter().filter_map(|r| r[k].as_f64()).collect() };
     let mut ranked: Vec<&String> = order.iter().collect();
     let key = |v: &String| mean_std(&col(&by_variant[v], "val_bpb")).0;
     ranked.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal));
