@@ -98,6 +98,10 @@ def nanochat_worker(cfg_path):
     import torch
 
     cfg = json.load(open(cfg_path))
+    if not cfg["compile"]:
+        # nanochat decorates its fused optimizer steps with torch.compile(fullgraph=True); with
+        # compilation off they run as the eager functions they are.
+        torch.compile = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
     sys.path.insert(0, cfg["nanochat_src"])
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.loss_eval import evaluate_bpb
@@ -138,7 +142,7 @@ def nanochat_worker(cfg_path):
         batches = []
         for i in range(0, len(val) - B + 1, B):
             r = torch.from_numpy(val[i:i + B].astype(np.int64)).to(device)
-            batches.append((r[:, :-1], r[:, 1:]))
+            batches.append((r[:, :-1].contiguous(), r[:, 1:].contiguous()))
         bpb = evaluate_bpb(model, batches, len(batches), token_bytes)
         model.train()
         return bpb
@@ -176,7 +180,7 @@ def nanochat_worker(cfg_path):
         loss_sum = 0.0
         for k in range(accum):
             r = torch.from_numpy(train[it * accum + k].astype(np.int64)).to(device)
-            loss = step_model(r[:, :-1], r[:, 1:])
+            loss = step_model(r[:, :-1].contiguous(), r[:, 1:].contiguous())
             (loss / accum).backward()
             loss_sum += loss.item()
         lrm = lr_mult(it)
@@ -210,7 +214,8 @@ def build_results(raw):
     """raw: a directory with run.json, femtochat_metrics.jsonl and nanochat.jsonl."""
     run = json.load(open(os.path.join(raw, "run.json")))
     fem = [json.loads(l) for l in open(os.path.join(raw, "femtochat_metrics.jsonl")) if l.strip()]
-    nan = [json.loads(l) for l in open(os.path.join(raw, "nanochat.jsonl")) if l.strip()]
+    # nanochat prints its own notes on stdout too; the worker's records are the JSON lines
+    nan = [json.loads(l) for l in open(os.path.join(raw, "nanochat.jsonl")) if l.startswith("{")]
     tokens = run["tokens_per_step"]
     info = next((x for x in nan if x.get("kind") == "info"), {})
     f_steps = [x for x in fem if "loss" in x]
@@ -252,8 +257,8 @@ def build_results(raw):
     }
 
 
-def fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+def fmt(x, spec, suffix=""):
+    return "-" if x is None else format(x, spec) + suffix
 
 
 def markdown(r):
@@ -273,12 +278,12 @@ def markdown(r):
         "|---|---:|---:|---:|",
         f"| tokens/s (median, first {WARMUP_STEPS} steps excluded) | "
         f"{fmt(r['tok_per_s']['femtochat'], ',.0f')} | {fmt(r['tok_per_s']['nanochat'], ',.0f')} | "
-        f"{fmt(r['tok_per_s']['ratio'], '.2f')}x |",
+        f"{fmt(r['tok_per_s']['ratio'], '.2f', 'x')} |",
         f"| MFU | {fmt(r['mfu']['femtochat'], '.2%')} | {fmt(r['mfu']['nanochat'], '.2%')} | "
-        f"{fmt(r['mfu']['ratio'], '.2f')}x |",
+        f"{fmt(r['mfu']['ratio'], '.2f', 'x')} |",
         f"| peak memory (MiB) | {fmt(r['peak_memory_mib']['femtochat'], ',.0f')} | "
         f"{fmt(r['peak_memory_mib']['nanochat'], ',.0f')} | "
-        f"{fmt(r['peak_memory_mib']['ratio'], '.2f')}x |",
+        f"{fmt(r['peak_memory_mib']['ratio'], '.2f', 'x')} |",
         f"| final train loss | {fmt(r['final_train_loss']['femtochat'], '.4f')} | "
         f"{fmt(r['final_train_loss']['nanochat'], '.4f')} | "
         f"{fmt(r['final_train_loss']['ratio'], '.4f')} |",
@@ -358,16 +363,16 @@ def main():
     if not a.nanochat or not a.tokenizer:
         ap.error("--nanochat and --tokenizer are required (or --from-raw)")
     full = resolve_pinned(a.ref)
-    import torch  # noqa: F401  (fail early when torch is missing)
+    work = os.path.abspath(a.work)
+    src = export_nanochat(a.nanochat, full, os.path.join(work, f"nanochat-{full[:7]}"))
+    import torch
 
     gpu = not a.no_require_gpu
     if gpu and not torch.cuda.is_available():
         sys.exit("no CUDA GPU for nanochat; pass --no-require-gpu to compare on the CPU")
     compile_on = {"on": True, "off": False, "auto": gpu}[a.compile]
-    work = os.path.abspath(a.work)
     raw = os.path.join(out, "raw")
     os.makedirs(raw, exist_ok=True)
-    src = export_nanochat(a.nanochat, full, os.path.join(work, f"nanochat-{full[:7]}"))
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
     fem_dir, rows_dir = os.path.join(work, "femtochat"), os.path.join(work, "rows")
@@ -397,8 +402,6 @@ def main():
     json.dump({"nanochat_src": src, "rows": rows_dir, "settings": st, "threads": a.threads,
                "device": "cuda" if gpu else "cpu", "compile": compile_on}, open(cfg_path, "w"))
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), NANOCHAT_BASE_DIR=work)
-    if not compile_on:
-        env["TORCH_COMPILE_DISABLE"] = "1"  # nanochat's fused optimizer steps run eagerly
     with open(os.path.join(raw, "nanochat.jsonl"), "w") as f:
         rc, nan_rss, nan_wall = run_measured(
             [sys.executable, os.path.abspath(__file__), "--worker", cfg_path], env=env, stdout=f)
