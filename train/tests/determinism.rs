@@ -1,5 +1,6 @@
-//! Same seed, data, config, thread count and device: bit-identical metrics and checkpoints
-//! (docs/research.md, "Determinism"). Wall-clock fields are the only ones allowed to differ.
+//! Same seed, data, config and device: bit-identical metrics and checkpoints, also across thread
+//! counts on the CPU and run to run on the GPU (docs/research.md, "Determinism"). Wall-clock
+//! fields are the only ones allowed to differ.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -26,6 +27,17 @@ fn metrics(run: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A GPU adapter to test on (lavapipe in CI); FEMTOCHAT_SKIP_GPU=1 skips on machines without one.
+fn gpu() -> bool {
+    match femtochat_engine::Device::Gpu.ensure_available() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1"), "{e}");
+            false
+        }
+    }
+}
+
 fn same_bytes(a: &Path, b: &Path) {
     let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
     assert!(x == y, "{} and {} differ", a.display(), b.display());
@@ -41,76 +53,59 @@ fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
     (t, v)
 }
 
+/// A 6-step mini-GPT run with a sample; returns its directory (temporary paths hold no spaces).
+fn micro(
+    dir: &Path,
+    data: &Path,
+    name: &str,
+    mode: &str,
+    threads: &str,
+    device: &str,
+    seed: &str,
+) -> PathBuf {
+    let out = dir.join(format!("{mode}-{name}"));
+    let (d, o) = (data.display(), out.display());
+    let args = format!(
+        "--threads {threads} micro --model mini-gpt --mode {mode} --device {device} --data {d} \
+         --out {o} --steps 6 --eval-every 3 --eval-windows 4 --prompt It --max-new-tokens 16 \
+         --seed {seed}"
+    );
+    train(&args.split_whitespace().collect::<Vec<_>>());
+    out
+}
+
 #[test]
 fn micro_runs_are_bit_identical_on_both_engines() {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = corpus(dir.path());
     for mode in ["scalar", "tensor"] {
-        let run = |name: &str| {
-            let out = dir.path().join(format!("{mode}-{name}"));
-            train(&[
-                "--threads",
-                "1",
-                "micro",
-                "--model",
-                "mini-gpt",
-                "--mode",
-                mode,
-                "--data",
-                data.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--steps",
-                "6",
-                "--eval-every",
-                "3",
-                "--eval-windows",
-                "4",
-                "--prompt",
-                "It",
-                "--max-new-tokens",
-                "16",
-                "--seed",
-                "7",
-            ]);
-            out
+        let run = |name: &str, threads: &str, device: &str, seed: &str| {
+            micro(dir.path(), &data, name, mode, threads, device, seed)
         };
-        let (a, b) = (run("a"), run("b"));
+        let (a, b) = (run("a", "1", "cpu", "7"), run("b", "1", "cpu", "7"));
         assert_eq!(metrics(&a), metrics(&b), "{mode}");
         assert_eq!(metrics(&a).len(), 9);
         same_bytes(&a.join("model.json"), &b.join("model.json"));
         let sample = |d: &Path| -> serde_json::Value {
-            serde_json::from_slice::<serde_json::Value>(
-                &std::fs::read(d.join("summary.json")).unwrap(),
-            )
-            .unwrap()["sample"]
-                .clone()
+            let s = std::fs::read(d.join("summary.json")).unwrap();
+            serde_json::from_slice::<serde_json::Value>(&s).unwrap()["sample"].clone()
         };
+        assert!(sample(&a).is_string());
         assert_eq!(sample(&a), sample(&b));
         // Another seed is another run: the streams really come from the seed.
-        let c = dir.path().join(format!("{mode}-c"));
-        train(&[
-            "--threads",
-            "1",
-            "micro",
-            "--model",
-            "mini-gpt",
-            "--mode",
-            mode,
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            c.to_str().unwrap(),
-            "--steps",
-            "6",
-            "--eval-every",
-            "3",
-            "--eval-windows",
-            "4",
-            "--seed",
-            "8",
-        ]);
-        assert_ne!(metrics(&a), metrics(&c));
+        assert_ne!(metrics(&a), metrics(&run("c", "1", "cpu", "8")));
+        if mode == "tensor" {
+            // The CPU kernels split work by output tiles and fixed-size chunks, never by thread.
+            let t2 = run("t2", "2", "cpu", "7");
+            assert_eq!(metrics(&a), metrics(&t2));
+            same_bytes(&a.join("model.json"), &t2.join("model.json"));
+            // The WGSL kernels have a fixed summation order and no float atomics.
+            if gpu() {
+                let (g1, g2) = (run("g1", "1", "gpu", "7"), run("g2", "1", "gpu", "7"));
+                assert_eq!(metrics(&g1), metrics(&g2));
+                same_bytes(&g1.join("model.json"), &g2.join("model.json"));
+            }
+        }
     }
 }
 
@@ -128,45 +123,23 @@ fn base_runs_are_bit_identical() {
         "--out",
         tok.to_str().unwrap(),
     ]);
-    let run = |name: &str| {
+    let run_on = |name: &str, threads: &str| {
         let out = dir.path().join(name);
-        train(&[
-            "--threads",
-            "1",
-            "base",
-            "--tokenizer",
-            tok.to_str().unwrap(),
-            "--data",
-            t.to_str().unwrap(),
-            "--val",
-            v.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--depth",
-            "1",
-            "--max-seq-len",
-            "32",
-            "--device-batch-size",
-            "2",
-            "--num-iterations",
-            "4",
-            "--warmup-steps",
-            "1",
-            "--eval-every",
-            "2",
-            "--eval-tokens",
-            "256",
-            "--sample-every",
-            "0",
-            "--save-every",
-            "2",
-        ]);
+        let (tk, d, val, o) = (tok.display(), t.display(), v.display(), out.display());
+        let args = format!(
+            "--threads {threads} base --tokenizer {tk} --data {d} --val {val} --out {o} --depth 1 \
+             --max-seq-len 32 --device-batch-size 2 --num-iterations 4 --warmup-steps 1 \
+             --eval-every 2 --eval-tokens 256 --sample-every 0 --save-every 2"
+        );
+        train(&args.split_whitespace().collect::<Vec<_>>());
         out
     };
-    let (a, b) = (run("a"), run("b"));
-    assert_eq!(metrics(&a), metrics(&b));
+    let (a, b, t2) = (run_on("a", "1"), run_on("b", "1"), run_on("t2", "2"));
     assert!(metrics(&a).len() >= 6, "{:?}", metrics(&a));
-    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
-        same_bytes(&a.join("step_000004").join(f), &b.join("step_000004").join(f));
+    for other in [&b, &t2] {
+        assert_eq!(metrics(&a), metrics(other));
+        for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+            same_bytes(&a.join("step_000004").join(f), &other.join("step_000004").join(f));
+        }
     }
 }
