@@ -335,7 +335,8 @@ mod tests {
 
     #[test]
     fn every_primitive_matches_finite_differences() {
-        let cases: Vec<(&str, fn(&Value) -> Value, fn(f64) -> f64)> = vec![
+        type Case = (&'static str, fn(&Value) -> Value, fn(f64) -> f64);
+        let cases: Vec<Case> = vec![
             ("pow", |v| v.pow(3.0), |x| x.powf(3.0)),
             ("exp", |v| v.exp(), f64::exp),
             ("log", |v| v.log(), f64::ln),

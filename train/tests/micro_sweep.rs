@@ -224,3 +224,39 @@ fn sweep_writes_a_row_per_run_skips_finished_runs_and_counts_parameters() {
         "set by the sweep",
     );
 }
+
+/// A sweep over `train base`: each variant is a pretraining run, its parameter count read from
+/// its checkpoint.
+#[test]
+fn sweep_over_base_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = corpus(dir.path());
+    let val = dir.path().join("val.txt");
+    std::fs::copy(&data, &val).unwrap();
+    let tok = dir.path().join("tok");
+    let (d, v, t) = (data.display(), val.display(), tok.display());
+    let tok_args = format!("tokenizer --input {d} --vocab-size 300 --out {t}");
+    ok_status(&train(&tok_args.split_whitespace().collect::<Vec<_>>()));
+    let out = dir.path().join("sweep");
+    let args = format!(
+        "--threads 1 sweep --grid depth=1,2 --steps 2 --out {} -- base --tokenizer {t} --data {d} \
+         --val {v} --max-seq-len 32 --device-batch-size 2 --warmup-steps 1 --eval-every 0 \
+         --eval-tokens 128 --sample-every 0 --save-every 0",
+        out.display()
+    );
+    let s = ok(&train(&args.split_whitespace().collect::<Vec<_>>()));
+    assert_eq!(s["ran"], 2);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("summary.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    let params: Vec<u64> = rows.iter().map(|r| r["params"].as_u64().unwrap()).collect();
+    assert!(params[0] > 0 && params[1] > params[0], "{params:?}");
+    assert!(rows.iter().all(|r| r["val_bpb"].as_f64().is_some() && r["steps"] == 2));
+}
+
+fn ok_status(out: &Output) {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -67,7 +67,8 @@ impl ScalarModel {
                         .collect();
                     let p = scalar::softmax(&scores);
                     for e in h..h + d {
-                        let terms: Vec<Value> = (0..=t).map(|j| p[j].mul(&v[j][e])).collect();
+                        let terms: Vec<Value> =
+                            p.iter().zip(&v).map(|(pj, vj)| pj.mul(&vj[e])).collect();
                         y.push(Value::sum(&terms));
                     }
                 }
