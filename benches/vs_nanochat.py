@@ -338,6 +338,9 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--total-batch-size", type=int,
+                    help="tokens per step (default: one micro-batch, batch x seq-len; train base "
+                         "would otherwise pick nanochat's automatic batch size)")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--window-pattern", default="L")
@@ -380,6 +383,7 @@ def main():
               "--max-seq-len", str(a.seq_len)]
     cmd = [a.train, "--threads", str(a.threads), "base", *common, "--out", fem_dir,
            "--depth", str(a.depth), "--num-iterations", str(a.steps),
+           "--total-batch-size", str(a.total_batch_size or a.batch * a.seq_len),
            "--window-pattern", a.window_pattern, "--eval-every", str(a.eval_every),
            "--eval-tokens", str(a.eval_tokens), "--sample-every", "0", "--save-every", "0",
            "--device", "gpu" if gpu else "cpu"]
