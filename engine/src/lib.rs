@@ -10,6 +10,8 @@
 //!   `embedding`, `attention`, `cross_entropy`, `sum`, `mean`, `sum_dim`, `mean_dim`.
 //! - [`Tensor::backward`] on a single-element loss returns [`Grads`] for the trainable leaves.
 //! - [`ParamStore`] holds parameters by name in a stable order.
+//! - [`scalar`] is a separate scalar (f64, micrograd-style) autograd: the tensor engine's test
+//!   oracle and the engine of `train micro --mode scalar`.
 //!
 //! Kernels run on rayon's global pool; binaries choose its size. Large buffers are recycled
 //! through [`pool`] (a caching allocator; cap it with [`set_pool_limit`]).
@@ -21,6 +23,7 @@ mod op_gpu;
 pub mod optim;
 pub mod param;
 pub mod pool;
+pub mod scalar;
 pub mod tensor;
 
 pub use autograd::{Grads, NoGradGuard, is_grad_enabled, no_grad};

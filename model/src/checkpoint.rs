@@ -73,7 +73,30 @@ fn serialize(
                 .map_err(|e| ck_err(path, format!("tensor `{n}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(meta)).map_err(|e| ck_err(path, e.to_string()))
+    let bytes =
+        safetensors::serialize(views, Some(meta)).map_err(|e| ck_err(path, e.to_string()))?;
+    Ok(canonical_header(bytes))
+}
+
+/// The header with its JSON keys sorted. safetensors writes the metadata map in `HashMap`
+/// order, which differs from process to process, so the same weights would not give the same
+/// bytes (a determinism requirement, docs/research.md). Same length: the header is only
+/// reordered, then padded with spaces as safetensors pads it.
+fn canonical_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+    else {
+        return bytes;
+    };
+    let end = 8 + n as usize;
+    let Some(header) = bytes.get(8..end) else { return bytes };
+    // serde_json's map is a BTreeMap (no preserve_order feature): printing sorts the keys.
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(header) else { return bytes };
+    let sorted = v.to_string().into_bytes();
+    if sorted.len() <= n as usize {
+        bytes[8..8 + sorted.len()].copy_from_slice(&sorted);
+        bytes[8 + sorted.len()..end].fill(b' ');
+    }
+    bytes
 }
 
 /// Save the model's parameters, config and metadata to `path`.
@@ -275,4 +298,38 @@ pub fn load_run(
         ));
     }
     Ok((gpt, tok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each save builds its metadata map afresh (a new hash seed, so possibly another order):
+    /// the bytes must not depend on it.
+    #[test]
+    fn the_same_model_saves_to_the_same_bytes() {
+        let config = GPTConfig {
+            sequence_len: 8,
+            vocab_size: 16,
+            n_layer: 1,
+            n_head: 2,
+            n_kv_head: 2,
+            n_embd: 32,
+            window_pattern: "L".into(),
+        };
+        let gpt = Gpt::init(config, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let meta = serde_json::json!({ "step": 3, "b": 1, "a": 2 });
+        let files: Vec<Vec<u8>> = (0..8)
+            .map(|i| {
+                let p = dir.path().join(format!("m{i}.safetensors"));
+                save_model(&p, &gpt, &meta).unwrap();
+                fs::read(&p).unwrap()
+            })
+            .collect();
+        assert!(files.iter().all(|f| *f == files[0]));
+        let (loaded, m) = load_model(&dir.path().join("m0.safetensors")).unwrap();
+        assert_eq!(m.meta, meta);
+        assert_eq!(loaded.params().numel(), gpt.params().numel());
+    }
 }

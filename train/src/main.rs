@@ -11,10 +11,13 @@ mod batches;
 mod bench;
 mod docs;
 mod loader;
+mod micro;
 mod parity;
 mod plot;
 mod recipe;
 mod rundir;
+mod sweep;
+mod sweep_report;
 mod tokenizer_cmd;
 mod trainer;
 
@@ -49,6 +52,16 @@ enum Command {
     /// Write the token rows `train base` would train and validate on (u32 files + meta.json),
     /// for training a reference implementation on exactly the same data.
     Batches(batches::Args),
+    /// Train a character-level bigram or mini-GPT on the scalar (f64, micrograd-style) or the
+    /// tensor engine: the same model and initial numbers on both; optional sampling.
+    Micro(Box<micro::Args>),
+    /// Run every combination of a grid of `train micro` or `train base` options (each in its own
+    /// directory, resumable, optionally over several seeds) and rank them: OUT/summary.csv,
+    /// summary.jsonl, summary.md (mean ± std over seeds), loss.svg, val.svg.
+    ///
+    /// Example: train --threads 1 sweep --grid 'tie_lm_head=true,false input_rmsnorm=true,false'
+    /// --steps 300 --seeds 3 --jobs 2 --out results/tie-norm -- micro --model mini-gpt
+    Sweep(sweep::Args),
 }
 
 /// Argument ids of the subcommand that the user gave on the command line (not defaults): a
@@ -81,6 +94,8 @@ fn main() -> ExitCode {
         Command::Parity(args) => parity::main(args),
         Command::Bench(args) => bench::main(args).map(|()| ExitCode::SUCCESS),
         Command::Batches(args) => batches::main(args).map(|()| ExitCode::SUCCESS),
+        Command::Micro(args) => micro::main(*args).map(|()| ExitCode::SUCCESS),
+        Command::Sweep(args) => sweep::main(args, cli.threads).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -1,4 +1,5 @@
-//! The loss curve of a run, drawn from its metrics.jsonl into RUN_DIR/loss.svg.
+//! The loss curve of a run, drawn from its metrics.jsonl into RUN_DIR/loss.svg, and several
+//! named curves in one chart (a sweep's variants).
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -44,6 +45,43 @@ pub fn loss_curve(run_dir: &Path) -> Result<()> {
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
     }
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// One line per named curve, with a legend; nothing is drawn when every curve is empty.
+pub fn curves(path: &Path, caption: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    let points = || series.iter().flat_map(|(_, c)| c.iter());
+    if points().next().is_none() {
+        return Ok(());
+    }
+    let max_x = points().map(|p| p.0).fold(1.0, f64::max);
+    let (lo, hi) = points().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let pad = ((hi - lo) * 0.05).max(1e-6);
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max_x, (lo - pad)..(hi + pad))?;
+    chart.configure_mesh().x_desc("step").draw()?;
+    for (i, (name, c)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(c.iter().copied(), color.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
     root.present()?;
     Ok(())
 }
