@@ -10,6 +10,7 @@ mod base;
 mod batches;
 mod bench;
 mod docs;
+mod interop;
 mod loader;
 mod parity;
 mod plot;
@@ -49,6 +50,18 @@ enum Command {
     /// Write the token rows `train base` would train and validate on (u32 files + meta.json),
     /// for training a reference implementation on exactly the same data.
     Batches(batches::Args),
+    /// Import a PyTorch nanochat checkpoint (model_<step>.pt, meta, tokenizer.pkl, optionally
+    /// the optimizer state) into a new run directory, without Python.
+    ///
+    /// NANOCHAT_DIR is nanochat's base directory ($NANOCHAT_BASE_DIR, default
+    /// ~/.cache/nanochat), one of its <source>_checkpoints directories, or a tag directory. The
+    /// run directory works with `serve`, `train base --resume` and every stage that reads runs;
+    /// RUN_DIR/imported.json records where it came from.
+    ImportNanochat(interop::ImportArgs),
+    /// Export a run's latest checkpoint into nanochat's layout (tokenizer/tokenizer.pkl,
+    /// token_bytes.pt, <source>_checkpoints/<tag>/model_<step>.pt, meta_<step>.json,
+    /// optim_<step>_rank0.pt) for nanochat's chat_cli, chat_eval, base_eval and chat_sft.
+    ExportNanochat(interop::ExportArgs),
 }
 
 /// Argument ids of the subcommand that the user gave on the command line (not defaults): a
@@ -81,6 +94,8 @@ fn main() -> ExitCode {
         Command::Parity(args) => parity::main(args),
         Command::Bench(args) => bench::main(args).map(|()| ExitCode::SUCCESS),
         Command::Batches(args) => batches::main(args).map(|()| ExitCode::SUCCESS),
+        Command::ImportNanochat(args) => interop::import_main(args).map(|()| ExitCode::SUCCESS),
+        Command::ExportNanochat(args) => interop::export_main(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
