@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use femtochat_engine::MuonAdamW;
 use femtochat_model::checkpoint::{load_model, load_optimizer, write_atomic};
-use femtochat_model::gpt::param_shapes;
 use femtochat_model::nanochat::{self, Source, optim};
 use femtochat_model::optim::param_groups;
 use femtochat_model::tokenizer::Tokenizer;
@@ -24,8 +23,9 @@ use femtochat_model::{GPTConfig, Gpt};
 use serde_json::{Value, json};
 
 use crate::loader::BestFitLoader;
+use crate::recipe::{Recipe, RecipeInput};
 use crate::rundir::{self, RunLock};
-use crate::trainer::{Settings, Trainer, read_state};
+use crate::trainer::{LrSchedule, Settings, Trainer, read_state};
 
 #[derive(clap::Args)]
 pub struct ImportArgs {
@@ -68,24 +68,13 @@ pub struct ExportArgs {
     no_optimizer: bool,
 }
 
-/// nanochat's reference batch (B_REF in base_train): 2^19 tokens.
-const B_REF: f64 = 524_288.0;
-
-/// nanochat's scaling parameters: the transformer blocks' parameters plus lm_head.
-fn scaling_params(c: &GPTConfig) -> f64 {
-    param_shapes(c)
-        .iter()
-        .filter(|(n, _)| n.starts_with("transformer.h.") || n == "lm_head.weight")
-        .map(|(_, s)| s.iter().product::<usize>() as f64)
-        .sum()
-}
-
-/// Training settings for continuing an imported run, derived as nanochat's base_train does from
-/// its meta (`device_batch_size`, `total_batch_size`, `user_config`): num_iterations (explicit,
-/// else target_param_data_ratio x scaling params / batch), learning rates (the optimizer groups'
-/// `initial_lr` when imported, else user_config's scaled by sqrt(batch / 2^19)), Muon weight
-/// decay (user_config's scaled by sqrt(batch / 2^19) x D_ref / D as base_train; 0 for sft/rl,
-/// as chat_sft). nanochat's defaults stand in for anything missing.
+/// Training settings for continuing an imported run, derived from nanochat's meta
+/// (`device_batch_size`, `total_batch_size`, `user_config`) by base_train's recipe (recipe.rs):
+/// num_iterations (explicit, else from target FLOPs, else target_param_data_ratio x scaling
+/// params / batch), learning rates (the optimizer groups' `initial_lr` when imported, which are
+/// what the run trained with; else user_config's scaled by sqrt(batch / 2^19)), Muon weight decay
+/// (base_train's correction of user_config's; 0 for sft/rl, as chat_sft). nanochat's defaults
+/// stand in for anything missing. The schedule is base_train's.
 fn settings_from_meta(
     config: &GPTConfig,
     meta: &Value,
@@ -94,58 +83,47 @@ fn settings_from_meta(
     groups: Option<&[optim::Hyper]>,
 ) -> Result<Settings> {
     let uc = &meta["user_config"];
-    let num = |k: &str, default: f64| -> f64 {
-        meta[k].as_f64().or_else(|| uc[k].as_f64()).filter(|v| *v > 0.0).unwrap_or(default)
+    let positive = |v: &Value| v.as_f64().filter(|x| *x > 0.0);
+    let num = |k: &str, default: f64| positive(&uc[k]).unwrap_or(default);
+    let dbs =
+        positive(&meta["device_batch_size"]).unwrap_or(num("device_batch_size", 32.0)) as usize;
+    let micro = dbs * config.sequence_len;
+    let total = positive(&meta["total_batch_size"]).or(positive(&uc["total_batch_size"]));
+    let input = RecipeInput {
+        model: config.clone(),
+        aspect_ratio: num("aspect_ratio", 64.0) as usize,
+        head_dim: num("head_dim", 128.0) as usize,
+        target_param_data_ratio: num("target_param_data_ratio", 12.0),
+        total_batch_size: total.map(|t| t as usize),
+        num_iterations: positive(&uc["num_iterations"]).map(|n| n as usize),
+        target_flops: positive(&uc["target_flops"]),
+        embedding_lr: num("embedding_lr", 0.3) as f32,
+        unembedding_lr: num("unembedding_lr", 0.008) as f32,
+        matrix_lr: num("matrix_lr", 0.02) as f32,
+        scalar_lr: num("scalar_lr", 0.5) as f32,
+        weight_decay: uc["weight_decay"].as_f64().unwrap_or(0.28) as f32,
     };
-    let dbs = num("device_batch_size", 32.0) as usize;
-    let seq = config.sequence_len;
-    let micro = dbs * seq;
-    let total = num("total_batch_size", micro as f64) as usize;
-    let grad_accum = if total >= micro && total.is_multiple_of(micro) { total / micro } else { 1 };
-    let total = (grad_accum * micro) as f64;
-    let ratio = uc["target_param_data_ratio"].as_f64().unwrap_or(12.0);
-    let target_tokens = (ratio * scaling_params(config)).floor();
-    let num_iterations = match uc["num_iterations"].as_i64() {
-        Some(n) if n > 0 => n as usize,
-        _ if uc["target_flops"].as_f64().is_some_and(|f| f > 0.0) => {
-            let flops = uc["target_flops"].as_f64().unwrap_or(0.0);
-            (flops / (config.flops_per_token() * total)).round() as usize
-        }
-        _ if ratio > 0.0 && source == Source::Base => (target_tokens / total).floor() as usize,
-        _ => step as usize,
+    let r = Recipe::derive(&input)?;
+    // One process does the work of nanochat's ranks: the same tokens per step.
+    let grad_accum = match r.total_batch_size {
+        t if t >= micro && t.is_multiple_of(micro) => t / micro,
+        _ => 1,
+    };
+    let num_iterations = match source {
+        Source::Base => r.num_iterations,
+        _ => input.num_iterations.unwrap_or(step as usize),
     }
     .max(step as usize)
     .max(1);
-    let batch_lr_scale = (total / B_REF).sqrt();
+    // AdamW learning rates were scaled by (n_embd / 768)^-0.5 in setup_optimizer.
     let dmodel_scale = (config.n_embd as f64 / 768.0).powf(-0.5);
-    let group_lr = |first: &str| -> Option<f64> {
-        groups?.iter().find(|g| g.params.first().is_some_and(|p| p == first)).map(|g| g.initial_lr)
+    let group = |first: &str, kind: optim::Kind, scale: f64| -> Option<f32> {
+        let g = groups?.iter().find(|g| {
+            g.kind == kind && g.params.first().is_some_and(|p| p == first || first.is_empty())
+        })?;
+        Some((g.initial_lr / scale) as f32)
     };
-    let muon_lr =
-        groups.and_then(|gs| gs.iter().find(|g| g.kind == optim::Kind::Muon)).map(|g| g.initial_lr);
-    let lr = |from_group: Option<f64>, scale: f64, key: &str, default: f64| -> f32 {
-        from_group
-            .map(|g| g / scale)
-            .unwrap_or_else(|| uc[key].as_f64().unwrap_or(default) * batch_lr_scale) as f32
-    };
-    let weight_decay = if source != Source::Base {
-        0.0
-    } else {
-        let wd = uc["weight_decay"].as_f64().unwrap_or(0.28);
-        let d12 = GPTConfig::from_depth(
-            12,
-            uc["aspect_ratio"].as_u64().unwrap_or(64) as usize,
-            uc["head_dim"].as_u64().unwrap_or(128) as usize,
-            seq,
-            config.vocab_size,
-            &config.window_pattern,
-        )?;
-        if ratio > 0.0 {
-            wd * (total / B_REF).sqrt() * (ratio * scaling_params(&d12)) / target_tokens
-        } else {
-            wd
-        }
-    };
+    let adam = |first: &str, scale: f64| group(first, optim::Kind::AdamW, scale);
     let every = |k: &str, default: i64| uc[k].as_i64().unwrap_or(default).max(0) as usize;
     Ok(Settings {
         model: config.clone(),
@@ -155,11 +133,12 @@ fn settings_from_meta(
         warmup_steps: uc["warmup_steps"].as_u64().unwrap_or(40) as usize,
         warmdown_ratio: uc["warmdown_ratio"].as_f64().unwrap_or(0.65),
         final_lr_frac: uc["final_lr_frac"].as_f64().unwrap_or(0.05),
-        unembedding_lr: lr(group_lr("lm_head.weight"), dmodel_scale, "unembedding_lr", 0.008),
-        embedding_lr: lr(group_lr("transformer.wte.weight"), dmodel_scale, "embedding_lr", 0.3),
-        matrix_lr: lr(muon_lr, 1.0, "matrix_lr", 0.02),
-        scalar_lr: lr(group_lr("x0_lambdas"), 1.0, "scalar_lr", 0.5),
-        weight_decay: weight_decay as f32,
+        unembedding_lr: adam("lm_head.weight", dmodel_scale).unwrap_or(r.unembedding_lr),
+        embedding_lr: adam("transformer.wte.weight", dmodel_scale).unwrap_or(r.embedding_lr),
+        matrix_lr: group("", optim::Kind::Muon, 1.0).unwrap_or(r.matrix_lr),
+        scalar_lr: adam("x0_lambdas", 1.0).unwrap_or(r.scalar_lr),
+        weight_decay: if source == Source::Base { r.weight_decay } else { 0.0 },
+        lr_schedule: LrSchedule::Base,
         eval_every: every("eval_every", 250),
         save_every: every("save_every", 0),
         sample_every: every("sample_every", 2000),
@@ -183,9 +162,9 @@ pub fn import(
     step: Option<u64>,
     with_optimizer: bool,
 ) -> Result<Imported> {
+    let loc = nanochat::locate(nanochat_dir, source, tag, step)?;
     rundir::prepare_new(out, false)?;
     let _lock = RunLock::acquire(out)?;
-    let loc = nanochat::locate(nanochat_dir, source, tag, step)?;
     eprintln!(
         "importing nanochat {} checkpoint {} step {} from {}",
         loc.source.name(),
@@ -223,7 +202,8 @@ pub fn import(
         Ok(s) if s.model == *gpt.config() => s,
         _ => settings_from_meta(gpt.config(), &meta, loc.source, loc.step, groups)?,
     };
-    let mut opt = MuonAdamW::new(param_groups(&settings.model, &settings.optimizer()), gpt.params())?;
+    let mut opt =
+        MuonAdamW::new(param_groups(&settings.model, &settings.optimizer()), gpt.params())?;
     if let Some(o) = &imported_opt {
         opt.load_state_dict(o.step, &o.buffers)?;
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipArchive, ZipWriter};
 
-use super::pickle::{self, Allow, Pickler, StorageRef, TensorRef, TorchDtype, Value};
+use super::pickle::{self, Allow, StorageRef, TensorRef, TorchDtype, Value};
 use crate::checkpoint::write_atomic_with;
 use crate::error::{ModelError, Result};
 
@@ -325,11 +325,4 @@ impl PtWriter<'_> {
             stride,
         })
     }
-}
-
-/// Write a pickle of a plain value whose tensors are written as `_rebuild_tensor_v2` calls.
-pub fn pickle_value(v: &Value) -> Vec<u8> {
-    let mut p = Pickler::new(2);
-    p.value(v, &mut |p, t| p.tensor(t));
-    p.finish()
 }
