@@ -18,7 +18,8 @@ cargo build --profile "$PROFILE" -p femtochat-train
 TRAIN=./target/$OUT_DIR/train
 $TRAIN tokenizer --input data --vocab-size 1024 --out "$WORK/tokenizer"
 $TRAIN base --tokenizer "$WORK/tokenizer" --out "$WORK/run" --depth 2 --max-seq-len 128 \
-  --window-pattern SL --device-batch-size 4 --num-iterations 150 --eval-every 0 --sample-every 0 \
+  --window-pattern SL --device-batch-size 4 --total-batch-size 512 --num-iterations 150 \
+  --eval-every 0 --sample-every 0 \
   --save-every 0
 $TRAIN export-nanochat "$WORK/run" --out "$WORK/nanochat"
 NANOCHAT_BASE_DIR="$WORK/nanochat" PYTHONPATH="$NANOCHAT_SRC" "$PY" benches/nanochat_export_check.py
