@@ -35,6 +35,15 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> ModelError {
 
 /// Write `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// Write `path` atomically with `write` (for files streamed rather than built in memory): a
+/// temporary file in the same directory, fsync, rename, fsync of the directory.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -42,10 +51,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().ok_or_else(|| ck_err(path, "not a file path"))?;
     let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
     let io = |e: std::io::Error| ck_err(path, format!("writing: {e}"));
-    {
-        let mut f = File::create(&tmp).map_err(io)?;
-        f.write_all(bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
+    let written = File::create(&tmp).and_then(|mut f| {
+        write(&mut f)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(e));
     }
     fs::rename(&tmp, path).map_err(io)?;
     // Persist the rename itself; not every platform lets a directory be opened for this.
@@ -272,20 +284,35 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(PathBuf, usize)>> {
 }
 
 /// Load the newest model of a run directory written by `train` and its tokenizer
-/// (`RUN_DIR/tokenizer/`, or `tokenizer_dir` when given).
+/// (`RUN_DIR/tokenizer/`, or `tokenizer_dir` when given). A nanochat directory (its base dir,
+/// a `<source>_checkpoints` dir or one model tag in it) is recognised and imported in memory.
 pub fn load_run(
     run_dir: &Path,
     tokenizer_dir: Option<&Path>,
 ) -> Result<(Gpt, crate::tokenizer::Tokenizer)> {
+    if !run_dir.join("latest.json").exists() && crate::nanochat::is_nanochat_dir(run_dir) {
+        return crate::nanochat::load_for_serving(run_dir, tokenizer_dir);
+    }
     let (dir, _) = latest_checkpoint(run_dir)?.ok_or_else(|| {
         ck_err(
             run_dir,
-            "no latest.json: not a run directory written by `train`, or no checkpoint yet",
+            "no latest.json: not a run directory written by `train` (nor a nanochat directory), or no checkpoint yet",
         )
     })?;
     let (gpt, _) = load_model(&dir.join("model.safetensors"))?;
     let tok_dir = tokenizer_dir.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("tokenizer"));
     let tok = crate::tokenizer::Tokenizer::load(&tok_dir)?;
+    check_vocab(run_dir, &tok_dir, &tok, &gpt)?;
+    Ok((gpt, tok))
+}
+
+/// The tokenizer and the model must agree on the vocabulary.
+pub(crate) fn check_vocab(
+    run_dir: &Path,
+    tok_dir: &Path,
+    tok: &crate::tokenizer::Tokenizer,
+    gpt: &Gpt,
+) -> Result<()> {
     if tok.vocab_size() != gpt.config().vocab_size {
         return Err(ck_err(
             run_dir,
@@ -297,7 +324,7 @@ pub fn load_run(
             ),
         ));
     }
-    Ok((gpt, tok))
+    Ok(())
 }
 
 #[cfg(test)]

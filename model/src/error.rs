@@ -30,6 +30,10 @@ pub enum ModelError {
     Truncated { path: std::path::PathBuf, expected: u64, got: usize },
     #[error("checkpoint {}: tensor `{name}` has dtype {dtype}; only F32, BF16 and F16 load", path.display())]
     Dtype { path: std::path::PathBuf, name: String, dtype: String },
+    /// A pickle (inside a torch checkpoint, or a pickled tokenizer) that is malformed or uses
+    /// more than the subset read; `entry` is the pickle's name inside the file.
+    #[error("{}: {entry} at byte {offset}: {msg}", path.display())]
+    Pickle { path: std::path::PathBuf, entry: String, offset: usize, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -5,6 +5,7 @@ pub mod error;
 pub mod generate;
 pub mod gpt;
 pub mod kv_cache;
+pub mod nanochat;
 pub mod optim;
 pub mod parity;
 pub mod rng;

@@ -35,7 +35,9 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct HttpArgs {
-    /// Run directory written by `train` (its latest checkpoint is loaded).
+    /// Run directory written by `train` (its latest checkpoint is loaded), or a PyTorch nanochat
+    /// directory ($NANOCHAT_BASE_DIR, a <source>_checkpoints dir or a tag dir: its sft, else rl,
+    /// else base model, largest tag, last step; imported in memory).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// Tokenizer directory (default: RUN_DIR/tokenizer).
@@ -91,7 +93,7 @@ struct HttpArgs {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Run directory written by `train` (its latest checkpoint is loaded).
+    /// Run directory written by `train`, or a PyTorch nanochat directory (as for `serve`).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Tokenizer directory (default: RUN_DIR/tokenizer).

@@ -198,3 +198,46 @@ fn terminal_front_ends_still_work() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bot>"));
 }
+
+/// `serve --checkpoint NANOCHAT_DIR`: a checkpoint written by PyTorch nanochat (the repository's
+/// fixture) is imported in memory; the terminal front end and the HTTP API both greedily
+/// continue "The " with the tokens nanochat itself produced.
+#[test]
+fn serves_a_nanochat_directory() {
+    let nc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/nanochat_checkpoint");
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(nc.join("expected.json")).unwrap()).unwrap();
+    let greedy: Vec<u32> = expected["greedy_ids"].as_array().unwrap()[..10]
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let tok = femtochat_model::nanochat::load_tokenizer(&nc.join("tokenizer")).unwrap();
+    let want = format!("The {}", tok.decode(&greedy).unwrap());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args(["generate", "--prompt", "The ", "--temperature", "0", "--max-tokens", "10"])
+        .arg("--checkpoint")
+        .arg(&nc)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), want);
+
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .arg("--checkpoint")
+        .arg(&nc)
+        .args(["--port", &port.to_string(), "--model-name", "d2"])
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _guard = Kill(child);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base);
+    let body =
+        serde_json::json!({"model": "d2", "prompt": "The ", "max_tokens": 10, "temperature": 0});
+    let r = post(&base, "/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text);
+    let text = r.json()["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(format!("The {text}"), want);
+}

@@ -183,6 +183,12 @@ impl BestFitLoader {
         Ok(Some(row))
     }
 
+    /// The position of a loader that has yielded nothing yet (what `state_json` gives before
+    /// the first batch): for runs whose weights came from elsewhere, e.g. a nanochat import.
+    pub fn initial_state() -> serde_json::Value {
+        serde_json::json!({ "next_doc": 0, "buffer": [], "skipped": 0 })
+    }
+
     /// Loader position for checkpoints.
     pub fn state_json(&self) -> serde_json::Value {
         let buffered: Vec<u64> = self.buffer.iter().map(|(n, _)| *n).collect();

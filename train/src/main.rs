@@ -10,6 +10,7 @@ mod base;
 mod batches;
 mod bench;
 mod docs;
+mod interop;
 mod loader;
 mod micro;
 mod parity;
@@ -62,6 +63,18 @@ enum Command {
     /// Example: train --threads 1 sweep --grid 'tie_lm_head=true,false input_rmsnorm=true,false'
     /// --steps 300 --seeds 3 --jobs 2 --out results/tie-norm -- micro --model mini-gpt
     Sweep(sweep::Args),
+    /// Import a PyTorch nanochat checkpoint (model_<step>.pt, meta, tokenizer.pkl, optionally
+    /// the optimizer state) into a new run directory, without Python.
+    ///
+    /// NANOCHAT_DIR is nanochat's base directory ($NANOCHAT_BASE_DIR, default
+    /// ~/.cache/nanochat), one of its <source>_checkpoints directories, or a tag directory. The
+    /// run directory works with `serve`, `train base --resume` and every stage that reads runs;
+    /// RUN_DIR/imported.json records where it came from.
+    ImportNanochat(interop::ImportArgs),
+    /// Export a run's latest checkpoint into nanochat's layout (tokenizer/tokenizer.pkl,
+    /// token_bytes.pt, <source>_checkpoints/<tag>/model_<step>.pt, meta_<step>.json,
+    /// optim_<step>_rank0.pt) for nanochat's chat_cli, chat_eval, base_eval and chat_sft.
+    ExportNanochat(interop::ExportArgs),
 }
 
 /// Argument ids of the subcommand that the user gave on the command line (not defaults): a
@@ -96,6 +109,8 @@ fn main() -> ExitCode {
         Command::Batches(args) => batches::main(args).map(|()| ExitCode::SUCCESS),
         Command::Micro(args) => micro::main(*args).map(|()| ExitCode::SUCCESS),
         Command::Sweep(args) => sweep::main(args, cli.threads).map(|()| ExitCode::SUCCESS),
+        Command::ImportNanochat(args) => interop::import_main(args).map(|()| ExitCode::SUCCESS),
+        Command::ExportNanochat(args) => interop::export_main(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

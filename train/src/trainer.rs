@@ -138,7 +138,7 @@ impl Settings {
         }
     }
 
-    fn optimizer(&self) -> OptimizerConfig {
+    pub fn optimizer(&self) -> OptimizerConfig {
         OptimizerConfig {
             unembedding_lr: self.unembedding_lr,
             embedding_lr: self.embedding_lr,
@@ -250,6 +250,13 @@ impl Trainer {
             run_id: run_id.to_string(),
             saved_step: None,
         })
+    }
+
+    /// Continue counting from `step` (a run started from weights trained elsewhere, e.g. a
+    /// nanochat import, whose schedules are at that step).
+    pub fn at_step(mut self, step: usize) -> Trainer {
+        self.step = step;
+        self
     }
 
     /// The newest checkpoint of `run_dir`, if any: (directory, step).

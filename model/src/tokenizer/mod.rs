@@ -407,18 +407,8 @@ impl Tokenizer {
                 .map_err(|e| tok_err(format!("{}: {e}", json_path.display())))?,
         )
         .map_err(|e| tok_err(format!("{}: {e}", json_path.display())))?;
-        let mut specials: Vec<(&String, &u32)> = meta.special_tokens.iter().collect();
-        specials.sort_by_key(|(_, id)| **id);
-        for (i, &(name, &id)) in specials.iter().enumerate() {
-            if id as usize != ranks.len() + i {
-                return Err(tok_err(format!(
-                    "special token {name} has id {id}, expected {}",
-                    ranks.len() + i
-                )));
-            }
-        }
-        let names: Vec<&str> = specials.iter().map(|(n, _)| n.as_str()).collect();
-        let tok = Tokenizer::new(ranks, &names, &meta.pattern)?;
+        let tok =
+            Tokenizer::from_parts(ranks, meta.special_tokens.into_iter().collect(), &meta.pattern)?;
         if tok.vocab_size() != meta.vocab_size {
             return Err(tok_err(format!(
                 "{} declares vocab size {} but holds {} tokens",
@@ -427,10 +417,41 @@ impl Tokenizer {
                 tok.vocab_size()
             )));
         }
+        Ok(tok)
+    }
+
+    /// From mergeable ranks and special tokens with their ids (which must follow the ranks,
+    /// in any order), as stored on disk; every nanochat special token must be present.
+    pub fn from_parts(
+        ranks: HashMap<Vec<u8>, u32>,
+        mut specials: Vec<(String, u32)>,
+        pattern: &str,
+    ) -> Result<Tokenizer> {
+        specials.sort_by_key(|(_, id)| *id);
+        for (i, (name, id)) in specials.iter().enumerate() {
+            if *id as usize != ranks.len() + i {
+                return Err(tok_err(format!(
+                    "special token {name} has id {id}, expected {}",
+                    ranks.len() + i
+                )));
+            }
+        }
+        let names: Vec<&str> = specials.iter().map(|(n, _)| n.as_str()).collect();
+        let tok = Tokenizer::new(ranks, &names, pattern)?;
         for s in SPECIAL_TOKENS {
             tok.special(s)?;
         }
         Ok(tok)
+    }
+
+    /// Mergeable ranks (token bytes, id 0..n) and special tokens (name, id), for writers of
+    /// other formats.
+    pub fn parts(&self) -> (Vec<&[u8]>, Vec<(&str, u32)>) {
+        let ranks = self.vocab[..self.ranks.len()].iter().map(Vec::as_slice).collect();
+        let mut specials: Vec<(&str, u32)> =
+            self.specials.iter().map(|(n, &id)| (n.as_str(), id)).collect();
+        specials.sort_by_key(|&(_, id)| id);
+        (ranks, specials)
     }
 
     /// Write `DIR/tokenizer.tiktoken` (tiktoken's format: base64 bytes, space, rank) and
