@@ -10,11 +10,15 @@ mod base;
 mod batches;
 mod bench;
 mod docs;
+#[allow(dead_code)] // the evaluators land in the next commit
+mod eval;
 mod loader;
 mod parity;
 mod plot;
+mod pyrandom;
 mod recipe;
 mod rundir;
+mod tasks;
 mod tokenizer_cmd;
 mod trainer;
 
