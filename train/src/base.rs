@@ -9,7 +9,6 @@ use femtochat_model::GPTConfig;
 use femtochat_model::generate::generate;
 use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_model::tokenizer::Tokenizer;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::docs;
 use crate::loader::{BestFitLoader, Prefetch, ValSet};
@@ -252,6 +251,7 @@ fn settings(a: &Args, input: &RecipeInput, r: &Recipe) -> Result<Settings> {
         scalar_lr: r.scalar_lr,
         weight_decay: r.weight_decay,
         lr_schedule: LrSchedule::Base,
+        lr_scale: 1.0,
         eval_every: a.eval_every,
         save_every: a.save_every,
         sample_every: a.sample_every,
@@ -348,15 +348,6 @@ pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
         val.tokens()
     );
 
-    let bar = ProgressBar::new(s.num_iterations as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(trainer.step() as u64);
-    let flops = s.model.flops_per_token();
     let sample_tok = tok.clone();
     let mut sample = move |gpt: &femtochat_model::Gpt| -> Result<Vec<String>> {
         let mut out = Vec::new();
@@ -370,34 +361,17 @@ pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
         }
         Ok(out)
     };
-    let summary =
-        trainer.train(&mut loader, Some(&mut val), Some(&mut sample), |step, loss, tps| {
-            bar.set_position(step as u64 + 1);
-            let mfu = a
-                .peak_flops
-                .map_or(String::new(), |p| format!(" | MFU {:.1}%", 100.0 * flops * tps / p));
-            bar.set_message(format!(
-                "loss {loss:.4} | {tps:.0} tok/s | {:.2} TFLOP/s{mfu}",
-                flops * tps / 1e12
-            ));
-        })?;
-    bar.finish();
-    crate::plot::loss_curve(&a.out)?;
+    trainer::train_with_progress(
+        &mut trainer,
+        &mut loader,
+        Some(&mut val),
+        Some(&mut sample),
+        a.peak_flops,
+    )?;
     let skipped = loader.state()["skipped"].as_u64().unwrap_or(0);
     if skipped > 0 {
         eprintln!("skipped {skipped} bad records (--skip-bad)");
     }
-    eprintln!(
-        "done: {} steps, final loss {}, val bpb {}, {} tokens in {:.1}s ({:.0} tok/s); run in {}",
-        summary.steps,
-        summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
-        summary.val_bpb.map_or("-".into(), |b| format!("{b:.4}")),
-        summary.tokens,
-        summary.seconds,
-        summary.tok_per_s,
-        a.out.display()
-    );
-    println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
 

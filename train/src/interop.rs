@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use femtochat_engine::MuonAdamW;
 use femtochat_model::checkpoint::{load_model, load_optimizer, write_atomic};
 use femtochat_model::nanochat::{self, Source, optim};
-use femtochat_model::optim::param_groups;
+
 use femtochat_model::tokenizer::Tokenizer;
 use femtochat_model::{GPTConfig, Gpt};
 use serde_json::{Value, json};
@@ -139,6 +139,7 @@ fn settings_from_meta(
         scalar_lr: adam("x0_lambdas", 1.0).unwrap_or(r.scalar_lr),
         weight_decay: if source == Source::Base { r.weight_decay } else { 0.0 },
         lr_schedule: LrSchedule::Base,
+        lr_scale: 1.0,
         eval_every: every("eval_every", 250),
         save_every: every("save_every", 0),
         sample_every: every("sample_every", 2000),
@@ -202,8 +203,7 @@ pub fn import(
         Ok(s) if s.model == *gpt.config() => s,
         _ => settings_from_meta(gpt.config(), &meta, loc.source, loc.step, groups)?,
     };
-    let mut opt =
-        MuonAdamW::new(param_groups(&settings.model, &settings.optimizer()), gpt.params())?;
+    let mut opt = MuonAdamW::new(settings.param_groups(), gpt.params())?;
     if let Some(o) = &imported_opt {
         opt.load_state_dict(o.step, &o.buffers)?;
     }
@@ -248,8 +248,7 @@ fn read_run(run_dir: &Path) -> Result<RunParts> {
     let (gpt, _) = load_model(&dir.join("model.safetensors"))?;
     let tok = Tokenizer::load(&run_dir.join("tokenizer"))?;
     let settings = read_state(&dir)?.settings;
-    let mut opt =
-        MuonAdamW::new(param_groups(&settings.model, &settings.optimizer()), gpt.params())?;
+    let mut opt = MuonAdamW::new(settings.param_groups(), gpt.params())?;
     load_optimizer(&dir.join("optimizer.safetensors"), &mut opt)?;
     Ok((gpt, tok, settings, opt.state_dict()?, step))
 }
@@ -288,7 +287,7 @@ pub fn export(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     nanochat::save_state_dict(&dir.join(format!("model_{step:06}.pt")), &gpt)?;
     if with_optimizer {
-        let groups = param_groups(&c, &settings.optimizer());
+        let groups = settings.param_groups();
         optim::save(&dir.join(format!("optim_{step:06}_rank0.pt")), &c, opt_step, &bufs, &groups)?;
     }
     let total = settings.tokens_per_step();

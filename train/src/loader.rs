@@ -354,16 +354,16 @@ impl Validator for ValSet {
 /// Each batch travels with the loader state right after it was made, so `state()` describes the
 /// batches *consumed*, not the ones prefetched: a resumed run still sees exactly the batches an
 /// uninterrupted one would have.
-pub struct Prefetch {
+pub struct Prefetch<L: BatchSource + Send + 'static = BestFitLoader> {
     rx: Option<Receiver<(Result<Batch>, serde_json::Value)>>,
-    worker: Option<JoinHandle<BestFitLoader>>,
+    worker: Option<JoinHandle<L>>,
     state: serde_json::Value,
     depth: usize,
 }
 
-impl Prefetch {
-    pub fn new(loader: BestFitLoader, depth: usize) -> Result<Prefetch> {
-        let state = loader.state_json();
+impl<L: BatchSource + Send + 'static> Prefetch<L> {
+    pub fn new(loader: L, depth: usize) -> Result<Prefetch<L>> {
+        let state = loader.state();
         let depth = depth.max(1);
         let (tx, rx) = sync_channel(depth);
         let worker = std::thread::Builder::new()
@@ -374,27 +374,24 @@ impl Prefetch {
     }
 
     /// Stop the worker (it notices the closed channel at its next send) and take the loader back.
-    fn stop(&mut self) -> Result<BestFitLoader> {
+    fn stop(&mut self) -> Result<L> {
         drop(self.rx.take());
         let worker = self.worker.take().context("the data loader thread is gone")?;
         worker.join().map_err(|_| anyhow::anyhow!("the data loader thread panicked"))
     }
 }
 
-fn produce(
-    mut loader: BestFitLoader,
-    tx: SyncSender<(Result<Batch>, serde_json::Value)>,
-) -> BestFitLoader {
+fn produce<L: BatchSource>(mut loader: L, tx: SyncSender<(Result<Batch>, serde_json::Value)>) -> L {
     loop {
         let batch = loader.next_batch();
         let failed = batch.is_err();
-        if tx.send((batch, loader.state_json())).is_err() || failed {
+        if tx.send((batch, loader.state())).is_err() || failed {
             return loader;
         }
     }
 }
 
-impl BatchSource for Prefetch {
+impl<L: BatchSource + Send + 'static> BatchSource for Prefetch<L> {
     fn next_batch(&mut self) -> Result<Batch> {
         let rx = self.rx.as_ref().context("the data loader was stopped")?;
         let (batch, state) = rx.recv().context("the data loader thread stopped")?;
@@ -408,13 +405,13 @@ impl BatchSource for Prefetch {
 
     fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
         let mut loader = self.stop()?;
-        loader.restore_json(state)?;
+        loader.restore(state)?;
         *self = Prefetch::new(loader, self.depth)?;
         Ok(())
     }
 }
 
-impl Drop for Prefetch {
+impl<L: BatchSource + Send + 'static> Drop for Prefetch<L> {
     fn drop(&mut self) {
         drop(self.rx.take());
         if let Some(w) = self.worker.take() {

@@ -9,16 +9,23 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 mod base;
 mod batches;
 mod bench;
+mod chat_data;
 mod docs;
+#[allow(dead_code)] // the evaluators land in the next commit
+mod eval;
 mod interop;
 mod loader;
 mod micro;
+mod packing;
 mod parity;
 mod plot;
+mod pyrandom;
 mod recipe;
 mod rundir;
+mod sft;
 mod sweep;
 mod sweep_report;
+mod tasks;
 mod tokenizer_cmd;
 mod trainer;
 
@@ -40,6 +47,18 @@ enum Command {
     TokenizerEval(tokenizer_cmd::EvalArgs),
     /// Pretrain a GPT from scratch (resumable; metrics in RUN_DIR/metrics.jsonl).
     Base(Box<base::Args>),
+    /// Supervised fine-tuning: turn a base run into a chat model (nanochat's chat_sft).
+    ///
+    /// Conversations (the mixture bundled in data/sft/ by default) are packed best-fit with
+    /// BOS padding, so none is cut; only the assistant's tokens are learned. Batch geometry and
+    /// LRs come from the base run unless given; every LR x 0.8, warmdown over the last half,
+    /// optimizer warm-started from the base checkpoint, one epoch unless --num-iterations.
+    /// Writes the same run directory as `train base`: `serve --checkpoint OUT` chats with it.
+    Sft(Box<sft::Args>),
+    /// Mid-training (nanochat's earlier mid_train): the same conversations packed like
+    /// pretraining (best fit with cropping) and learned on every token, LRs x 1, warmdown over
+    /// the last 20%. Same flags and run directory as `train sft`.
+    Mid(Box<sft::Args>),
     /// Check the model and optimizer against PyTorch reference fixtures.
     ///
     /// Each FIXTURE is a `<case>.safetensors` with a `<case>.json` beside it (the format of
@@ -104,6 +123,12 @@ fn main() -> ExitCode {
         Command::Tokenizer(args) => tokenizer_cmd::main(args).map(|()| ExitCode::SUCCESS),
         Command::TokenizerEval(args) => tokenizer_cmd::eval(args).map(|()| ExitCode::SUCCESS),
         Command::Base(args) => base::main(*args, &explicit).map(|()| ExitCode::SUCCESS),
+        Command::Sft(args) => {
+            sft::main(*args, sft::Stage::Sft, &explicit).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Mid(args) => {
+            sft::main(*args, sft::Stage::Mid, &explicit).map(|()| ExitCode::SUCCESS)
+        }
         Command::Parity(args) => parity::main(args),
         Command::Bench(args) => bench::main(args).map(|()| ExitCode::SUCCESS),
         Command::Batches(args) => batches::main(args).map(|()| ExitCode::SUCCESS),

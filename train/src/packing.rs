@@ -57,7 +57,12 @@ pub fn pack_row(
     pad: u32,
     mut refill: impl FnMut(&mut Vec<Seq>) -> anyhow::Result<()>,
 ) -> anyhow::Result<Option<Row>> {
-    let mut row = Row { ids: Vec::with_capacity(len), mask: Vec::with_capacity(len), content: 0, whole: Vec::new() };
+    let mut row = Row {
+        ids: Vec::with_capacity(len),
+        mask: Vec::with_capacity(len),
+        content: 0,
+        whole: Vec::new(),
+    };
     while row.ids.len() < len {
         refill(buffer)?;
         if buffer.is_empty() {

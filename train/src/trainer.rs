@@ -67,6 +67,10 @@ pub struct Settings {
     /// Which of nanochat's schedules drives the learning rate and Muon momentum.
     #[serde(default)]
     pub lr_schedule: LrSchedule,
+    /// Multiplies every group's learning rate, the fixed ones included (nanochat's SFT
+    /// `--init-lr-frac`); 1 in base training.
+    #[serde(default = "one")]
+    pub lr_scale: f32,
     /// Evaluate every N steps (0 = only at the end).
     pub eval_every: usize,
     /// Checkpoint every N steps (0 = only at the end).
@@ -74,6 +78,10 @@ pub struct Settings {
     /// Print samples every N steps (0 = never).
     pub sample_every: usize,
     pub seed: u64,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 /// nanochat's two schedule families.
@@ -136,6 +144,17 @@ impl Settings {
                 (lrm, chat_momentum(it), self.weight_decay as f64)
             }
         }
+    }
+
+    /// The MuonAdamW groups of this run: nanochat's `setup_optimizer` with these LRs, every LR
+    /// then multiplied by `lr_scale`.
+    pub fn param_groups(&self) -> Vec<femtochat_engine::ParamGroup> {
+        let mut groups = param_groups(&self.model, &self.optimizer());
+        for g in &mut groups {
+            g.lr *= self.lr_scale;
+            g.initial_lr *= self.lr_scale;
+        }
+        groups
     }
 
     pub fn optimizer(&self) -> OptimizerConfig {
@@ -225,8 +244,7 @@ impl Trainer {
     /// A fresh run in `run_dir` (created if needed), from a fresh initialisation.
     pub fn new(settings: Settings, run_dir: &Path, run_id: &str) -> Result<Trainer> {
         let gpt = Gpt::init(settings.model.clone(), settings.seed)?;
-        let opt =
-            MuonAdamW::new(param_groups(&settings.model, &settings.optimizer()), gpt.params())?;
+        let opt = MuonAdamW::new(settings.param_groups(), gpt.params())?;
         Trainer::start(settings, gpt, opt, run_dir, run_id)
     }
 
@@ -296,8 +314,7 @@ impl Trainer {
             );
         }
         let settings = state.settings;
-        let mut opt =
-            MuonAdamW::new(param_groups(&settings.model, &settings.optimizer()), gpt.params())?;
+        let mut opt = MuonAdamW::new(settings.param_groups(), gpt.params())?;
         load_optimizer(&dir.join("optimizer.safetensors"), &mut opt)?;
         source.restore(&state.source).context("restoring the data loader")?;
         // Drop metrics logged after the checkpoint: the resumed run logs those steps again.
@@ -488,6 +505,7 @@ impl Trainer {
             let t0 = Instant::now();
             let mut grads: Option<femtochat_engine::Grads> = None;
             let mut loss_sum = 0.0f64;
+            let mut learned_batches = 0usize;
             for _ in 0..s.grad_accum_steps {
                 let batch = match source.next_batch() {
                     Ok(b) => b,
@@ -496,6 +514,13 @@ impl Trainer {
                 if batch.inputs.len() != b * t || batch.targets.len() != b * t {
                     bail!("batch source gave {} tokens, expected {b}x{t}", batch.inputs.len());
                 }
+                // A micro-batch with no learned target (SFT rows whose assistant turns were all
+                // truncated away) has no loss: it contributes a zero gradient, as a mean over
+                // its zero targets would otherwise be 0/0.
+                if batch.targets.iter().all(|&x| x < 0) {
+                    continue;
+                }
+                learned_batches += 1;
                 let idx = Ids::new(batch.inputs, &[b, t])?;
                 let loss = self.gpt.loss(&idx, &batch.targets, Reduction::Mean)?;
                 let value = loss.item()?;
@@ -517,7 +542,7 @@ impl Trainer {
                     Some(acc) => acc.accumulate(g)?,
                 }
             }
-            let grads = grads.context("grad_accum_steps must be >= 1")?;
+            let grads = grads.unwrap_or_default();
             let (lrm, momentum, wd) = s.schedule_at(it);
             let (lrm, momentum, wd) = (lrm as f32, momentum as f32, wd as f32);
             for g in self.opt.groups_mut() {
@@ -530,7 +555,11 @@ impl Trainer {
             self.opt.step(self.gpt.params(), &grads)?;
             drop(grads);
             self.step += 1;
-            let loss = (loss_sum / s.grad_accum_steps as f64) as f32;
+            let loss = if learned_batches == 0 {
+                f32::NAN
+            } else {
+                (loss_sum / learned_batches as f64) as f32
+            };
             last_loss = Some(loss);
             let dt = t0.elapsed().as_secs_f64();
             let tok_per_s = s.tokens_per_step() as f64 / dt;
@@ -564,6 +593,51 @@ impl Trainer {
             tok_per_s: tokens as f64 / seconds.max(1e-9),
         })
     }
+}
+
+/// `Trainer::train` with a progress bar on stderr (loss, tok/s, TFLOP/s, MFU with
+/// `peak_flops`), then the loss plot and the summary: one line on stderr, one JSON line on
+/// stdout. Shared by every training stage.
+pub fn train_with_progress(
+    trainer: &mut Trainer,
+    source: &mut dyn BatchSource,
+    validator: Option<&mut dyn Validator>,
+    sample: Option<&mut SampleHook>,
+    peak_flops: Option<f64>,
+) -> Result<Summary> {
+    let s = trainer.settings.clone();
+    let bar = indicatif::ProgressBar::new(s.num_iterations as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.step() as u64);
+    let flops = s.model.flops_per_token();
+    let summary = trainer.train(source, validator, sample, |step, loss, tps| {
+        bar.set_position(step as u64 + 1);
+        let mfu =
+            peak_flops.map_or(String::new(), |p| format!(" | MFU {:.1}%", 100.0 * flops * tps / p));
+        bar.set_message(format!(
+            "loss {loss:.4} | {tps:.0} tok/s | {:.2} TFLOP/s{mfu}",
+            flops * tps / 1e12
+        ));
+    })?;
+    bar.finish();
+    crate::plot::loss_curve(&trainer.run_dir)?;
+    eprintln!(
+        "done: {} steps, final loss {}, val bpb {}, {} tokens in {:.1}s ({:.0} tok/s); run in {}",
+        summary.steps,
+        summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.val_bpb.map_or("-".into(), |b| format!("{b:.4}")),
+        summary.tokens,
+        summary.seconds,
+        summary.tok_per_s,
+        trainer.run_dir.display()
+    );
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -625,6 +699,7 @@ mod tests {
             scalar_lr: 0.5,
             weight_decay: 0.1,
             lr_schedule: LrSchedule::Base,
+            lr_scale: 1.0,
             eval_every: 0,
             save_every: 3,
             sample_every: 0,
