@@ -10,15 +10,19 @@ mod base;
 mod batches;
 mod bench;
 mod docs;
+#[allow(dead_code)] // the evaluators land in the next commit
+mod eval;
 mod interop;
 mod loader;
 mod micro;
 mod parity;
 mod plot;
+mod pyrandom;
 mod recipe;
 mod rundir;
 mod sweep;
 mod sweep_report;
+mod tasks;
 mod tokenizer_cmd;
 mod trainer;
 

@@ -1,0 +1,2 @@
+//! `train eval`: scoring models as nanochat does.
+pub mod execution;
