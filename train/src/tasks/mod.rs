@@ -36,10 +36,12 @@ pub mod mmlu;
 pub mod spelling;
 
 pub use arc::Ai2Arc;
+#[allow(unused_imports)] // for train sft
 pub use conversations::JsonlConversations;
 pub use gsm8k::Gsm8k;
 pub use humaneval::HumanEval;
 pub use mmlu::Mmlu;
+#[allow(unused_imports)] // SimpleSpelling is for train sft
 pub use spelling::{SimpleSpelling, SpellingBee};
 
 /// How the chat evaluator scores a task.
