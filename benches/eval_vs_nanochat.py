@@ -110,8 +110,9 @@ def patch_hub(chat_dir):
         with gzip.open(os.path.join(chat_dir, files[(repo, subset, split)]), "rt") as f:
             rows = [json.loads(line) for line in f]
         return tc.HubDataset(pa.Table.from_pylist(rows))
+    import importlib
     for m in ["tasks.common", "tasks.arc", "tasks.mmlu", "tasks.gsm8k"]:
-        __import__(m).load_hub_dataset = load
+        importlib.import_module(m).load_hub_dataset = load
 
 
 def nanochat_chat(model, tok, chat_dir, n_cat, n_gsm):

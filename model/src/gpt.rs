@@ -234,16 +234,7 @@ impl Gpt {
         positions: &[u32],
     ) -> Result<Tensor> {
         let _g = no_grad();
-        let (b, t) = (idx.shape()[0], idx.shape()[1]);
-        if b != cache.rows() {
-            return Err(ModelError::Invalid(format!(
-                "{b} rows of tokens for {} cache rows",
-                cache.rows()
-            )));
-        }
-        cache.check_room(t)?;
-        let x = self.trunk(idx, AttnMode::Cached(cache))?;
-        cache.advance(t);
+        let x = self.trunk_cached(idx, cache)?;
         self.head_at(&x, positions)
     }
 

@@ -264,12 +264,13 @@ pub fn extract_answer(text: &str) -> Option<String> {
     re.captures(text).map(|c| c[1].trim().replace(',', ""))
 }
 
-/// The assistant message of a two-message conversation with plain text content.
-fn last_text(conv: &Conversation) -> Option<&str> {
-    match &conv.messages.last()?.content {
-        Content::Text(t) => Some(t),
-        Content::Parts(_) => None,
-    }
+/// A categorical task's verdict: the chosen letter equals the reference assistant message.
+fn letter_matches(task: &dyn Task, i: usize, letter: &str) -> Result<bool> {
+    let conv = task.conversation(i)?;
+    Ok(match conv.messages.last().map(|m| &m.content) {
+        Some(Content::Text(t)) => t == letter,
+        _ => false,
+    })
 }
 
 #[cfg(test)]
