@@ -215,6 +215,40 @@ impl Gpt {
         })
     }
 
+    /// Logits (P, V) at the flat positions `b * T + t` of token ids (B, T): the trunk over every
+    /// position, the lm head only where asked. Scoring a few positions of long prompts (CORE)
+    /// skips most of the lm head, a large share of a forward at a big vocabulary. No graph is
+    /// recorded.
+    pub fn logits_at(&self, idx: &Ids, positions: &[u32]) -> Result<Tensor> {
+        let _g = no_grad();
+        let x = self.trunk(idx, AttnMode::Full)?; // (B, T, C)
+        self.head_at(&x, positions)
+    }
+
+    /// `forward_cached` with the lm head only at the flat positions `b * T + t` of `idx`:
+    /// logits (P, V).
+    pub fn forward_cached_at(
+        &self,
+        idx: &Ids,
+        cache: &mut KvCache,
+        positions: &[u32],
+    ) -> Result<Tensor> {
+        let _g = no_grad();
+        let x = self.trunk_cached(idx, cache)?;
+        self.head_at(&x, positions)
+    }
+
+    /// Logits (P, V) of the hidden states (B, T, C) at flat positions.
+    fn head_at(&self, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        let (b, t, c) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        if positions.is_empty() {
+            return Ok(Tensor::zeros(&[0, self.config.vocab_size]));
+        }
+        let rows = Ids::new(positions.to_vec(), &[positions.len()])?;
+        let x = Tensor::embedding(&x.reshape(&[b * t, c])?, &rows)?; // (P, C)
+        self.head(&x)
+    }
+
     /// Append `idx` (B, T) to the B rows of `cache` (each at its own position) and return the
     /// logits (B, T, V) of the new positions. T = 1 is a batched decode step; B = 1 with a long T
     /// is a prefill. No graph is recorded.

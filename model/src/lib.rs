@@ -12,6 +12,7 @@ pub mod rng;
 pub mod sampler;
 pub mod schedule;
 pub mod tokenizer;
+pub mod tool;
 
 pub use config::GPTConfig;
 pub use error::{ModelError, Result};

@@ -11,6 +11,5 @@ mod row;
 pub mod scheduler;
 pub mod server;
 mod sse;
-pub mod tool;
 
 pub use error::{Result, ServeError};

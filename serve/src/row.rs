@@ -9,7 +9,7 @@ use femtochat_model::tokenizer::{StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::scheduler::{Event, Finish};
-use crate::tool::use_calculator;
+use femtochat_model::tool::use_calculator;
 
 /// The special tokens the engine acts on.
 pub(crate) struct Specials {

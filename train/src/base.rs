@@ -117,6 +117,13 @@ pub struct Args {
     /// Validation tokens per evaluation.
     #[arg(long, default_value_t = 32768)]
     eval_tokens: usize,
+    /// Evaluate CORE every N steps and at the end (0: never), as nanochat's
+    /// --core-metric-every; results also go to RUN_DIR/eval/core.jsonl.
+    #[arg(long, default_value_t = 0)]
+    core_every: usize,
+    /// Rows per CORE task for --core-every (nanochat: 500).
+    #[arg(long, default_value_t = 500)]
+    core_max_per_task: usize,
     /// Print samples every N steps (0: never).
     #[arg(long, default_value_t = 200)]
     sample_every: usize,
@@ -348,6 +355,18 @@ pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
         val.tokens()
     );
 
+    if a.core_every > 0 {
+        let bundle = crate::eval::bundle::Bundle::load(&crate::tasks::bundled("data/eval/core")?)?;
+        trainer.set_evaluator(
+            a.core_every,
+            Box::new(crate::eval::core_run::CoreEvaluator::new(
+                tok.clone(),
+                bundle,
+                a.core_max_per_task,
+                a.out.clone(),
+            )),
+        );
+    }
     let sample_tok = tok.clone();
     let mut sample = move |gpt: &femtochat_model::Gpt| -> Result<Vec<String>> {
         let mut out = Vec::new();

@@ -1,4 +1,4 @@
-//! `train`: the researcher's entry point — tokenizer, base pretraining, parity checks.
+//! `train`: the researcher's entry point — tokenizer, base pretraining, evaluation, parity checks.
 use std::process::ExitCode;
 
 use std::collections::BTreeSet;
@@ -11,7 +11,6 @@ mod batches;
 mod bench;
 mod chat_data;
 mod docs;
-#[allow(dead_code)] // the evaluators land in the next commit
 mod eval;
 mod interop;
 mod loader;
@@ -94,6 +93,9 @@ enum Command {
     /// token_bytes.pt, <source>_checkpoints/<tag>/model_<step>.pt, meta_<step>.json,
     /// optim_<step>_rank0.pt) for nanochat's chat_cli, chat_eval, base_eval and chat_sft.
     ExportNanochat(interop::ExportArgs),
+    /// Score a checkpoint as nanochat does: CORE (base models), bits per byte, chat tasks and
+    /// ChatCORE (chat models). JSON lines on stdout and in RUN_DIR/eval/.
+    Eval(eval::Args),
 }
 
 /// Argument ids of the subcommand that the user gave on the command line (not defaults): a
@@ -136,6 +138,7 @@ fn main() -> ExitCode {
         Command::Sweep(args) => sweep::main(args, cli.threads).map(|()| ExitCode::SUCCESS),
         Command::ImportNanochat(args) => interop::import_main(args).map(|()| ExitCode::SUCCESS),
         Command::ExportNanochat(args) => interop::export_main(args).map(|()| ExitCode::SUCCESS),
+        Command::Eval(args) => eval::main(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -146,6 +146,14 @@ pub struct Args {
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 200)]
     save_every: usize,
+    /// Run the chat evaluation (ChatCORE over ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval,
+    /// SpellingBee) every N steps and at the end, as nanochat's SFT does (0: never; nanochat:
+    /// 200, slow on a CPU).
+    #[arg(long, default_value_t = 0)]
+    chatcore_every: usize,
+    /// Problems per task for --chatcore-every (nanochat: 24 for generative tasks).
+    #[arg(long, default_value_t = 24)]
+    chatcore_max_problems: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Peak FLOP/s of the device, for the MFU in the progress bar.
@@ -431,6 +439,26 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
         eval_tokens,
     )?;
     trainer = trainer.with_device(a.device)?;
+    if a.chatcore_every > 0 {
+        let names: Vec<String> =
+            ["arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee"]
+                .map(String::from)
+                .to_vec();
+        let tasks = crate::eval::load_chat_tasks(&names, &crate::tasks::chat_data_dir()?)?;
+        let opts = crate::eval::chat::ChatOptions {
+            max_problems: Some(a.chatcore_max_problems),
+            batch_size: s.device_batch_size,
+            gen_rows: s.device_batch_size,
+            ..Default::default()
+        };
+        let evaluator = crate::eval::chat::ChatEvaluator {
+            tok: tok.clone(),
+            tasks,
+            opts,
+            run_dir: a.out.clone(),
+        };
+        trainer.set_evaluator(a.chatcore_every, Box::new(evaluator));
+    }
     eprintln!("device: {}; validation {} tokens", a.device.describe(), val.tokens());
     trainer::train_with_progress(&mut trainer, &mut loader, Some(&mut val), None, a.peak_flops)?;
     Ok(())

@@ -47,6 +47,12 @@ pub trait Validator {
     fn val_bpb(&mut self, gpt: &Gpt) -> Result<f64>;
 }
 
+/// Metrics computed every few steps and at the end of a run (CORE during pretraining).
+pub trait Evaluator {
+    /// Named metrics of the model at `step`; each is logged to metrics.jsonl.
+    fn evaluate(&mut self, step: usize, gpt: &Gpt) -> Result<Vec<(String, f64)>>;
+}
+
 /// Everything that defines a run (stored in every checkpoint).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
@@ -218,6 +224,8 @@ pub struct Trainer {
     run_id: String,
     /// Step of the newest checkpoint on disk (None before the first one).
     saved_step: Option<usize>,
+    /// Run every N steps (N > 0) and after the last step.
+    evaluator: Option<(usize, Box<dyn Evaluator>)>,
 }
 
 /// The newest checkpoint of `run_dir` named by `latest.json`, refusing a `latest.json` that
@@ -267,6 +275,7 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             run_id: run_id.to_string(),
             saved_step: None,
+            evaluator: None,
         })
     }
 
@@ -339,6 +348,7 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             run_id: state.run_id,
             saved_step: Some(state.step),
+            evaluator: None,
         })
     }
 
@@ -386,6 +396,23 @@ impl Trainer {
         }
         if explicit.contains("sample_every") {
             self.settings.sample_every = cadence.sample_every;
+        }
+        Ok(())
+    }
+
+    /// Run `evaluator` every `every` steps (from step `every` on; 0 = never) and at the end.
+    pub fn set_evaluator(&mut self, every: usize, evaluator: Box<dyn Evaluator>) {
+        self.evaluator = (every > 0).then_some((every, evaluator));
+    }
+
+    /// The evaluator's metrics at step `at`, logged.
+    fn run_evaluator(&mut self, at: usize) -> Result<()> {
+        if let Some((_, ev)) = self.evaluator.as_mut() {
+            let mut line = serde_json::json!({ "step": at });
+            for (name, value) in ev.evaluate(at, &self.gpt)? {
+                line[name] = serde_json::json!(value);
+            }
+            self.log(line)?;
         }
         Ok(())
     }
@@ -491,6 +518,10 @@ impl Trainer {
                 self.log(serde_json::json!({ "step": it, "val_bpb": bpb }))?;
                 val_bpb = Some(bpb);
             }
+            if it > 0 && self.evaluator.as_ref().is_some_and(|(every, _)| it.is_multiple_of(*every))
+            {
+                self.run_evaluator(it)?;
+            }
             if s.sample_every > 0
                 && it > 0
                 && it.is_multiple_of(s.sample_every)
@@ -581,6 +612,7 @@ impl Trainer {
             self.log(serde_json::json!({ "step": self.step, "val_bpb": bpb }))?;
             val_bpb = Some(bpb);
         }
+        self.run_evaluator(self.step)?;
         self.save(source.state())?;
         let seconds = start.elapsed().as_secs_f64();
         let tokens = (self.step - first_step) * s.tokens_per_step();
@@ -828,6 +860,32 @@ mod tests {
             assert_eq!(sc, sg);
             assert!((c - g).abs() < 1e-3 * c.abs(), "step {sc}: cpu loss {c}, gpu loss {g}");
         }
+    }
+
+    /// The evaluator runs every N steps and once after the last one; its metrics are logged.
+    #[test]
+    fn evaluator_runs_every_n_steps_and_at_the_end() {
+        struct Steps(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+        impl Evaluator for Steps {
+            fn evaluate(&mut self, step: usize, _: &Gpt) -> Result<Vec<(String, f64)>> {
+                self.0.lock().unwrap().push(step);
+                Ok(vec![("core".into(), step as f64 / 10.0)])
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tr =
+            Trainer::new(Settings { num_iterations: 5, ..settings() }, dir.path(), "run").unwrap();
+        tr.set_evaluator(2, Box::new(Steps(seen.clone())));
+        tr.train(&mut source(None), None, None, |_, _, _| {}).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![2, 4, 5]);
+        let logged: Vec<(u64, f64)> = fs::read_to_string(dir.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| Some((v["step"].as_u64()?, v["core"].as_f64()?)))
+            .collect();
+        assert_eq!(logged, vec![(2, 0.2), (4, 0.4), (5, 0.5)]);
     }
 
     #[test]

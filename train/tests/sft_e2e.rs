@@ -200,10 +200,19 @@ fn default_mixture_and_mid_then_sft() {
         "0",
         "--eval-tokens",
         "128",
+        "--chatcore-every",
+        "2",
+        "--chatcore-max-problems",
+        "2",
     ]));
     let run: serde_json::Value =
         serde_json::from_slice(&std::fs::read(sft.join("run.json")).unwrap()).unwrap();
     assert_eq!(run["details"]["base"]["dir"], m);
+    // ChatCORE ran at the end, into metrics.jsonl and eval/chat.jsonl.
+    let metrics = std::fs::read_to_string(sft.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().any(|l| l.contains("\"chatcore\"")), "{metrics}");
+    let chat = std::fs::read_to_string(sft.join("eval/chat.jsonl")).unwrap();
+    assert_eq!(chat.lines().filter(|l| l.contains("\"task\"")).count(), 6, "{chat}");
     // Bad data is a clear error naming the file and line.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"user\", \"content\": \"y\"}]}\n").unwrap();

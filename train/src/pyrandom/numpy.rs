@@ -42,9 +42,9 @@ fn seed_sequence_state(seed: u64) -> [u64; 4] {
         }
     }
     for &e in entropy.iter().skip(POOL) {
-        for dst in 0..POOL {
+        for p in pool.iter_mut() {
             let h = hashmix(e);
-            pool[dst] = mix(pool[dst], h);
+            *p = mix(*p, h);
         }
     }
     // Eight 32-bit words viewed as four little-endian u64s.

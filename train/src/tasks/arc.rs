@@ -7,7 +7,8 @@ use femtochat_model::tokenizer::{Content, Conversation};
 use serde::Deserialize;
 
 use super::{
-    EvalKind, Task, check_index, last_text, nanochat_order, read_jsonl, render_mc, user_assistant,
+    EvalKind, Task, check_index, letter_matches, nanochat_order, read_jsonl, render_mc,
+    user_assistant,
 };
 
 #[derive(Clone, Debug, Deserialize)]
@@ -71,7 +72,6 @@ impl Task for Ai2Arc {
         self.rows.get(i).map(|r| r.choices.label.clone()).unwrap_or_default()
     }
     fn evaluate(&self, i: usize, completion: &str) -> Result<bool> {
-        let conv = self.conversation(i)?;
-        Ok(last_text(&conv) == Some(completion))
+        letter_matches(self, i, completion)
     }
 }

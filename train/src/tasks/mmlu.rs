@@ -8,7 +8,8 @@ use femtochat_model::tokenizer::{Content, Conversation};
 use serde::Deserialize;
 
 use super::{
-    EvalKind, Task, check_index, last_text, nanochat_order, read_jsonl, render_mc, user_assistant,
+    EvalKind, Task, check_index, letter_matches, nanochat_order, read_jsonl, render_mc,
+    user_assistant,
 };
 
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
@@ -75,7 +76,6 @@ impl Task for Mmlu {
         letters()
     }
     fn evaluate(&self, i: usize, completion: &str) -> Result<bool> {
-        let conv = self.conversation(i)?;
-        Ok(last_text(&conv) == Some(completion))
+        letter_matches(self, i, completion)
     }
 }

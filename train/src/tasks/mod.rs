@@ -36,10 +36,12 @@ pub mod mmlu;
 pub mod spelling;
 
 pub use arc::Ai2Arc;
+#[allow(unused_imports)] // for train sft
 pub use conversations::JsonlConversations;
 pub use gsm8k::Gsm8k;
 pub use humaneval::HumanEval;
 pub use mmlu::Mmlu;
+#[allow(unused_imports)] // SimpleSpelling is for train sft
 pub use spelling::{SimpleSpelling, SpellingBee};
 
 /// How the chat evaluator scores a task.
@@ -262,12 +264,13 @@ pub fn extract_answer(text: &str) -> Option<String> {
     re.captures(text).map(|c| c[1].trim().replace(',', ""))
 }
 
-/// The assistant message of a two-message conversation with plain text content.
-fn last_text(conv: &Conversation) -> Option<&str> {
-    match &conv.messages.last()?.content {
-        Content::Text(t) => Some(t),
-        Content::Parts(_) => None,
-    }
+/// A categorical task's verdict: the chosen letter equals the reference assistant message.
+fn letter_matches(task: &dyn Task, i: usize, letter: &str) -> Result<bool> {
+    let conv = task.conversation(i)?;
+    Ok(match conv.messages.last().map(|m| &m.content) {
+        Some(Content::Text(t)) => t == letter,
+        _ => false,
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,63 @@
 //! what nanochat's `eval` printed. Nothing is ever executed: a small parser evaluates the two
 //! accepted forms and anything else (or an error Python would raise) gives `None`.
 
+use std::collections::VecDeque;
+
+use crate::error::Result;
+use crate::tokenizer::Tokenizer;
+
+/// The calculator inside generation, for one row: watches the tokens a row produces and, when a
+/// `<|python_start|> ... <|python_end|>` block closes on an expression the calculator accepts,
+/// queues `<|output_start|> result <|output_end|>` to be forced in place of the next samples.
+#[derive(Clone, Debug)]
+pub struct ToolState {
+    python_start: u32,
+    python_end: u32,
+    output_start: u32,
+    output_end: u32,
+    /// Tokens of the open python block, if one is open.
+    expr: Option<Vec<u32>>,
+    forced: VecDeque<u32>,
+}
+
+impl ToolState {
+    pub fn new(tok: &Tokenizer) -> Result<ToolState> {
+        Ok(ToolState {
+            python_start: tok.special("<|python_start|>")?,
+            python_end: tok.special("<|python_end|>")?,
+            output_start: tok.special("<|output_start|>")?,
+            output_end: tok.special("<|output_end|>")?,
+            expr: None,
+            forced: VecDeque::new(),
+        })
+    }
+
+    /// Whether the next token is forced (the model's sample is then ignored).
+    pub fn has_forced(&self) -> bool {
+        !self.forced.is_empty()
+    }
+
+    /// The token that comes next: a queued tool token, else `sampled`. Feeds it to the state.
+    pub fn next(&mut self, sampled: u32, tok: &Tokenizer) -> u32 {
+        let t = self.forced.pop_front().unwrap_or(sampled);
+        if t == self.python_start {
+            self.expr = Some(Vec::new());
+        } else if t == self.python_end {
+            if let Some(expr) = self.expr.take()
+                && !expr.is_empty()
+                && let Some(result) = tok.decode(&expr).ok().and_then(|e| use_calculator(&e))
+            {
+                self.forced.push_back(self.output_start);
+                self.forced.extend(tok.encode(&result));
+                self.forced.push_back(self.output_end);
+            }
+        } else if let Some(expr) = &mut self.expr {
+            expr.push(t);
+        }
+        t
+    }
+}
+
 /// Evaluate what the model sent to the calculator; `None` when it is not an accepted form or
 /// would fail (division by zero, syntax error, integer overflow).
 pub fn use_calculator(expr: &str) -> Option<String> {
@@ -281,5 +338,51 @@ mod tests {
         assert_eq!(calc("'abc'.upper()"), None);
         assert_eq!(calc("'a'.count('a') + 1"), None);
         assert_eq!(calc("'a;b'.count('a')"), None);
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::ToolState;
+    use crate::tokenizer::{SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, parse_tiktoken};
+
+    fn tok() -> Tokenizer {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tokenizer/ranks_2048.tiktoken");
+        let text = std::fs::read_to_string(p).unwrap();
+        Tokenizer::new(parse_tiktoken(&text).unwrap(), &SPECIAL_TOKENS, SPLIT_PATTERN).unwrap()
+    }
+
+    /// A GSM8K-style call `<<7+11=18>>`: after `<|python_end|>` the tool forces
+    /// `<|output_start|>18<|output_end|>`, whatever the model samples meanwhile.
+    #[test]
+    fn a_closed_python_block_forces_the_result() {
+        let tok = tok();
+        let sp = |s: &str| tok.special(s).unwrap();
+        let mut st = ToolState::new(&tok).unwrap();
+        let mut stream = vec![sp("<|python_start|>")];
+        stream.extend(tok.encode("7+11"));
+        stream.push(sp("<|python_end|>"));
+        for &t in &stream {
+            assert!(!st.has_forced());
+            assert_eq!(st.next(t, &tok), t);
+        }
+        let mut forced = Vec::new();
+        while st.has_forced() {
+            forced.push(st.next(0, &tok));
+        }
+        let mut want = vec![sp("<|output_start|>")];
+        want.extend(tok.encode("18"));
+        want.push(sp("<|output_end|>"));
+        assert_eq!(forced, want);
+        // A block the calculator refuses forces nothing.
+        for t in [sp("<|python_start|>")]
+            .into_iter()
+            .chain(tok.encode("2**8"))
+            .chain([sp("<|python_end|>")])
+        {
+            st.next(t, &tok);
+        }
+        assert!(!st.has_forced());
     }
 }
