@@ -190,8 +190,8 @@ fn messages_of(v: serde_json::Value) -> std::result::Result<Vec<ChatMessage>, St
     serde_json::from_value(arr).map_err(|e| format!("messages: {e}"))
 }
 
-/// Read a conversation file (JSONL, JSONL.gz or parquet); bad rows are errors naming file and
-/// line, or skipped and counted with `skip_bad`.
+/// Read a conversation file (JSONL, JSONL.gz or parquet) into nanochat's dataset order; bad
+/// rows are errors naming file and line, or skipped and counted with `skip_bad`.
 pub fn load_conversations(
     path: &Path,
     skip_bad: bool,
@@ -236,6 +236,8 @@ pub fn load_conversations(
         bail!("{}: no usable conversation", path.display());
     }
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    // In nanochat's dataset order (SmolTalk's `shuffle(seed=42)`), as every task here is.
+    let conversations = crate::tasks::nanochat_order(conversations);
     Ok(Conversations { name, conversations })
 }
 
@@ -496,13 +498,14 @@ fn refill(
     let want = size.saturating_sub(buffer.len()) as u64;
     let ks: Vec<u64> = (*next..*next + want).filter(|&k| !once || k < len).collect();
     *next += ks.len() as u64;
-    let seqs: Result<Vec<Seq>> = ks
-        .par_iter()
-        .map(|&k| {
-            let (ids, mask) = render(data, tok, (k % len) as usize, limit)?;
-            Ok(Seq { id: k, ids, mask })
-        })
-        .collect();
+    let one = |&k: &u64| -> Result<Seq> {
+        let (ids, mask) = render(data, tok, (k % len) as usize, limit)?;
+        Ok(Seq { id: k, ids, mask })
+    };
+    // Steady state tops up a conversation or two per row: render those here, on the loader's
+    // thread, rather than as jobs for the pool the model's kernels run on.
+    let seqs: Result<Vec<Seq>> =
+        if ks.len() < 16 { ks.iter().map(one).collect() } else { ks.par_iter().map(one).collect() };
     buffer.extend(seqs?);
     Ok(())
 }

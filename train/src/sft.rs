@@ -162,6 +162,11 @@ pub struct Args {
     /// cpu or gpu.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Write the first N micro-batches this run would train on to OUT_FILE as little-endian
+    /// i32 (per micro-batch: inputs, then targets, each B x T) and exit without training;
+    /// for comparing the packing with another implementation (benches/sft_vs_nanochat.py).
+    #[arg(long, num_args = 2, value_names = ["N", "OUT_FILE"])]
+    dump_batches: Vec<String>,
 }
 
 /// The base run a chat stage starts from.
@@ -347,6 +352,10 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
         let flags = resolve(&a, stage, &base)?;
         let s = settings(&a, stage, &base, &flags, data.as_ref(), &tok)?;
         check_fits(&s.model, s.device_batch_size, a.device)?;
+        if let [n, path] = a.dump_batches.as_slice() {
+            let n: usize = n.parse().context("--dump-batches N must be a number")?;
+            return dump_batches(&data, &tok, &s, packing, n, Path::new(path));
+        }
         let model_path = base.ckpt.join("model.safetensors");
         let (gpt, meta) = load_model(&model_path)?;
         if meta.config != s.model {
@@ -493,6 +502,38 @@ fn explicit_flags(a: &Args, explicit: &BTreeSet<String>) -> BTreeMap<String, Str
     put("load_optimizer", Some(a.load_optimizer.to_string()));
     put("seed", Some(a.seed.to_string()));
     f
+}
+
+fn dump_batches(
+    data: &Arc<dyn Task>,
+    tok: &Arc<Tokenizer>,
+    s: &Settings,
+    packing: Packing,
+    n: usize,
+    path: &Path,
+) -> Result<()> {
+    use crate::trainer::BatchSource;
+    let mut loader = ConvLoader::new(
+        data.clone(),
+        tok.clone(),
+        s.device_batch_size,
+        s.model.sequence_len,
+        packing,
+    )?;
+    let mut bytes = Vec::new();
+    for _ in 0..n {
+        let b = loader.next_batch()?;
+        bytes.extend(b.inputs.iter().flat_map(|&x| (x as i32).to_le_bytes()));
+        bytes.extend(b.targets.iter().flat_map(|&x| x.to_le_bytes()));
+    }
+    femtochat_model::checkpoint::write_atomic(path, &bytes)?;
+    eprintln!(
+        "wrote {n} micro-batches of {} x {} to {}",
+        s.device_batch_size,
+        s.model.sequence_len,
+        path.display()
+    );
+    Ok(())
 }
 
 fn prefetch(
