@@ -38,18 +38,8 @@ pub struct Args {
     /// Validation files (default: the last data file).
     #[arg(long, num_args = 1..)]
     val: Vec<PathBuf>,
-    /// Continue the run in --out from its latest checkpoint, with the run's own settings. Flags
-    /// that would change the model, the batches or the optimizer are refused; --num-iterations
-    /// extends (or shortens) the run, and the eval/sample/save cadences may change.
-    #[arg(long)]
-    resume: bool,
-    /// Start a new run in an --out that holds one: the old run is moved aside to OUT.old-<time>.
-    #[arg(long, conflicts_with = "resume")]
-    overwrite: bool,
-    /// With --resume: continue even though the data or tokenizer files differ from the ones the
-    /// run started with (the batches will differ from an uninterrupted run's).
-    #[arg(long, requires = "resume")]
-    force: bool,
+    #[command(flatten)]
+    run: rundir::RunFlags,
     /// Skip records that are not documents (invalid JSON, no `text`), counting them, instead of
     /// stopping at the first one.
     #[arg(long)]
@@ -326,7 +316,7 @@ pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
         docs::expand(&a.val)?
     };
 
-    let prepared = if a.resume {
+    let prepared = if a.run.resume {
         resume(&a, explicit, &files, &val_files)?
     } else {
         start(&a, &files, &val_files)?
@@ -448,7 +438,7 @@ fn start(a: &Args, files: &[PathBuf], val_files: &[PathBuf]) -> Result<Prepared>
     // Everything that can fail on the inputs fails here, before the run directory is touched.
     let loader = loader(a, files, &tok, &s)?;
     let val = val_set(a, val_files, &tok, &s, a.eval_tokens)?;
-    let lock = rundir::begin_new(&a.out, a.overwrite)?;
+    let lock = rundir::begin_new(&a.out, a.run.overwrite)?;
     for line in recipe.describe(&input, s.device_batch_size * s.model.sequence_len) {
         eprintln!("{line}");
     }
@@ -485,7 +475,7 @@ fn resume(
             data: files,
             val: val_files,
             tokenizer: a.tokenizer.as_deref(),
-            force: a.force,
+            force: a.run.force,
         };
         rundir::check_resume(&a.out, r, &now)?;
     }

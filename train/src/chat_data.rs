@@ -609,15 +609,7 @@ impl ConvValSet {
         packing: Packing,
         max_tokens: usize,
     ) -> Result<ConvValSet> {
-        let token_bytes = (0..tok.vocab_size() as u32)
-            .map(|id| {
-                if tok.is_special(id) {
-                    0
-                } else {
-                    tok.token_bytes(id).map_or(0, |b| b.len() as u32)
-                }
-            })
-            .collect();
+        let token_bytes = tok.byte_lengths();
         let mut loader = ConvLoader::new(data, tok, 1, t, packing)?;
         loader.once = true;
         let mut rows = Vec::new();

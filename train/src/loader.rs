@@ -275,15 +275,7 @@ impl ValSet {
         max_tokens: usize,
         skip_bad: bool,
     ) -> Result<Self> {
-        let token_bytes = (0..tok.vocab_size() as u32)
-            .map(|id| {
-                if tok.is_special(id) {
-                    0
-                } else {
-                    tok.token_bytes(id).map_or(0, |b| b.len() as u32)
-                }
-            })
-            .collect();
+        let token_bytes = tok.byte_lengths();
         let mut loader = BestFitLoader::new(files, tok, 1, t, false)?.skip_bad(skip_bad);
         let mut rows = Vec::new();
         while rows.len() * t < max_tokens.max(t) {

@@ -143,6 +143,23 @@ pub fn is_run(dir: &Path) -> bool {
         })
 }
 
+/// How a stage starts in its `--out`: the flags `train base`, `sft`, `mid` (and later stages) share.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunFlags {
+    /// Continue the run in --out from its latest checkpoint, with the run's own settings and data.
+    /// Flags that would change the model, the batches or the optimizer are refused;
+    /// --num-iterations extends (or shortens) the run, and the eval/sample/save cadences may change.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start a new run in an --out that holds one: the old run is moved aside to OUT.old-<time>.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// With --resume: continue even though the data or tokenizer files differ from the ones the
+    /// run started with (the batches will differ from an uninterrupted run's).
+    #[arg(long, requires = "resume")]
+    pub force: bool,
+}
+
 /// Prepare `dir` for a new run: refuse an existing run unless `overwrite`, which moves it
 /// aside to `DIR.old-<unix time>` (never deletes it). Returns where the old run went.
 pub fn prepare_new(dir: &Path, overwrite: bool) -> Result<Option<PathBuf>> {

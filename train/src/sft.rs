@@ -86,15 +86,8 @@ pub struct Args {
     /// Epochs of GSM8K train in the default mixture (nanochat: 4).
     #[arg(long, default_value_t = 4)]
     gsm8k_epochs: usize,
-    /// Continue the run in --out from its latest checkpoint (its own settings and data).
-    #[arg(long)]
-    resume: bool,
-    /// Start a new run in an --out that holds one: the old run is moved aside to OUT.old-<time>.
-    #[arg(long, conflicts_with = "resume")]
-    overwrite: bool,
-    /// With --resume: continue although the data files differ from the run's.
-    #[arg(long, requires = "resume")]
-    force: bool,
+    #[command(flatten)]
+    run: rundir::RunFlags,
     /// Skip conversations that are malformed (roles out of order, empty content, unknown role),
     /// counting them, instead of stopping at the first.
     #[arg(long)]
@@ -312,7 +305,7 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
     let (files, val_files) =
         (chat_data::source_files(&train_sources), chat_data::source_files(&val_sources));
     let packing = stage.packing();
-    let (mut trainer, tok, mut loader, _lock) = if a.resume {
+    let (mut trainer, tok, mut loader, _lock) = if a.run.resume {
         let (lock, record) = rundir::begin_resume(&a.out)?;
         let tok = Arc::new(
             Tokenizer::load(&a.out.join("tokenizer"))
@@ -326,7 +319,7 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
                 data: &files,
                 val: &val_files,
                 tokenizer: None,
-                force: a.force,
+                force: a.run.force,
             };
             rundir::check_resume(&a.out, r, &now)?;
         }
@@ -393,7 +386,7 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
             packing,
             s.model.sequence_len,
         )?;
-        let lock = rundir::begin_new(&a.out, a.overwrite)?;
+        let lock = rundir::begin_new(&a.out, a.run.overwrite)?;
         tok.save(&a.out.join("tokenizer"))?;
         let details = serde_json::json!({
             "base": { "dir": base.dir, "checkpoint": base.ckpt, "step": base.state.step, "run_id": base.state.run_id, "config": s.model },

@@ -76,17 +76,7 @@ pub fn load_pkl(path: &Path) -> Result<Tokenizer> {
 
 /// Every token's byte length as nanochat's tok_train computes it (0 for special tokens).
 pub fn token_byte_lengths(tok: &Tokenizer) -> Vec<i32> {
-    (0..tok.vocab_size() as u32)
-        .map(
-            |id| {
-                if tok.is_special(id) {
-                    0
-                } else {
-                    tok.token_bytes(id).map_or(0, |b| b.len() as i32)
-                }
-            },
-        )
-        .collect()
+    tok.byte_lengths().into_iter().map(|n| n as i32).collect()
 }
 
 /// Check nanochat's `token_bytes.pt` against the tokenizer: files from two different

@@ -248,6 +248,20 @@ impl Tokenizer {
         id as usize >= self.ranks.len() && (id as usize) < self.vocab.len()
     }
 
+    /// Every token's length in bytes, 0 for special tokens: the denominator of bits per byte
+    /// (nanochat's `token_bytes`), indexed by id.
+    pub fn byte_lengths(&self) -> Vec<u32> {
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if self.is_special(id) {
+                    0
+                } else {
+                    self.token_bytes(id).map_or(0, |b| b.len() as u32)
+                }
+            })
+            .collect()
+    }
+
     /// Encode text without special tokens (their text is encoded as ordinary bytes).
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let fresh = |t: &str| self.encode_with(t, &mut MissCache::default());
