@@ -121,6 +121,10 @@ fn main() -> ExitCode {
         eprintln!("error: --threads: {e}");
         return ExitCode::from(2);
     }
+    if let Err(e) = femtochat_engine::cpu_isa::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Tokenizer(args) => tokenizer_cmd::main(args).map(|()| ExitCode::SUCCESS),
         Command::TokenizerEval(args) => tokenizer_cmd::eval(args).map(|()| ExitCode::SUCCESS),

@@ -3,6 +3,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod flash_attention;
+pub mod isa;
 pub mod matmul;
 pub mod reduce;
 pub mod rmsnorm;
