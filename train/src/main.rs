@@ -108,6 +108,10 @@ fn explicit_args(matches: &ArgMatches) -> BTreeSet<String> {
         .collect()
 }
 
+/// Counts every heap byte, for the peak memory that `bench`, `base` and `sft` report.
+#[global_allocator]
+static ALLOC: femtochat_engine::mem::CountingAlloc = femtochat_engine::mem::CountingAlloc;
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let explicit = explicit_args(&matches);

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use femtochat_engine::{Device, GroupKind, Ids, MuonAdamW, Reduction};
+use femtochat_engine::{Device, GroupKind, Ids, MuonAdamW, Reduction, mem};
 use femtochat_model::checkpoint::{
     Latest, latest_checkpoint, load_model, load_optimizer, save_model, save_optimizer, write_atomic,
 };
@@ -210,6 +210,10 @@ pub struct Summary {
     pub tokens: usize,
     pub seconds: f64,
     pub tok_per_s: f64,
+    /// High-water mark of host heap bytes over the steps (None where the binary does not count
+    /// allocations), and of GPU buffer bytes.
+    pub peak_host_bytes: Option<usize>,
+    pub peak_gpu_bytes: u64,
 }
 
 /// Called every `sample_every` steps with the model; returns text to print.
@@ -508,6 +512,7 @@ impl Trainer {
         let first_step = self.step;
         let mut last_loss = None;
         let mut val_bpb = None;
+        let (mut peak_host, mut peak_gpu) = (0, 0);
         while self.step < s.num_iterations {
             let it = self.step;
             if s.eval_every > 0
@@ -533,6 +538,7 @@ impl Trainer {
             }
             // Where the data stands before this step: what a checkpoint of step `it` records.
             let step_state = source.state();
+            mem::reset_peaks();
             let t0 = Instant::now();
             let mut grads: Option<femtochat_engine::Grads> = None;
             let mut loss_sum = 0.0f64;
@@ -597,8 +603,11 @@ impl Trainer {
             self.log(serde_json::json!({
                 "step": it, "loss": loss, "lr_mult": lrm, "muon_momentum": momentum,
                 "muon_wd": wd, "tok_per_s": tok_per_s, "tflops": flops_per_token * tok_per_s / 1e12,
-                "dt_ms": dt * 1e3,
+                "dt_ms": dt * 1e3, "peak_host_bytes": mem::host_counting().then(mem::host_peak_bytes),
+                "peak_gpu_bytes": mem::gpu_peak_bytes(),
             }))?;
+            peak_host = peak_host.max(mem::host_peak_bytes());
+            peak_gpu = peak_gpu.max(mem::gpu_peak_bytes());
             progress(it, loss, tok_per_s);
             if s.save_every > 0
                 && self.step.is_multiple_of(s.save_every)
@@ -623,6 +632,8 @@ impl Trainer {
             tokens,
             seconds,
             tok_per_s: tokens as f64 / seconds.max(1e-9),
+            peak_host_bytes: mem::host_counting().then_some(peak_host),
+            peak_gpu_bytes: peak_gpu,
         })
     }
 }
