@@ -19,6 +19,7 @@ pub mod autograd;
 pub mod device;
 pub mod error;
 pub mod op;
+mod op_backward;
 mod op_gpu;
 pub mod optim;
 pub mod param;
