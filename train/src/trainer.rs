@@ -103,6 +103,9 @@ pub enum LrSchedule {
     /// (warmup over `warmup_ratio`, warmdown over the last `warmdown_ratio`); Muon momentum
     /// 0.85 -> 0.95 over 300 steps; Muon weight decay constant.
     Chat { warmup_ratio: f64 },
+    /// chat_rl: the LR ramps linearly from 1 at step 0 down to 0 (`1 - it / num_iterations`);
+    /// Muon momentum stays at setup_optimizer's 0.95; weight decay constant.
+    Linear,
 }
 
 /// Muon momentum of the chat schedule: 0.85 -> 0.95 over the first 300 steps.
@@ -148,6 +151,10 @@ impl Settings {
                     (1.0 - decay) + decay * self.final_lr_frac
                 };
                 (lrm, chat_momentum(it), self.weight_decay as f64)
+            }
+            LrSchedule::Linear => {
+                let lrm = 1.0 - it as f64 / self.num_iterations.max(1) as f64;
+                (lrm, 0.95, self.weight_decay as f64)
             }
         }
     }
@@ -510,6 +517,29 @@ impl Trainer {
             }
         }
         Ok(dir)
+    }
+
+    /// Take optimizer step `self.step` with gradients computed elsewhere (a stage whose loss is
+    /// not the trainer's cross-entropy, such as RL's policy gradient): the schedules at this
+    /// step, the update, the step counted. Returns (LR multiplier, Muon momentum, weight decay).
+    pub fn apply_grads(&mut self, grads: &femtochat_engine::Grads) -> Result<(f32, f32, f32)> {
+        let (lrm, momentum, wd) = self.settings.schedule_at(self.step);
+        let (lrm, momentum, wd) = (lrm as f32, momentum as f32, wd as f32);
+        for g in self.opt.groups_mut() {
+            g.lr = g.initial_lr * lrm;
+            if let GroupKind::Muon { momentum: m, .. } = &mut g.kind {
+                *m = momentum;
+                g.weight_decay = wd;
+            }
+        }
+        self.opt.step(self.gpt.params(), grads)?;
+        self.step += 1;
+        Ok((lrm, momentum, wd))
+    }
+
+    /// The run directory this trainer writes.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     /// On a failed batch: keep the work done so far (a checkpoint of the last completed step,
