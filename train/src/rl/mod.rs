@@ -477,6 +477,11 @@ pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
     let (mut trainer, tok, f, examples, _lock) = if a.run.resume {
         let (lock, record) = rundir::begin_resume(&a.out)?;
         let f = match &record {
+            Some(r) if r.stage != "rl" => bail!(
+                "--resume: {} holds a `{}` run, not an RL run; give `train rl` a new --out",
+                a.out.display(),
+                r.stage
+            ),
             Some(r) => {
                 let mine: BTreeMap<String, String> = given
                     .iter()
