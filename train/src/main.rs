@@ -10,6 +10,7 @@ mod base;
 mod batches;
 mod bench;
 mod chat_data;
+mod dist;
 mod docs;
 mod eval;
 mod interop;
@@ -125,6 +126,10 @@ fn explicit_args(matches: &ArgMatches) -> BTreeSet<String> {
         .collect()
 }
 
+/// Counts every heap byte, for the peak memory that `bench`, `base` and `sft` report.
+#[global_allocator]
+static ALLOC: femtochat_engine::mem::CountingAlloc = femtochat_engine::mem::CountingAlloc;
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let explicit = explicit_args(&matches);
@@ -138,6 +143,19 @@ fn main() -> ExitCode {
         eprintln!("error: --threads: {e}");
         return ExitCode::from(2);
     }
+    if let Err(e) = femtochat_engine::cpu_isa::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    // One rank of an MPI job when launched by mpirun/srun (feature `mpi`); MPI is finalised
+    // when `_mpi` drops, after the command.
+    let _mpi = match dist::init() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Tokenizer(args) => tokenizer_cmd::main(args).map(|()| ExitCode::SUCCESS),
         Command::TokenizerEval(args) => tokenizer_cmd::eval(args).map(|()| ExitCode::SUCCESS),
@@ -161,6 +179,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if dist::world().size() > 1 => {
+            // The other ranks may wait in a collective this rank will never join: stop them.
+            let w = dist::world();
+            eprintln!("error (rank {} of {}): {e:#}", w.rank(), w.size());
+            w.abort(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
