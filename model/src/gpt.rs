@@ -9,7 +9,7 @@ use femtochat_engine::{
 };
 
 use crate::config::{GPTConfig, SMEAR_GATE_CHANNELS as SMEAR_CHANNELS, VE_GATE_CHANNELS};
-use crate::decode::DecodePlan;
+use crate::decode::{DecodeCell, DecodePlan};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::recompute::Recompute;
@@ -66,7 +66,7 @@ pub struct Gpt {
     /// What the training forward recomputes in the backward (not part of the model itself).
     recompute: Recompute,
     /// The fast decode step's weight handles and tables, built on its first use.
-    decode: std::sync::OnceLock<DecodePlan>,
+    decode: DecodeCell,
 }
 
 impl std::fmt::Debug for Gpt {
@@ -112,7 +112,7 @@ impl Gpt {
             rope,
             windows,
             recompute: Recompute::None,
-            decode: std::sync::OnceLock::new(),
+            decode: DecodeCell::default(),
         })
     }
 
@@ -195,11 +195,11 @@ impl Gpt {
 
     /// The decode step's plan, built on first use.
     pub(crate) fn decode_plan(&self) -> Result<&DecodePlan> {
-        if let Some(p) = self.decode.get() {
+        if let Some(p) = self.decode.0.get() {
             return Ok(p);
         }
         let plan = DecodePlan::new(self)?;
-        Ok(self.decode.get_or_init(|| plan))
+        Ok(self.decode.0.get_or_init(|| plan))
     }
 
     fn p(&self, name: &str) -> Result<&Tensor> {
