@@ -80,12 +80,18 @@ stage() {
   echo "== $name: done in $((SECONDS - t0)) s" | tee -a "$out/speedrun.log" "$dir/$name.log"
 }
 
-# A training stage: new when its directory holds no checkpoint yet, else --resume with the same
-# flags (which finishes an interrupted run, and does nothing for a complete one).
+# A training stage: --resume with the same flags when its directory holds a checkpoint (which
+# finishes an interrupted run, and does nothing for a complete one); a run interrupted before its
+# first checkpoint starts again with --overwrite (which moves the partial run aside, to
+# DIR.old-<time>); else a new run.
 train_stage() {
   local name="$1" dir="$2"; shift 2
   local resume=()
-  [ -f "$dir/latest.json" ] && resume=(--resume)
+  if [ -f "$dir/latest.json" ]; then
+    resume=(--resume)
+  elif [ -f "$dir/run.json" ]; then
+    resume=(--overwrite)
+  fi
   stage "$name" "$dir" "$TRAIN" "$name" --out "$dir" --device "$device" "${resume[@]}" "$@"
 }
 
