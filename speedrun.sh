@@ -43,9 +43,9 @@ case "$preset" in
     ;;
   cpu)
     vocab=4096; device=cpu
-    base_args="--depth 4 --max-seq-len 256 --device-batch-size 8 --total-batch-size 8192 --num-iterations 600 --eval-every 100 --eval-tokens 65536 --sample-every 0 --save-every 100"
+    base_args="--depth 4 --max-seq-len 256 --device-batch-size 8 --total-batch-size 8192 --num-iterations 300 --eval-every 100 --eval-tokens 65536 --sample-every 0 --save-every 100"
     core_args="--max-per-task 50"
-    sft_args="--num-iterations 200 --eval-every 50 --eval-tokens 32768 --save-every 50"
+    sft_args="--num-iterations 60 --eval-every 20 --eval-tokens 32768 --save-every 20"
     chat_args="--max-problems 50 --max-new-tokens 128"
     rl_args="--num-iterations 10 --device-batch-size 4 --examples-per-step 4 --num-samples 4 --max-new-tokens 128 --eval-every 5 --eval-examples 20 --save-every 5"
     ;;
@@ -80,12 +80,18 @@ stage() {
   echo "== $name: done in $((SECONDS - t0)) s" | tee -a "$out/speedrun.log" "$dir/$name.log"
 }
 
-# A training stage: new when its directory holds no checkpoint yet, else --resume with the same
-# flags (which finishes an interrupted run, and does nothing for a complete one).
+# A training stage: --resume with the same flags when its directory holds a checkpoint (which
+# finishes an interrupted run, and does nothing for a complete one); a run interrupted before its
+# first checkpoint starts again with --overwrite (which moves the partial run aside, to
+# DIR.old-<time>); else a new run.
 train_stage() {
   local name="$1" dir="$2"; shift 2
   local resume=()
-  [ -f "$dir/latest.json" ] && resume=(--resume)
+  if [ -f "$dir/latest.json" ]; then
+    resume=(--resume)
+  elif [ -f "$dir/run.json" ]; then
+    resume=(--overwrite)
+  fi
   stage "$name" "$dir" "$TRAIN" "$name" --out "$dir" --device "$device" "${resume[@]}" "$@"
 }
 

@@ -522,7 +522,11 @@ impl Trainer {
     /// Take optimizer step `self.step` with gradients computed elsewhere (a stage whose loss is
     /// not the trainer's cross-entropy, such as RL's policy gradient): the schedules at this
     /// step, the update, the step counted. Returns (LR multiplier, Muon momentum, weight decay).
+    /// One process only: the optimizer must not be sharded over ranks.
     pub fn apply_grads(&mut self, grads: &femtochat_engine::Grads) -> Result<(f32, f32, f32)> {
+        if self.sharded.is_some() {
+            bail!("apply_grads takes whole gradients on one process; the optimizer is sharded");
+        }
         let (lrm, momentum, wd) = self.settings.schedule_at(self.step);
         let (lrm, momentum, wd) = (lrm as f32, momentum as f32, wd as f32);
         for g in self.opt.groups_mut() {

@@ -1,6 +1,6 @@
 //! `./speedrun.sh tiny`: the whole pipeline (tokenizer, base, CORE, SFT, chat eval, RL, chat
 //! eval, report) end to end on the bundled data; the report's numbers are the stages' own, and a
-//! second run skips every stage.
+//! second run skips the complete stages and resumes an interrupted one.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -79,10 +79,28 @@ fn tiny_speedrun_runs_end_to_end_and_reports_the_stages_numbers() {
         assert!(out.join(log).exists(), "{log}");
     }
     assert!(out.join("report/scores.svg").exists());
-    // Again: every stage is complete, nothing is trained or evaluated twice.
+    // Again, after an interruption of RL (its newest checkpoint lost): the complete stages are
+    // skipped, RL resumes from step 1 and logs what the uninterrupted run logged.
     let evals = jsonl(&out.join("rl/eval/chat.jsonl")).len();
+    let before = timeless(jsonl(&out.join("rl/metrics.jsonl")));
+    std::fs::write(out.join("rl/latest.json"), r#"{"step":1,"dir":"step_000001"}"#).unwrap();
     let again = speedrun(&out);
-    assert_eq!(again.matches("nothing to do").count(), 3, "{again}");
+    assert_eq!(again.matches("nothing to do").count(), 2, "{again}");
+    assert!(again.contains("resuming") && again.contains("at step 1"), "{again}");
     assert!(!again.contains("== eval-"), "{again}");
     assert_eq!(jsonl(&out.join("rl/eval/chat.jsonl")).len(), evals);
+    assert_eq!(timeless(jsonl(&out.join("rl/metrics.jsonl"))), before);
+}
+
+/// Metrics lines without their timings.
+fn timeless(lines: Vec<Value>) -> Vec<Value> {
+    lines
+        .into_iter()
+        .map(|mut v| {
+            for k in ["dt_ms", "gen_tok_per_s"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        })
+        .collect()
 }

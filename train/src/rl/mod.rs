@@ -471,12 +471,20 @@ fn flags(a: &Args, train: &Path, val: &Path) -> BTreeMap<String, String> {
 
 pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
     a.device.ensure_available().with_context(|| format!("--device {}", a.device))?;
+    if crate::dist::world().size() > 1 {
+        bail!("train rl runs on one process (its rollouts are not split over MPI ranks yet)");
+    }
     let train_path = default_path(&a.train_data, "data/sft", "gsm8k_train.jsonl.gz")?;
     let val_path = default_path(&a.val_data, "data/eval/chat", "gsm8k/test.jsonl.gz")?;
     let given = flags(&a, &train_path, &val_path);
     let (mut trainer, tok, f, examples, _lock) = if a.run.resume {
         let (lock, record) = rundir::begin_resume(&a.out)?;
         let f = match &record {
+            Some(r) if r.stage != "rl" => bail!(
+                "--resume: {} holds a `{}` run, not an RL run; give `train rl` a new --out",
+                a.out.display(),
+                r.stage
+            ),
             Some(r) => {
                 let mine: BTreeMap<String, String> = given
                     .iter()

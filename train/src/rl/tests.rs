@@ -323,3 +323,30 @@ fn resumed_rl_run_equals_uninterrupted_run() {
         assert!(p.to_vec().iter().zip(q.to_vec()).all(|(x, y)| x.to_bits() == y.to_bits()), "{n}");
     }
 }
+
+/// The policy-gradient loss of the same rollouts on the GPU (lavapipe in CI) matches the CPU's,
+/// and so does the gradient of the lm_head.
+#[test]
+fn pg_loss_on_the_gpu_matches_the_cpu() {
+    if let Err(e) = Device::Gpu.ensure_available() {
+        assert!(std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1"), "{e}");
+        return;
+    }
+    let g = Group {
+        seqs: vec![vec![10, 30, 31], vec![10, 32], vec![10, 33, 34], vec![10, 35, 36]],
+        masks: vec![vec![0, 1, 1], vec![0, 1], vec![0, 1, 0], vec![0, 1, 1]],
+        rewards: vec![1.0, 0.0, 0.0, 1.0],
+    };
+    let cpu = perturbed(64);
+    let gpu = perturbed(64).to_device(Device::Gpu).unwrap();
+    let (lc, gc) = group_loss(&cpu, &g, 63, 2, 1).unwrap();
+    let (lg, gg) = group_loss(&gpu, &g, 63, 2, 1).unwrap();
+    assert!((lc - lg).abs() < 1e-4 * lc.abs().max(1e-3), "cpu {lc} gpu {lg}");
+    let head = |gpt: &Gpt, grads: &Grads| {
+        grads.get(gpt.params().get("lm_head.weight").unwrap()).unwrap().try_to_vec().unwrap()
+    };
+    let (hc, hg) = (head(&cpu, &gc.unwrap()), head(&gpu, &gg.unwrap()));
+    let err: f32 = hc.iter().zip(&hg).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+    let norm: f32 = hc.iter().map(|a| a * a).sum::<f32>().sqrt();
+    assert!(norm > 0.0 && err / norm < 1e-4, "relative error {}", err / norm);
+}
