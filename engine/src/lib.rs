@@ -16,6 +16,7 @@
 //! Kernels run on rayon's global pool; binaries choose its size. Large buffers are recycled
 //! through [`pool`] (a caching allocator; cap it with [`set_pool_limit`]).
 pub mod autograd;
+mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod op;
@@ -34,6 +35,8 @@ pub use femtochat_kernels::cpu::isa as cpu_isa;
 pub use autograd::{Grads, NoGradGuard, is_grad_enabled, no_grad};
 pub use device::{Device, gpu_dispatch_count, sync};
 pub use error::{EngineError, Result};
+/// Live and peak memory, host and GPU (see `femtochat_kernels::mem`).
+pub use femtochat_kernels::mem;
 pub use op::{IGNORE_INDEX, RMSNORM_EPS, Reduction, RopeTable};
 pub use optim::{GroupKind, MuonAdamW, ParamGroup};
 pub use param::ParamStore;

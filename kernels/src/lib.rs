@@ -6,3 +6,4 @@
 //! user input before it reaches a kernel, so a failed check is a bug, never UB).
 pub mod cpu;
 pub mod gpu;
+pub mod mem;

@@ -8,12 +8,10 @@
 //! `FEMTOCHAT_ISA=avx512|avx2|portable|scalar` (or `matmul --isa`) forces; `checksum` (the sum
 //! of the outputs' magnitudes, in f64) lets runs with different ISAs be compared for agreement.
 //!
-//! A counting global allocator measures each op's peak extra memory: the high-water mark of
-//! live heap bytes during the call, above what was live when it started (inputs and outputs
-//! are allocated before).
-use std::alloc::{GlobalAlloc, Layout, System};
+//! The counting global allocator (`femtochat_kernels::mem`) measures each op's peak extra memory:
+//! the high-water mark of live heap bytes during the call, above what was live when it started
+//! (inputs and outputs are allocated before).
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -25,57 +23,17 @@ use femtochat_kernels::cpu::flash_attention::{
 use femtochat_kernels::cpu::isa::{self, Isa};
 use femtochat_kernels::cpu::matmul::{MatmulShape, matmul_naive, matmul_with};
 use femtochat_kernels::gpu::flash_attention::{FlashKernel, FlashTiles};
-
-/// The system allocator, counting live bytes and their high-water mark.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-impl Counting {
-    fn grew(n: usize) {
-        let live = LIVE.fetch_add(n, Ordering::Relaxed) + n;
-        PEAK.fetch_max(live, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call forwards to `System` unchanged; the counters only observe sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        Counting::grew(layout.size());
-        // SAFETY: forwarded.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        Counting::grew(layout.size());
-        // SAFETY: forwarded.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        Counting::grew(new_size);
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: forwarded.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use femtochat_kernels::mem::{self, CountingAlloc};
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: CountingAlloc = CountingAlloc;
 
 /// Runs `f` and returns the peak of live heap bytes during it above the live bytes before it.
 fn peak_extra_bytes(f: impl FnOnce()) -> usize {
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    let base = mem::host_bytes();
+    mem::reset_peaks();
     f();
-    PEAK.load(Ordering::Relaxed).saturating_sub(base)
+    mem::host_peak_bytes().saturating_sub(base)
 }
 
 #[derive(Parser)]
