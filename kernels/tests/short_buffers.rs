@@ -7,11 +7,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use femtochat_kernels::cpu::attention::{
     AttnShape, attention_backward, attention_forward, attention_forward_naive,
 };
+use femtochat_kernels::cpu::attention_decode::{
+    DecodeAttnShape, attention_decode, attention_decode_naive,
+};
 use femtochat_kernels::cpu::elementwise::*;
 use femtochat_kernels::cpu::embedding::*;
 use femtochat_kernels::cpu::flash_attention::*;
 use femtochat_kernels::cpu::isa::Isa;
 use femtochat_kernels::cpu::matmul::*;
+use femtochat_kernels::cpu::matvec::{matvec_nt, matvec_nt_naive, matvec_nt_with};
 use femtochat_kernels::cpu::reduce::*;
 use femtochat_kernels::cpu::rmsnorm::*;
 use femtochat_kernels::cpu::rope::*;
@@ -61,6 +65,27 @@ fn cases() -> Vec<Case> {
     }));
     v.push(case("matmul_batched small", [2 * 12, 2 * 12, 2 * 9], |[mut c, a, b]| {
         matmul_batched(&mut c, &a, &b, 2, MatmulShape::new(4, 3, 3, false, false), false)
+    }));
+
+    // Skinny matmuls: out (M 3, N 40) = x (3, K 50) W (40, 50)^T.
+    v.push(case("matvec_nt", [120, 150, 2000], |[mut o, x, w]| {
+        matvec_nt(&mut o, &x, &w, 3, 50, 40)
+    }));
+    v.push(case("matvec_nt_naive", [120, 150, 2000], |[mut o, x, w]| {
+        matvec_nt_naive(&mut o, &x, &w, 3, 50, 40)
+    }));
+    for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.supported()) {
+        v.push(case(&format!("matvec_nt_with {isa:?}"), [120, 150, 2000], move |[mut o, x, w]| {
+            matvec_nt_with(isa, &mut o, &x, &w, 3, 50, 40)
+        }));
+    }
+    // Decode attention: q, out (H 4, D 8); cache (pos + 1 = 6, Hkv 2, D 8); scores (window + 1).
+    let ds = DecodeAttnShape { h: 4, hkv: 2, d: 8, window: 3, pos: 5 };
+    v.push(case("attention_decode", [32, 32, 96, 96, 4], move |[mut o, q, k, vv, mut sc]| {
+        attention_decode(&mut o, &q, &k, &vv, ds, &mut sc)
+    }));
+    v.push(case("attention_decode_naive", [32, 32, 96, 96], move |[mut o, q, k, vv]| {
+        attention_decode_naive(&mut o, &q, &k, &vv, ds)
     }));
 
     // Attention: q, out (B, Tq, H, D); k, v (B, Tk, Hkv, D); lse (B, Tq, H).
