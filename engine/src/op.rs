@@ -102,6 +102,8 @@ pub(crate) enum Op {
     Sum(Tensor),           // x (..) -> ()
     Mean(Tensor),          // x (..) -> ()
     SumDim(Tensor, usize), // x (.., n, ..) -> (.., [1,] ..)
+    // inputs -> f(inputs); the backward recomputes f (checkpoint.rs)
+    Checkpoint(Box<crate::checkpoint::Segment>),
 }
 
 /// Sizes around a dim: (outer, n, inner).

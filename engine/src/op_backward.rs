@@ -36,6 +36,7 @@ impl Op {
             Op::CrossEntropy { logits, .. } => vec![logits],
             Op::Cat(xs, _) => xs.iter().collect(),
             Op::Attention { q, k, v, .. } => vec![q, k, v],
+            Op::Checkpoint(seg) => seg.inputs.iter().collect(),
         }
     }
 
@@ -61,6 +62,7 @@ impl Op {
             Op::CrossEntropy { logits, .. } => vec![logits],
             Op::Cat(xs, _) => xs,
             Op::Attention { q, k, v, .. } => vec![q, k, v],
+            Op::Checkpoint(seg) => seg.inputs,
         }
     }
 
@@ -255,6 +257,8 @@ impl Op {
                     reduce::sum_dim_backward(dx, &dout, outer, n, inner);
                 }
             }
+            // The walk itself recomputes segments (autograd::recompute_backward).
+            Op::Checkpoint(_) => debug_assert!(false, "checkpoint reached a backward rule"),
         }
         Some(dout)
     }

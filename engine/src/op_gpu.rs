@@ -329,6 +329,8 @@ impl Op {
                     record(|bt| gk::reduce::sum_dim_backward(bt, dx, &dout, outer, n, inner))?;
                 }
             }
+            // The walk itself recomputes segments (autograd::recompute_backward).
+            Op::Checkpoint(_) => debug_assert!(false, "checkpoint reached a backward rule"),
         }
         Ok(())
     }

@@ -5,3 +5,4 @@
 //! `debug_assert!` (callers validate user input before it reaches a kernel).
 pub mod cpu;
 pub mod gpu;
+pub mod mem;

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use femtochat_engine::Device;
-use femtochat_model::GPTConfig;
 use femtochat_model::generate::generate;
 use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_model::tokenizer::Tokenizer;
+use femtochat_model::{GPTConfig, Recompute};
 
 use crate::docs;
 use crate::loader::{BestFitLoader, Prefetch, ValSet};
@@ -129,6 +129,11 @@ pub struct Args {
     /// cpu (rayon + SIMD) or gpu (WGSL kernels through wgpu).
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Activation checkpointing: none; blocks (keep one input per block, recompute each block
+    /// in the backward); every-K (one input per K blocks); all (blocks, and the lm head + loss).
+    /// Gradients are unchanged (bit for bit on the CPU); memory drops, steps take longer.
+    #[arg(long, default_value = "none")]
+    recompute: Recompute,
 }
 
 /// A learning rate or weight decay: finite and not negative.
@@ -332,6 +337,7 @@ pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
         return Ok(());
     }
     trainer = trainer.with_device(a.device)?;
+    trainer.gpt.set_recompute(a.recompute);
     eprintln!("device: {}", a.device.describe());
     let s = trainer.settings.clone();
     eprintln!(

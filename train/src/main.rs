@@ -21,6 +21,8 @@ mod parity;
 mod plot;
 mod pyrandom;
 mod recipe;
+mod report;
+mod rl;
 mod rundir;
 mod sft;
 mod sweep;
@@ -59,6 +61,21 @@ enum Command {
     /// pretraining (best fit with cropping) and learned on every token, LRs x 1, warmdown over
     /// the last 20%. Same flags and run directory as `train sft`.
     Mid(Box<sft::Args>),
+    /// Reinforcement learning on GSM8K (nanochat's chat_rl): sample completions with the
+    /// calculator, reward correct answers, policy gradient with a per-question baseline.
+    ///
+    /// Each step samples --num-samples completions for each of --examples-per-step training
+    /// problems; advantage = reward - the question's mean reward; the loss is the token-level
+    /// policy gradient over the sampled tokens only (tool outputs excluded). Fresh optimizer,
+    /// LRs x 0.05 ramping linearly to 0 over one epoch; pass@k on GSM8K test every
+    /// --eval-every steps. Same run directory as every stage: `serve --checkpoint OUT`.
+    Rl(Box<rl::Args>),
+    /// The report card of a pipeline (nanochat's report.md): machine, commit, tokenizer
+    /// compression, each stage's command, time, tokens, throughput, MFU and scores, plots, and
+    /// a metric x stage summary. Writes OUT/report.md, OUT/report.json and OUT/*.svg.
+    ///
+    /// Example: train report runs/tok runs/base runs/sft runs/rl --out runs/report
+    Report(report::Args),
     /// Check the model and optimizer against PyTorch reference fixtures.
     ///
     /// Each FIXTURE is a `<case>.safetensors` with a `<case>.json` beside it (the format of
@@ -109,6 +126,10 @@ fn explicit_args(matches: &ArgMatches) -> BTreeSet<String> {
         .collect()
 }
 
+/// Counts every heap byte, for the peak memory that `bench`, `base` and `sft` report.
+#[global_allocator]
+static ALLOC: femtochat_engine::mem::CountingAlloc = femtochat_engine::mem::CountingAlloc;
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let explicit = explicit_args(&matches);
@@ -120,6 +141,10 @@ fn main() -> ExitCode {
         && let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()
     {
         eprintln!("error: --threads: {e}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = femtochat_engine::cpu_isa::check_env() {
+        eprintln!("error: {e}");
         return ExitCode::from(2);
     }
     // One rank of an MPI job when launched by mpirun/srun (feature `mpi`); MPI is finalised
@@ -141,6 +166,8 @@ fn main() -> ExitCode {
         Command::Mid(args) => {
             sft::main(*args, sft::Stage::Mid, &explicit).map(|()| ExitCode::SUCCESS)
         }
+        Command::Rl(args) => rl::main(*args, &explicit).map(|()| ExitCode::SUCCESS),
+        Command::Report(args) => report::main(args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::main(args),
         Command::Bench(args) => bench::main(args).map(|()| ExitCode::SUCCESS),
         Command::Batches(args) => batches::main(args).map(|()| ExitCode::SUCCESS),

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use femtochat_engine::{Device, MuonAdamW};
+use femtochat_model::Recompute;
 use femtochat_model::checkpoint::load_model;
 use femtochat_model::tokenizer::Tokenizer;
 
@@ -155,6 +156,9 @@ pub struct Args {
     /// cpu or gpu.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Activation checkpointing, as `train base --recompute`: none, blocks, every-K or all.
+    #[arg(long, default_value = "none")]
+    recompute: Recompute,
     /// Write the first N micro-batches this run would train on to OUT_FILE as little-endian
     /// i32 (per micro-batch: inputs, then targets, each B x T) and exit without training;
     /// for comparing the packing with another implementation (benches/sft_vs_nanochat.py).
@@ -454,6 +458,7 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
         eval_tokens,
     )?;
     trainer = trainer.with_device(a.device)?;
+    trainer.gpt.set_recompute(a.recompute);
     if a.chatcore_every > 0 {
         let names: Vec<String> =
             ["arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee"]

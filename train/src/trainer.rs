@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use femtochat_engine::{Device, GroupKind, Ids, MuonAdamW, Reduction};
+use femtochat_engine::{Device, GroupKind, Ids, MuonAdamW, Reduction, mem};
 use femtochat_model::checkpoint::{
     Latest, latest_checkpoint, load_model, save_model, save_optimizer, write_atomic,
 };
@@ -103,6 +103,9 @@ pub enum LrSchedule {
     /// (warmup over `warmup_ratio`, warmdown over the last `warmdown_ratio`); Muon momentum
     /// 0.85 -> 0.95 over 300 steps; Muon weight decay constant.
     Chat { warmup_ratio: f64 },
+    /// chat_rl: the LR ramps linearly from 1 at step 0 down to 0 (`1 - it / num_iterations`);
+    /// Muon momentum stays at setup_optimizer's 0.95; weight decay constant.
+    Linear,
 }
 
 /// Muon momentum of the chat schedule: 0.85 -> 0.95 over the first 300 steps.
@@ -148,6 +151,10 @@ impl Settings {
                     (1.0 - decay) + decay * self.final_lr_frac
                 };
                 (lrm, chat_momentum(it), self.weight_decay as f64)
+            }
+            LrSchedule::Linear => {
+                let lrm = 1.0 - it as f64 / self.num_iterations.max(1) as f64;
+                (lrm, 0.95, self.weight_decay as f64)
             }
         }
     }
@@ -210,6 +217,10 @@ pub struct Summary {
     pub tokens: usize,
     pub seconds: f64,
     pub tok_per_s: f64,
+    /// High-water mark of host heap bytes over the steps (None where the binary does not count
+    /// allocations), and of GPU buffer bytes.
+    pub peak_host_bytes: Option<usize>,
+    pub peak_gpu_bytes: u64,
 }
 
 /// Called every `sample_every` steps with the model; returns text to print.
@@ -508,6 +519,29 @@ impl Trainer {
         Ok(dir)
     }
 
+    /// Take optimizer step `self.step` with gradients computed elsewhere (a stage whose loss is
+    /// not the trainer's cross-entropy, such as RL's policy gradient): the schedules at this
+    /// step, the update, the step counted. Returns (LR multiplier, Muon momentum, weight decay).
+    pub fn apply_grads(&mut self, grads: &femtochat_engine::Grads) -> Result<(f32, f32, f32)> {
+        let (lrm, momentum, wd) = self.settings.schedule_at(self.step);
+        let (lrm, momentum, wd) = (lrm as f32, momentum as f32, wd as f32);
+        for g in self.opt.groups_mut() {
+            g.lr = g.initial_lr * lrm;
+            if let GroupKind::Muon { momentum: m, .. } = &mut g.kind {
+                *m = momentum;
+                g.weight_decay = wd;
+            }
+        }
+        self.opt.step(self.gpt.params(), grads)?;
+        self.step += 1;
+        Ok((lrm, momentum, wd))
+    }
+
+    /// The run directory this trainer writes.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
     /// On a failed batch: keep the work done so far (a checkpoint of the last completed step,
     /// with the loader where that step left it), then report both.
     fn stop_on_data_error(
@@ -573,6 +607,7 @@ impl Trainer {
         let first_step = self.step;
         let mut last_loss = None;
         let mut val_bpb = None;
+        let (mut peak_host, mut peak_gpu) = (0, 0);
         let lead = crate::dist::is_lead();
         let local_accum = crate::dist::local_accum(s.grad_accum_steps)?;
         self.shard_optimizer()?;
@@ -613,6 +648,7 @@ impl Trainer {
             }
             // Where the data stands before this step: what a checkpoint of step `it` records.
             let step_state = source.state();
+            mem::reset_peaks();
             let t0 = Instant::now();
             let mut grads: Option<femtochat_engine::Grads> = None;
             let mut loss_sum = 0.0f64;
@@ -685,8 +721,11 @@ impl Trainer {
             self.log(serde_json::json!({
                 "step": it, "loss": loss, "lr_mult": lrm, "muon_momentum": momentum,
                 "muon_wd": wd, "tok_per_s": tok_per_s, "tflops": flops_per_token * tok_per_s / 1e12,
-                "dt_ms": dt * 1e3,
+                "dt_ms": dt * 1e3, "peak_host_bytes": mem::host_counting().then(mem::host_peak_bytes),
+                "peak_gpu_bytes": mem::gpu_peak_bytes(),
             }))?;
+            peak_host = peak_host.max(mem::host_peak_bytes());
+            peak_gpu = peak_gpu.max(mem::gpu_peak_bytes());
             progress(it, loss, tok_per_s);
             if s.save_every > 0
                 && self.step.is_multiple_of(s.save_every)
@@ -726,6 +765,8 @@ impl Trainer {
             tokens,
             seconds,
             tok_per_s: tokens as f64 / seconds.max(1e-9),
+            peak_host_bytes: mem::host_counting().then_some(peak_host),
+            peak_gpu_bytes: peak_gpu,
         })
     }
 }
