@@ -642,6 +642,14 @@ impl Trainer {
                     eprintln!("[step {it}] {line}");
                 }
             }
+            // Over several ranks the others wait for rank 0's evaluation here, with no time
+            // limit (the same condition on every rank, whatever each one evaluates).
+            let evaluated = (s.eval_every > 0 && it.is_multiple_of(s.eval_every))
+                || (it > 0 && self.evaluator.as_ref().is_some_and(|(e, _)| it.is_multiple_of(*e)))
+                || (s.sample_every > 0 && it > 0 && it.is_multiple_of(s.sample_every));
+            if evaluated {
+                crate::dist::wait_for_lead()?;
+            }
             // Where the data stands before this step: what a checkpoint of step `it` records.
             let step_state = source.state();
             mem::reset_peaks();
@@ -738,6 +746,7 @@ impl Trainer {
         if lead {
             self.run_evaluator(self.step)?;
         }
+        crate::dist::wait_for_lead()?;
         self.save(source.state())?;
         if lead
             && let Some(sh) = &self.sharded

@@ -34,6 +34,9 @@ pub trait Comm: Send + Sync {
     fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()>;
     /// Rank 0's bytes, on every rank.
     fn broadcast_bytes(&self, buf: &mut Vec<u8>) -> Result<()>;
+    /// Wait for every rank, with no time limit: where rank 0 works alone for as long as it
+    /// takes (validation, CORE, samples) and the others wait for it.
+    fn wait_for_all(&self) -> Result<()>;
     /// Stop every rank of the job now (after a rank's error, so that no rank waits forever in a
     /// collective the failed rank will never join).
     fn abort(&self, code: i32) -> !;
@@ -88,6 +91,9 @@ impl Comm for Single {
         Ok(())
     }
     fn broadcast_bytes(&self, _: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
+    fn wait_for_all(&self) -> Result<()> {
         Ok(())
     }
     fn abort(&self, code: i32) -> ! {
@@ -192,6 +198,15 @@ pub fn agree<T>(what: &str, r: Result<T>) -> Result<T> {
         Ok(_) if failed[0] > 0.0 => bail!("{what} failed on {} other rank(s)", failed[0]),
         Ok(v) => Ok(v),
     }
+}
+
+/// The other ranks wait, without the watchdog's limit, while rank 0 evaluates.
+pub fn wait_for_lead() -> Result<()> {
+    let w = world();
+    if w.size() == 1 {
+        return Ok(());
+    }
+    w.wait_for_all()
 }
 
 /// Rank 0's string on every rank (the run id of a new run).

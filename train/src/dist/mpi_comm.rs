@@ -122,6 +122,10 @@ impl Comm for MpiComm {
         self.timed("broadcast", 0, || root.broadcast_into(&mut buf[..]));
         Ok(())
     }
+    fn wait_for_all(&self) -> Result<()> {
+        self.world.barrier();
+        Ok(())
+    }
     fn abort(&self, code: i32) -> ! {
         self.world.abort(code)
     }
