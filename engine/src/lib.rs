@@ -28,6 +28,10 @@ pub mod pool;
 pub mod scalar;
 pub mod tensor;
 
+/// The CPU kernels' instruction set: `cpu_isa::Isa::detect()` (the best, or `FEMTOCHAT_ISA`),
+/// and `cpu_isa::check_env()` for binaries to refuse a bad `FEMTOCHAT_ISA` at startup.
+pub use femtochat_kernels::cpu::isa as cpu_isa;
+
 pub use autograd::{Grads, NoGradGuard, is_grad_enabled, no_grad};
 pub use device::{Device, gpu_dispatch_count, sync};
 pub use error::{EngineError, Result};

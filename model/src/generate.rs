@@ -4,6 +4,7 @@
 //! (chat evaluation, RL rollouts).
 use femtochat_engine::Ids;
 
+use crate::decode::Decoder;
 use crate::error::{ModelError, Result};
 use crate::gpt::Gpt;
 use crate::kv_cache::KvCache;
@@ -41,13 +42,15 @@ pub fn generate(
     }
     let mut cache = KvCache::with_rows(gpt.config(), 1, capacity);
     let prompt_ids = Ids::new(prompt.to_vec(), &[1, prompt.len()])?;
-    let mut last = gpt.forward_cached_last(&prompt_ids, &mut cache)?.try_to_vec()?; // (1, V)
+    let first = gpt.forward_cached_last(&prompt_ids, &mut cache)?.try_to_vec()?; // (1, V)
+    let mut dec = Decoder::new();
+    let mut last: &[f32] = &first;
     let mut out = Vec::new();
     loop {
         if out.len() >= max_new || cache.position(0) >= capacity {
             return Ok((out, Finish::Length));
         }
-        let tok = sampler.sample(&last, &out)?;
+        let tok = sampler.sample(last, &out)?;
         out.push(tok);
         if !on_token(tok) {
             return Ok((out, Finish::Cancelled));
@@ -58,7 +61,7 @@ pub fn generate(
         if out.len() >= max_new {
             return Ok((out, Finish::Length));
         }
-        last = gpt.forward_cached(&Ids::new(vec![tok], &[1, 1])?, &mut cache)?.try_to_vec()?;
+        last = gpt.decode_step(&[tok], &mut cache, &mut dec)?;
     }
 }
 
@@ -82,6 +85,7 @@ pub fn generate_batch(
         let longest = group.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
         let capacity = (longest + max_new).min(gpt.max_positions());
         let mut cache = KvCache::new(gpt.config(), capacity);
+        let mut dec = Decoder::new();
         // Per active row: its prompt index, sampler, tool state, last logits.
         let mut rows = Vec::new();
         for &i in group {
@@ -124,9 +128,9 @@ pub fn generate_batch(
             if rows.is_empty() {
                 break;
             }
-            let logits = gpt.forward_cached(&Ids::new(next, &[rows.len(), 1])?, &mut cache)?;
+            gpt.decode_step(&next, &mut cache, &mut dec)?;
             for (r, row) in rows.iter_mut().enumerate() {
-                row.3 = logits.data()[r * v..(r + 1) * v].to_vec();
+                row.3.copy_from_slice(dec.logits(r, v));
             }
         }
     }

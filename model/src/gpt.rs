@@ -9,23 +9,24 @@ use femtochat_engine::{
 };
 
 use crate::config::{GPTConfig, SMEAR_GATE_CHANNELS as SMEAR_CHANNELS, VE_GATE_CHANNELS};
+use crate::decode::{DecodeCell, DecodePlan};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::recompute::Recompute;
 use crate::rng::Rng;
 
 /// RoPE base of nanochat.
-const ROPE_BASE: f32 = 100_000.0;
+pub(crate) const ROPE_BASE: f32 = 100_000.0;
 /// nanochat precomputes rotary tables for 10x the training context, so generation may run past it.
 const ROPE_LEN_FACTOR: usize = 10;
 /// Logits are soft-capped to (-15, 15).
-const SOFTCAP: f32 = 15.0;
+pub(crate) const SOFTCAP: f32 = 15.0;
 /// Logits the loss computes at once, in floats (1 GiB). Past it the rows go through the lm head
 /// and the cross-entropy in chunks: a d12 batch of 8 x 2048 rows x 65536 logits is exactly 4 GiB,
 /// one byte over the largest storage buffer a Vulkan GPU binds (2^32 - 1 bytes on NVIDIA).
 const LOSS_CHUNK_FLOATS: usize = 1 << 28;
 /// QK-norm output scale.
-const QK_SCALE: f32 = 1.2;
+pub(crate) const QK_SCALE: f32 = 1.2;
 
 /// Names and shapes of every parameter, in nanochat's state-dict naming (docs/reference.md §2).
 pub fn param_shapes(c: &GPTConfig) -> Vec<(String, Vec<usize>)> {
@@ -64,6 +65,8 @@ pub struct Gpt {
     windows: Vec<usize>,
     /// What the training forward recomputes in the backward (not part of the model itself).
     recompute: Recompute,
+    /// The fast decode step's weight handles and tables, built on its first use.
+    decode: DecodeCell,
 }
 
 impl std::fmt::Debug for Gpt {
@@ -103,7 +106,14 @@ impl Gpt {
         let rope =
             RopeTable::new(config.sequence_len * ROPE_LEN_FACTOR, config.head_dim(), ROPE_BASE)?;
         let windows = config.window_sizes();
-        Ok(Gpt { config, params, rope, windows, recompute: Recompute::None })
+        Ok(Gpt {
+            config,
+            params,
+            rope,
+            windows,
+            recompute: Recompute::None,
+            decode: DecodeCell::default(),
+        })
     }
 
     /// A freshly initialised model (docs/reference.md §4), reproducible from `seed`.
@@ -176,6 +186,20 @@ impl Gpt {
     /// Longest position the rotary tables cover (a KV cache may not grow past it).
     pub fn max_positions(&self) -> usize {
         self.rope.max_len()
+    }
+
+    /// Attention window of every layer.
+    pub(crate) fn windows(&self) -> &[usize] {
+        &self.windows
+    }
+
+    /// The decode step's plan, built on first use.
+    pub(crate) fn decode_plan(&self) -> Result<&DecodePlan> {
+        if let Some(p) = self.decode.0.get() {
+            return Ok(p);
+        }
+        let plan = DecodePlan::new(self)?;
+        Ok(self.decode.0.get_or_init(|| plan))
     }
 
     fn p(&self, name: &str) -> Result<&Tensor> {

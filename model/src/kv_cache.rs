@@ -4,7 +4,7 @@
 //! after rope + QK-norm + scale and values after the value embedding, its position, and the
 //! previous token's post-norm embedding for smear. Rows are independent, so a scheduler can add
 //! and drop rows between decode steps (continuous batching) while every row keeps its position.
-use femtochat_engine::Tensor;
+use femtochat_engine::{Device, Tensor};
 
 use crate::config::GPTConfig;
 use crate::error::{ModelError, Result};
@@ -148,6 +148,22 @@ impl KvCache {
         for (row, e) in self.rows.iter_mut().zip(last.chunks_exact(c)) {
             row.prev.copy_from_slice(e);
         }
+    }
+
+    /// Whether every row's buffers are in host memory (the CPU decode step reads them there).
+    pub(crate) fn on_host(&self) -> bool {
+        self.rows.iter().all(|row| row.k.iter().chain(&row.v).all(|t| t.device() == Device::Cpu))
+    }
+
+    /// Row r's k and v buffers (1, capacity, Hkv, D) of `layer`, for the decode step to write
+    /// and read in place.
+    pub(crate) fn layer_kv(&self, layer: usize, r: usize) -> (&Tensor, &Tensor) {
+        (&self.rows[r].k[layer], &self.rows[r].v[layer])
+    }
+
+    /// Row r's last post-norm embedding (C), for the decode step to read and replace.
+    pub(crate) fn prev_mut(&mut self, r: usize) -> &mut [f32] {
+        &mut self.rows[r].prev
     }
 
     /// Write k, v (1, T, Hkv, D) of layer `layer` at row `r`'s position and return the whole

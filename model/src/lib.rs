@@ -1,6 +1,7 @@
 //! The nanochat GPT, tokenizer, checkpoints, KV-cache inference and sampling.
 pub mod checkpoint;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod gpt;
@@ -17,6 +18,7 @@ pub mod tokenizer;
 pub mod tool;
 
 pub use config::GPTConfig;
+pub use decode::Decoder;
 pub use error::{ModelError, Result};
 pub use gpt::Gpt;
 pub use kv_cache::KvCache;

@@ -97,7 +97,8 @@ impl Fixture {
         self.f32s.keys().chain(self.i64s.keys()).cloned().collect()
     }
 
-    fn i64(&self, name: &str) -> Result<&[i64]> {
+    /// An integer tensor of the case (token ids).
+    pub fn i64(&self, name: &str) -> Result<&[i64]> {
         self.i64s.get(name).map(Vec::as_slice).ok_or_else(|| {
             ModelError::Invalid(format!("fixture {}: tensor `{name}` missing", self.name))
         })

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use femtochat_engine::{Device, Ids, MuonAdamW, Reduction, gpu_dispatch_count, mem, sync};
+use femtochat_engine::{Device, Ids, MuonAdamW, Reduction, cpu_isa, gpu_dispatch_count, mem, sync};
 use femtochat_model::memory::estimate_train_step;
 use femtochat_model::optim::{OptimizerConfig, param_groups};
 use femtochat_model::rng::Rng;
@@ -116,6 +116,9 @@ pub fn main(a: Args) -> Result<()> {
         });
         if let Some(peak) = a.peak_flops {
             line["mfu"] = serde_json::json!(flops_per_step / secs / peak);
+        }
+        if !gpu {
+            line["isa"] = serde_json::json!(cpu_isa::Isa::detect().name());
         }
         if gpu {
             line["host_ms"] = serde_json::json!(host_secs * 1e3);

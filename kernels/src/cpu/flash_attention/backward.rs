@@ -1,15 +1,16 @@
 //! Backward: pass 1 dk, dv per (b, kv head, key block); pass 2 dq per (b, h, query block).
 //! AVX-512 and AVX2 instances of the task functions are monomorphised inside a
 //! `#[target_feature]` function so the micro-kernels inline and the exp/max/sum loops
-//! vectorise at that width. Callers check `Isa::supported` first.
+//! vectorise at that width. They are entered with the markers that prove the CPU features.
 use rayon::prelude::*;
 
 use super::*;
-use crate::cpu::simd::{BlockGemm, Lanes, Portable, fast_exp_by};
+use crate::cpu::simd::{BlockGemm, Lanes, fast_exp_by};
 
 /// lse and delta = dout . out of query rows i0..i0+nr of (b, h), into `lse_r`, `delta_r`.
 #[inline(always)]
 fn row_stats<L: Lanes>(
+    lanes: L,
     cx: &Bwd,
     b: usize,
     h: usize,
@@ -21,7 +22,7 @@ fn row_stats<L: Lanes>(
     for (r, (l, dl)) in lse_r.iter_mut().zip(delta_r.iter_mut()).enumerate() {
         let at = s.q_at(b, i0 + r, h);
         *l = cx.lse[(b * s.tq + i0 + r) * s.h + h];
-        *dl = L::dot(&cx.dout[at..at + s.d], &cx.out[at..at + s.d]);
+        *dl = lanes.dot(&cx.dout[at..at + s.d], &cx.out[at..at + s.d]);
     }
 }
 
@@ -71,7 +72,14 @@ fn tile_grads<G: BlockGemm>(
 
 /// Backward pass 1 for keys j0..j0+Bc of (batch b, kv head g): dk, dv rows +=.
 #[inline(always)]
-fn dkv_task<G: BlockGemm, L: Lanes>(sc: &mut Scratch, cx: &Bwd, b: usize, g: usize, j0: usize) {
+fn dkv_task<G: BlockGemm, L: Lanes>(
+    (_, l): (G, L),
+    sc: &mut Scratch,
+    cx: &Bwd,
+    b: usize,
+    g: usize,
+    j0: usize,
+) {
     let (s, br) = (cx.s, cx.bl.br);
     let (d, qs, kvs, group) = (s.d, s.h * s.d, s.hkv * s.d, s.h / s.hkv);
     let nc = cx.bl.bc.min(s.tk - j0);
@@ -92,7 +100,7 @@ fn dkv_task<G: BlockGemm, L: Lanes>(sc: &mut Scratch, cx: &Bwd, b: usize, g: usi
         let mut i0 = qlo;
         while i0 <= qhi {
             let nr = br.min(qhi + 1 - i0);
-            row_stats::<L>(cx, b, h, i0, &mut sc.m[..nr], &mut sc.l[..nr]);
+            row_stats(l, cx, b, h, i0, &mut sc.m[..nr], &mut sc.l[..nr]);
             tile_grads::<G>(sc, cx, b, h, i0, nr, j0, nc);
             let q0 = s.q_at(b, i0, h);
             // dv (nc, D) += P^T (nc, nr) · dout (nr, D); dk += (scale dS)^T · Q. A^T is read
@@ -110,13 +118,20 @@ fn dkv_task<G: BlockGemm, L: Lanes>(sc: &mut Scratch, cx: &Bwd, b: usize, g: usi
 /// Backward pass 2 for query rows i0..i0+Br of (batch b, head h): dq rows +=. Transposed
 /// like the forward: Qt and dout^T are packed once, St = K Qt and dPt = V dout^T per tile.
 #[inline(always)]
-fn dq_task<G: BlockGemm, L: Lanes>(sc: &mut Scratch, cx: &Bwd, b: usize, h: usize, i0: usize) {
+fn dq_task<G: BlockGemm, L: Lanes>(
+    (_, l): (G, L),
+    sc: &mut Scratch,
+    cx: &Bwd,
+    b: usize,
+    h: usize,
+    i0: usize,
+) {
     let (s, bc) = (cx.s, cx.bl.bc);
     let (d, qs, kvs, scale) = (s.d, s.h * s.d, s.hkv * s.d, s.scale());
     let nr = cx.bl.br.min(s.tq - i0);
     let g = h / (s.h / s.hkv);
     let q0 = s.q_at(b, i0, h);
-    row_stats::<L>(cx, b, h, i0, &mut sc.m[..nr], &mut sc.l[..nr]);
+    row_stats(l, cx, b, h, i0, &mut sc.m[..nr], &mut sc.l[..nr]);
     let (qt, dot) = (&mut sc.kt[..d * nr], &mut sc.vt[..d * nr]);
     pack_t(qt, cx.q, q0, qs, nr, d);
     pack_t(dot, cx.dout, q0, qs, nr, d);
@@ -162,13 +177,27 @@ mod x86_512 {
     use crate::cpu::simd::{Avx2Fma, Avx512};
 
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) fn dkv_task(sc: &mut Scratch, cx: &Bwd, b: usize, g: usize, j0: usize) {
-        super::dkv_task::<Avx512, Avx2Fma>(sc, cx, b, g, j0)
+    pub(super) fn dkv_task(
+        k: (Avx512, Avx2Fma),
+        sc: &mut Scratch,
+        cx: &Bwd,
+        b: usize,
+        g: usize,
+        j0: usize,
+    ) {
+        super::dkv_task(k, sc, cx, b, g, j0)
     }
 
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) fn dq_task(sc: &mut Scratch, cx: &Bwd, b: usize, h: usize, i0: usize) {
-        super::dq_task::<Avx512, Avx2Fma>(sc, cx, b, h, i0)
+    pub(super) fn dq_task(
+        k: (Avx512, Avx2Fma),
+        sc: &mut Scratch,
+        cx: &Bwd,
+        b: usize,
+        h: usize,
+        i0: usize,
+    ) {
+        super::dq_task(k, sc, cx, b, h, i0)
     }
 }
 
@@ -178,13 +207,27 @@ mod x86_256 {
     use crate::cpu::simd::Avx2Fma;
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dkv_task(sc: &mut Scratch, cx: &Bwd, b: usize, g: usize, j0: usize) {
-        super::dkv_task::<Avx2Fma, Avx2Fma>(sc, cx, b, g, j0)
+    pub(super) fn dkv_task(
+        k: (Avx2Fma, Avx2Fma),
+        sc: &mut Scratch,
+        cx: &Bwd,
+        b: usize,
+        g: usize,
+        j0: usize,
+    ) {
+        super::dkv_task(k, sc, cx, b, g, j0)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dq_task(sc: &mut Scratch, cx: &Bwd, b: usize, h: usize, i0: usize) {
-        super::dq_task::<Avx2Fma, Avx2Fma>(sc, cx, b, h, i0)
+    pub(super) fn dq_task(
+        k: (Avx2Fma, Avx2Fma),
+        sc: &mut Scratch,
+        cx: &Bwd,
+        b: usize,
+        h: usize,
+        i0: usize,
+    ) {
+        super::dq_task(k, sc, cx, b, h, i0)
     }
 }
 
@@ -226,13 +269,12 @@ pub fn flash_backward_with(
     s: AttnShape,
     bl: FlashBlocks,
 ) {
-    check_sizes(s, bl, q.len(), k.len(), out.len(), lse.len());
-    debug_assert!(dq.len() == q.len() && dout.len() == q.len());
-    debug_assert!(dk.len() == k.len() && dv.len() == v.len() && v.len() == k.len());
+    let lens = [q.len(), k.len(), v.len(), out.len(), dq.len(), dk.len(), dv.len(), dout.len()];
+    check_sizes(s, bl, &lens, lse.len());
     if s.h * s.d == 0 || s.tq == 0 {
         return;
     }
-    let isa = checked(isa);
+    let kern = kernels(isa);
     let (dq, dk, dv) =
         (SyncPtr(dq.as_mut_ptr()), SyncPtr(dk.as_mut_ptr()), SyncPtr(dv.as_mut_ptr()));
     let cx = Bwd { s, bl, dout, q, k, v, out, lse, dq, dk, dv };
@@ -241,7 +283,7 @@ pub fn flash_backward_with(
         || Scratch::new(s, bl, true),
         |sc, t| {
             let (g, kb, b) = (t % s.hkv, t / s.hkv % nkb, t / (s.hkv * nkb));
-            dispatch!(isa, dkv_task::<Portable, Portable>(sc, &cx, b, g, kb * bl.bc))
+            dispatch!(kern, dkv_task(sc, &cx, b, g, kb * bl.bc))
         },
     );
     let nqb = s.tq.div_ceil(bl.br);
@@ -249,7 +291,7 @@ pub fn flash_backward_with(
         || Scratch::new(s, bl, true),
         |sc, t| {
             let (h, qb, b) = (t % s.h, nqb - 1 - t / s.h % nqb, t / (s.h * nqb));
-            dispatch!(isa, dq_task::<Portable, Portable>(sc, &cx, b, h, qb * bl.br))
+            dispatch!(kern, dq_task(sc, &cx, b, h, qb * bl.br))
         },
     );
 }

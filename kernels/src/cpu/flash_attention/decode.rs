@@ -1,17 +1,18 @@
 //! Split-K forward for few query rows against a long cache ("flash-decoding").
 //! AVX-512 and AVX2 instances of the task functions are monomorphised inside a
 //! `#[target_feature]` function so the micro-kernels inline and the exp/max/sum loops
-//! vectorise at that width. Callers check `Isa::supported` first.
+//! vectorise at that width. They are entered with the markers that prove the CPU features.
 use rayon::prelude::*;
 
 use super::*;
-use crate::cpu::simd::{Lanes, Portable, TILE, fast_exp, sum_lanes};
+use crate::cpu::simd::{Lanes, TILE, fast_exp, sum_lanes};
 
 /// Split-K partials of one (b, kv head g, key chunk c): for each of the group's query rows
 /// v = hh Tq + i, the chunk's max pm, sum pl and unnormalised out po (D).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn decode_task<L: Lanes>(
+    l: L,
     sc: &mut Scratch,
     cx: &Fwd,
     b: usize,
@@ -37,11 +38,11 @@ fn decode_task<L: Lanes>(
             // One row (MHA decode): the 4-row micro-kernel would compute 4x the scores.
             let qv = q_row(v0);
             for (jj, x) in p[..n].iter_mut().enumerate() {
-                *x = L::dot(qv, &kb[jj * kvs..][..d]);
+                *x = l.dot(qv, &kb[jj * kvs..][..d]);
             }
         } else {
             let qa = std::array::from_fn(|r| q_row(v0 + r.min(nr - 1)));
-            L::gemm_nt_4(p, qa, kb, kvs, n, d);
+            l.gemm_nt_4(p, qa, kb, kvs, n, d);
         }
         for (r, row) in p.chunks_exact_mut(n).enumerate() {
             let vv = v0 + r;
@@ -62,10 +63,10 @@ fn decode_task<L: Lanes>(
         ot.fill(0.0);
         if nr == 1 {
             for (jj, &pj) in p[..n].iter().enumerate() {
-                L::axpy(&mut ot[..d], pj, &vb[jj * kvs..][..d]);
+                l.axpy(&mut ot[..d], pj, &vb[jj * kvs..][..d]);
             }
         } else {
-            L::gemm_nn_4(ot, p, vb, kvs, n, d);
+            l.gemm_nn_4(ot, p, vb, kvs, n, d);
         }
         po[v0 * d..(v0 + nr) * d].copy_from_slice(&ot[..nr * d]);
     }
@@ -79,6 +80,7 @@ mod x86_256 {
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn decode_task(
+        l: Avx2Fma,
         sc: &mut Scratch,
         cx: &Fwd,
         b: usize,
@@ -89,7 +91,7 @@ mod x86_256 {
         pm: &mut [f32],
         pl: &mut [f32],
     ) {
-        super::decode_task::<Avx2Fma>(sc, cx, b, g, c0, n, po, pm, pl)
+        super::decode_task(l, sc, cx, b, g, c0, n, po, pm, pl)
     }
 }
 
@@ -105,11 +107,12 @@ pub fn flash_decode_with(
     s: AttnShape,
     bl: FlashBlocks,
 ) {
-    check_sizes(s, bl, q.len(), k.len(), out.len(), lse.len());
+    check_sizes(s, bl, &[q.len(), k.len(), v.len(), out.len()], lse.len());
     if s.h * s.d == 0 || s.tq == 0 {
         return;
     }
-    let avx = checked(isa) != Isa::Portable;
+    // The AVX2 loops serve AVX-512 too (no 512-bit decode instance).
+    let kern = kernels(isa);
     let (d, group) = (s.d, s.h / s.hkv);
     let nv = group * s.tq;
     let (lo, hi) = (s.key_range(0).0, s.key_range(s.tq - 1).1);
@@ -136,13 +139,14 @@ pub fn flash_decode_with(
             let (c, g, b) = (t % nch, t / nch % s.hkv, t / (nch * s.hkv));
             let c0 = lo + c * DECODE_CHUNK;
             let n = DECODE_CHUNK.min(hi + 1 - c0);
-            #[cfg(target_arch = "x86_64")]
-            if avx {
-                // SAFETY: `checked` found AVX2 + FMA.
-                return unsafe { x86_256::decode_task(sc, &cx, b, g, c0, n, po, pm, pl) };
+            match kern {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: an `Avx2Fma` exists only on CPUs with AVX2 + FMA.
+                Kernels::Avx512(_, l) | Kernels::Avx2(l) => unsafe {
+                    x86_256::decode_task(l, sc, &cx, b, g, c0, n, po, pm, pl)
+                },
+                Kernels::Portable => decode_task(Portable, sc, &cx, b, g, c0, n, po, pm, pl),
             }
-            let _ = avx;
-            decode_task::<Portable>(sc, &cx, b, g, c0, n, po, pm, pl)
         },
     );
     // out_i = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c with M = max_c m_c; chunks in order,

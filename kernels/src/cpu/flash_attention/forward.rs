@@ -1,11 +1,11 @@
 //! Tiled forward: one task per (b, h, block of Br query rows), online softmax over key tiles.
 //! AVX-512 and AVX2 instances of the task functions are monomorphised inside a
 //! `#[target_feature]` function so the micro-kernels inline and the exp/max/sum loops
-//! vectorise at that width. Callers check `Isa::supported` first.
+//! vectorise at that width. They are entered with the markers that prove the CPU features.
 use rayon::prelude::*;
 
 use super::*;
-use crate::cpu::simd::{BlockGemm, Portable, fast_exp, fast_exp_by};
+use crate::cpu::simd::{BlockGemm, Lanes, fast_exp, fast_exp_by};
 
 /// Forward of query rows i0..i0+Br of (batch b, head h): out rows (Br, D) of that head, lse.
 ///
@@ -13,7 +13,14 @@ use crate::cpu::simd::{BlockGemm, Portable, fast_exp, fast_exp_by};
 /// packed once per task instead of a key block per tile, and the softmax statistics of all nr
 /// rows update together along contiguous St rows.
 #[inline(always)]
-fn forward_task<G: BlockGemm>(sc: &mut Scratch, cx: &Fwd, b: usize, h: usize, i0: usize) {
+fn forward_task<G: BlockGemm, L: Lanes>(
+    _: (G, L),
+    sc: &mut Scratch,
+    cx: &Fwd,
+    b: usize,
+    h: usize,
+    i0: usize,
+) {
     let (s, bc) = (cx.s, cx.bl.bc);
     let (d, qs, kvs, scale) = (s.d, s.h * s.d, s.hkv * s.d, s.scale());
     let nr = cx.bl.br.min(s.tq - i0);
@@ -102,8 +109,15 @@ mod x86_512 {
     use crate::cpu::simd::Avx512;
 
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) fn forward_task(sc: &mut Scratch, cx: &Fwd, b: usize, h: usize, i0: usize) {
-        super::forward_task::<Avx512>(sc, cx, b, h, i0)
+    pub(super) fn forward_task(
+        k: (Avx512, Avx2Fma),
+        sc: &mut Scratch,
+        cx: &Fwd,
+        b: usize,
+        h: usize,
+        i0: usize,
+    ) {
+        super::forward_task(k, sc, cx, b, h, i0)
     }
 }
 
@@ -113,8 +127,15 @@ mod x86_256 {
     use crate::cpu::simd::Avx2Fma;
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn forward_task(sc: &mut Scratch, cx: &Fwd, b: usize, h: usize, i0: usize) {
-        super::forward_task::<Avx2Fma>(sc, cx, b, h, i0)
+    pub(super) fn forward_task(
+        k: (Avx2Fma, Avx2Fma),
+        sc: &mut Scratch,
+        cx: &Fwd,
+        b: usize,
+        h: usize,
+        i0: usize,
+    ) {
+        super::forward_task(k, sc, cx, b, h, i0)
     }
 }
 
@@ -130,11 +151,11 @@ pub fn flash_forward_with(
     s: AttnShape,
     bl: FlashBlocks,
 ) {
-    check_sizes(s, bl, q.len(), k.len(), out.len(), lse.len());
+    check_sizes(s, bl, &[q.len(), k.len(), v.len(), out.len()], lse.len());
     if s.h * s.d == 0 || s.tq == 0 {
         return;
     }
-    let isa = checked(isa);
+    let kern = kernels(isa);
     let cx = Fwd { s, bl, q, k, v, out: SyncPtr(out.as_mut_ptr()), lse: SyncPtr(lse.as_mut_ptr()) };
     let nqb = s.tq.div_ceil(bl.br);
     // Heads vary fastest (a GQA group shares its K/V blocks in cache); the last query blocks,
@@ -143,7 +164,7 @@ pub fn flash_forward_with(
         || Scratch::new(s, bl, false),
         |sc, t| {
             let (h, qb, b) = (t % s.h, nqb - 1 - t / s.h % nqb, t / (s.h * nqb));
-            dispatch!(isa, forward_task::<Portable>(sc, &cx, b, h, qb * bl.br))
+            dispatch!(kern, forward_task(sc, &cx, b, h, qb * bl.br))
         },
     );
 }

@@ -26,19 +26,24 @@
 //! union of consecutive rows' windows is contiguous, so every visited tile has a visible key.
 //! Forward writes `out =`, `lse =`; backward accumulates `dq +=`, `dk +=`, `dv +=`.
 use super::attention::AttnShape;
-use super::matmul::Isa;
+use super::isa::Isa;
+use super::simd::Portable;
+#[cfg(target_arch = "x86_64")]
+use super::simd::{Avx2Fma, Avx512};
 
-/// Runs the instance of a task function for `$isa` (a supported one), else the portable one.
+/// Runs the instance of a task function for the `Kernels` `$k`: an AVX-512 or AVX2 instance
+/// (entered with the markers that prove the CPU has their features) or the portable one. Task
+/// functions take their (BlockGemm, Lanes) markers as the first argument.
 macro_rules! dispatch {
-    ($isa:expr, $f:ident::<$($p:ty),*>($($arg:expr),*)) => {
-        match $isa {
+    ($k:expr, $f:ident($($arg:expr),*)) => {
+        match $k {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::supported` confirmed AVX-512F (and with it AVX2 + FMA).
-            Isa::Avx512 => unsafe { x86_512::$f($($arg),*) },
+            // SAFETY: the markers exist only on CPUs with AVX-512F, AVX2 and FMA.
+            Kernels::Avx512(g, l) => unsafe { x86_512::$f((g, l), $($arg),*) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::supported` confirmed AVX2 + FMA.
-            Isa::Avx2 => unsafe { x86_256::$f($($arg),*) },
-            _ => $f::<$($p),*>($($arg),*),
+            // SAFETY: the marker exists only on CPUs with AVX2 + FMA.
+            Kernels::Avx2(l) => unsafe { x86_256::$f((l, l), $($arg),*) },
+            Kernels::Portable => $f((Portable, Portable), $($arg),*),
         }
     };
 }
@@ -209,14 +214,29 @@ fn full_tile(s: &AttnShape, i0: usize, nr: usize, j0: usize, nc: usize) -> bool 
     j0 + nc - 1 <= s.key_range(i0).1 && j0 >= s.key_range(i0 + nr - 1).0
 }
 
-/// The instruction set flash attention uses here: AVX-512 needs AVX2 + FMA too (the decode and
-/// row-statistics loops use the AVX2 `Lanes`); NEON falls back to portable loops.
-fn checked(isa: Isa) -> Isa {
-    match isa {
-        Isa::Avx512 if isa.supported() && Isa::Avx2.supported() => Isa::Avx512,
-        Isa::Avx512 | Isa::Avx2 if Isa::Avx2.supported() => Isa::Avx2,
-        _ => Isa::Portable,
+/// The kernels flash attention runs for `isa`, holding the markers that prove the CPU has
+/// their features.
+#[derive(Clone, Copy)]
+enum Kernels {
+    #[cfg(target_arch = "x86_64")]
+    Avx512(Avx512, Avx2Fma),
+    #[cfg(target_arch = "x86_64")]
+    Avx2(Avx2Fma),
+    Portable,
+}
+
+fn kernels(isa: Isa) -> Kernels {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        let (g, l) = (Avx512::new(), Avx2Fma::new());
+        match (isa, g, l) {
+            (Isa::Avx512, Some(g), Some(l)) => return Kernels::Avx512(g, l),
+            (_, _, Some(l)) => return Kernels::Avx2(l),
+            _ => {}
+        }
     }
+    let _ = isa;
+    Kernels::Portable
 }
 
 /// out (B, Tq, H, D), lse (B, Tq, H) = attention(q (B, Tq, H, D), k, v (B, Tk, Hkv, D)), tiled;
@@ -237,11 +257,10 @@ pub fn flash_attention_forward(
     }
 }
 
-fn check_sizes(s: AttnShape, bl: FlashBlocks, q: usize, kv: usize, out: usize, lse: usize) {
-    s.check();
-    debug_assert!(bl.br > 0 && bl.bc > 0);
-    debug_assert_eq!(q, s.b * s.tq * s.h * s.d);
-    debug_assert_eq!(out, q);
-    debug_assert_eq!(lse, s.b * s.tq * s.h);
-    debug_assert_eq!(kv, s.b * s.tk * s.hkv * s.d);
+/// Panics unless the blocks are non-empty and the buffers (q, k, v, out[, dq, dk, dv, dout])
+/// and lse have the lengths of `s`: in release builds too, since the tasks write through raw
+/// pointers.
+fn check_sizes(s: AttnShape, bl: FlashBlocks, qkv: &[usize], lse: usize) {
+    assert!(bl.br > 0 && bl.bc > 0, "flash attention: empty blocks {bl:?}");
+    s.check_buffers(qkv, &[lse]);
 }

@@ -177,3 +177,15 @@ proptest! {
         prop_assert!(bad.is_none(), "{} ({s:?} {bl:?})", bad.unwrap_or_default());
     }
 }
+
+/// The instruction set flash attention uses here: AVX-512 needs AVX2 + FMA too (the decode and
+/// row-statistics loops use the AVX2 `Lanes`); NEON falls back to portable loops.
+fn checked(isa: Isa) -> Isa {
+    match kernels(isa) {
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx512(..) => Isa::Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx2(_) => Isa::Avx2,
+        Kernels::Portable => Isa::Portable,
+    }
+}

@@ -1,28 +1,47 @@
 //! AVX2 + FMA `Lanes` and `BlockGemm` (6 x 16 register tiles).
 use super::{BlockGemm, Gemm, Lanes, TILE};
+use crate::cpu::isa::Isa;
 
-/// Only meaningful after `has_avx2_fma()` returned true: its methods execute AVX2/FMA
-/// instructions.
-#[cfg(target_arch = "x86_64")]
+/// AVX2 + FMA kernels. A value exists only on a CPU that has both (`new` checks), so its safe
+/// methods, which execute those instructions, cannot fault.
 #[derive(Clone, Copy, Debug)]
-pub struct Avx2Fma;
+pub struct Avx2Fma {
+    _checked: (),
+}
+
+impl Avx2Fma {
+    /// The marker, when this CPU has AVX2 and FMA (whatever `FEMTOCHAT_ISA` says: callers
+    /// consult `Isa::detect` for the choice, this for the proof).
+    #[inline]
+    pub fn new() -> Option<Avx2Fma> {
+        Isa::Avx2.supported().then_some(Avx2Fma { _checked: () })
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 impl Lanes for Avx2Fma {
     #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: an `Avx2Fma` instance is only used behind a `has_avx2_fma()` check.
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: `self` exists, so the CPU has AVX2 + FMA.
         unsafe { x86::dot(a, b) }
     }
 
     #[inline(always)]
-    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    fn axpy(self, y: &mut [f32], a: f32, x: &[f32]) {
         // SAFETY: as above.
         unsafe { x86::axpy(y, a, x) }
     }
 
     #[inline(always)]
-    fn gemm_nt_4(out: &mut [f32], a: [&[f32]; TILE], b: &[f32], stride: usize, n: usize, d: usize) {
+    fn gemm_nt_4(
+        self,
+        out: &mut [f32],
+        a: [&[f32]; TILE],
+        b: &[f32],
+        stride: usize,
+        n: usize,
+        d: usize,
+    ) {
         assert!(out.len() >= TILE * n && a.iter().all(|r| r.len() >= d));
         assert!(n == 0 || b.len() >= (n - 1) * stride + d);
         // SAFETY: as above; the asserts bound every access.
@@ -30,7 +49,7 @@ impl Lanes for Avx2Fma {
     }
 
     #[inline(always)]
-    fn gemm_nn_4(out: &mut [f32], p: &[f32], b: &[f32], stride: usize, n: usize, d: usize) {
+    fn gemm_nn_4(self, out: &mut [f32], p: &[f32], b: &[f32], stride: usize, n: usize, d: usize) {
         assert!(out.len() >= TILE * d && p.len() >= TILE * n);
         assert!(n == 0 || b.len() >= (n - 1) * stride + d);
         // SAFETY: as above; the asserts bound every access.
@@ -267,6 +286,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // lengths: reads the first min(len) elements of each.
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -300,6 +320,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        // lengths: touches the first min(len) elements of each.
         let n = y.len().min(x.len());
         let (py, px) = (y.as_mut_ptr(), x.as_ptr());
         let va = _mm256_set1_ps(a);

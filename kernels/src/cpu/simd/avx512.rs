@@ -1,10 +1,21 @@
 //! AVX-512F `BlockGemm` (8 x 32 register tiles).
 use super::{BlockGemm, Gemm};
+use crate::cpu::isa::Isa;
 
-/// Only meaningful after `Isa::Avx512.supported()`: its methods execute AVX-512F instructions.
-#[cfg(target_arch = "x86_64")]
+/// AVX-512F kernels. A value exists only on a CPU that has AVX-512F (and AVX2 + FMA, which the
+/// kernels mix in; `new` checks), the features its `gemm` executes.
 #[derive(Clone, Copy, Debug)]
-pub struct Avx512;
+pub struct Avx512 {
+    _checked: (),
+}
+
+impl Avx512 {
+    /// The marker, when this CPU has AVX-512F, AVX2 and FMA.
+    #[inline]
+    pub fn new() -> Option<Avx512> {
+        Isa::Avx512.supported().then_some(Avx512 { _checked: () })
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 impl BlockGemm for Avx512 {

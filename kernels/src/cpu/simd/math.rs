@@ -3,6 +3,7 @@
 /// Sum in 8 lanes so it vectorises.
 #[inline(always)]
 pub fn sum_lanes(x: &[f32]) -> f32 {
+    // lengths: any length is a valid input.
     let mut acc = [0.0f32; 8];
     let chunks = x.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().sum();

@@ -7,7 +7,7 @@ pub struct Portable;
 impl Lanes for Portable {
     /// 8 independent accumulators, so the loop vectorises without reassociation licence.
     #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
         let mut acc = [0.0f32; 8];
         let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
         let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
@@ -21,26 +21,34 @@ impl Lanes for Portable {
     }
 
     #[inline(always)]
-    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    fn axpy(self, y: &mut [f32], a: f32, x: &[f32]) {
         y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
     }
 
     #[inline(always)]
-    fn gemm_nt_4(out: &mut [f32], a: [&[f32]; TILE], b: &[f32], stride: usize, n: usize, d: usize) {
+    fn gemm_nt_4(
+        self,
+        out: &mut [f32],
+        a: [&[f32]; TILE],
+        b: &[f32],
+        stride: usize,
+        n: usize,
+        d: usize,
+    ) {
         for j in 0..n {
             let bj = &b[j * stride..][..d];
             for (r, ar) in a.iter().enumerate() {
-                out[r * n + j] = Self::dot(&ar[..d], bj);
+                out[r * n + j] = self.dot(&ar[..d], bj);
             }
         }
     }
 
     #[inline(always)]
-    fn gemm_nn_4(out: &mut [f32], p: &[f32], b: &[f32], stride: usize, n: usize, d: usize) {
+    fn gemm_nn_4(self, out: &mut [f32], p: &[f32], b: &[f32], stride: usize, n: usize, d: usize) {
         for j in 0..n {
             let bj = &b[j * stride..][..d];
             for r in 0..TILE {
-                Self::axpy(&mut out[r * d..(r + 1) * d], p[r * n + j], bj);
+                self.axpy(&mut out[r * d..(r + 1) * d], p[r * n + j], bj);
             }
         }
     }

@@ -45,15 +45,15 @@ fn gemm_tiles_agree() {
         }
         let mut got = vec![0.0; TILE * n];
         let mut got_nn = vec![1.0; TILE * d];
-        Portable::gemm_nt_4(&mut got, rows, &b, stride, n, d);
-        Portable::gemm_nn_4(&mut got_nn, &p, &b, stride, n, d);
+        Portable.gemm_nt_4(&mut got, rows, &b, stride, n, d);
+        Portable.gemm_nn_4(&mut got_nn, &p, &b, stride, n, d);
         assert_eq!(got, want);
         assert_eq!(got_nn, want_nn);
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            Avx2Fma::gemm_nt_4(&mut got, rows, &b, stride, n, d);
+        if let Some(t) = Avx2Fma::new() {
+            t.gemm_nt_4(&mut got, rows, &b, stride, n, d);
             let mut got_nn = vec![1.0; TILE * d];
-            Avx2Fma::gemm_nn_4(&mut got_nn, &p, &b, stride, n, d);
+            t.gemm_nn_4(&mut got_nn, &p, &b, stride, n, d);
             // Small integers: exact in any summation order.
             assert_eq!(got, want);
             assert_eq!(got_nn, want_nn);
@@ -122,7 +122,7 @@ fn block_gemm_matches_naive() {
                 assert_eq!(run(Portable::gemm), want, "portable {m}x{n}x{k}");
                 #[cfg(target_arch = "x86_64")]
                 {
-                    use crate::cpu::matmul::Isa;
+                    use crate::cpu::isa::Isa;
                     if Isa::Avx2.supported() {
                         assert_eq!(run(Avx2Fma::gemm), want, "avx2 {m}x{n}x{k}");
                     }
@@ -141,17 +141,27 @@ fn flavours_agree() {
         let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin()).collect();
         let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
         let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
-        assert!((Portable::dot(&a, &b) as f64 - want).abs() < 1e-4);
+        assert!((Portable.dot(&a, &b) as f64 - want).abs() < 1e-4);
         let mut y1 = b.clone();
-        Portable::axpy(&mut y1, 0.5, &a);
+        Portable.axpy(&mut y1, 0.5, &a);
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            assert!((Avx2Fma::dot(&a, &b) as f64 - want).abs() < 1e-4);
+        if let Some(t) = Avx2Fma::new() {
+            assert!((t.dot(&a, &b) as f64 - want).abs() < 1e-4);
             let mut y2 = b.clone();
-            Avx2Fma::axpy(&mut y2, 0.5, &a);
+            t.axpy(&mut y2, 0.5, &a);
             for (p, q) in y1.iter().zip(&y2) {
                 assert!((p - q).abs() < 1e-6);
             }
         }
     }
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn markers_exist_only_where_the_cpu_has_their_features() {
+    use crate::cpu::isa::Isa;
+    assert_eq!(Avx2Fma::new().is_some(), Isa::Avx2.supported());
+    assert_eq!(Avx512::new().is_some(), Isa::Avx512.supported());
+    // The selected ISA gates the dispatch helpers; the hardware gates the markers.
+    assert_eq!(avx2().is_some(), Isa::detect().has_avx2() && Isa::Avx2.supported());
 }

@@ -1,0 +1,426 @@
+//! Skinny matmul for decoding: out (M, N) = x (M, K) · W (N, K)^T, M small (one row per
+//! sequence in the batch, 1..=64), W a linear layer's weight in its stored (out, in) layout.
+//!
+//! Why not `matmul`: the BLIS path packs W into panels on every call, which for M = 1..8 costs
+//! as much as the product itself, and spawns threads for problems that finish in microseconds.
+//! Here W is read in place (its rows are already the dot-product operands, so no packed copy
+//! is needed), once per step: a register tile of R weight rows x MR input rows keeps R * MR
+//! accumulators while K streams past, so each loaded weight vector feeds MR FMAs and each
+//! loaded input vector R. Weight row blocks are the outer loop and input row groups the inner
+//! one, so a block of W (R x K floats) stays in L1 while every input row group uses it.
+//!
+//! Threads: rayon over column ranges of `out` (disjoint weight rows), only when the product is
+//! at least `PAR_MACS` multiply-adds; below that, waking a second thread costs more than it
+//! saves (measured on the d4 decode step, docs/perf/infer.md).
+//!
+//! Tiles (R x MR) by ISA: AVX-512F 8x1, 8x2, 4x3, 4x4 (at most 16 zmm accumulators); AVX2 + FMA
+//! 8x1, 4x2, 3x3, 2x4 (at most 9 ymm accumulators, 16 registers in all); other CPUs (NEON
+//! included, for now) a portable loop the compiler vectorises.
+use rayon::prelude::*;
+
+use super::matmul::Isa;
+
+/// Multiply-adds below which the product runs on the calling thread alone.
+pub const PAR_MACS: usize = 1 << 19;
+
+/// Input rows per register tile, at most.
+const MR: usize = 4;
+
+/// The instruction set `matvec_nt` runs on this CPU.
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(Isa::detect)
+}
+
+/// Reference: f64 dot products. Test oracle for `matvec_nt`.
+pub fn matvec_nt_naive(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+    for i in 0..m {
+        for j in 0..n {
+            let xr = &x[i * k..(i + 1) * k];
+            let wr = &w[j * k..(j + 1) * k];
+            out[i * n + j] =
+                xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+        }
+    }
+}
+
+/// out (M, N) = x (M, K) · W (N, K)^T with the best kernel this CPU runs.
+pub fn matvec_nt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+    matvec_nt_with(isa(), out, x, w, m, k, n)
+}
+
+/// `matvec_nt` with a given ISA (tests compare them); the portable kernel when the CPU lacks it.
+pub fn matvec_nt_with(
+    isa: Isa,
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matvec_nt: short buffers");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let isa = if isa.supported() { isa } else { Isa::Portable };
+    let ptr = SyncPtr(out.as_mut_ptr());
+    let run = |j0: usize, j1: usize| {
+        // SAFETY: the asserts above bound x, w and out; ranges [j0, j1) of different calls are
+        // disjoint, so no two threads write the same element of out.
+        unsafe { columns(isa, ptr.get(), x.as_ptr(), w.as_ptr(), m, k, n, j0, j1) }
+    };
+    let threads = rayon::current_num_threads();
+    if m * k * n < PAR_MACS || threads == 1 || n < 16 {
+        return run(0, n);
+    }
+    // Ranges of whole 8-row weight blocks, two per thread so a slow thread is not the bottleneck.
+    let chunks = (threads * 2).min(n / 8);
+    let per = n.div_ceil(chunks).next_multiple_of(8);
+    (0..n.div_ceil(per)).into_par_iter().for_each(|c| run(c * per, ((c + 1) * per).min(n)));
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Columns j0..j1 of out (all M rows).
+///
+/// # Safety
+/// x holds m * k floats, w n * k, out m * n; no other thread writes columns j0..j1 of out.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns(
+    isa: Isa,
+    out: *mut f32,
+    x: *const f32,
+    w: *const f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+) {
+    // SAFETY: forwarded from the caller; each ISA branch runs only where `supported()` held.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::columns_512(out, x, w, m, k, n, j0, j1),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::columns_256(out, x, w, m, k, n, j0, j1),
+            _ => columns_portable(out, x, w, m, k, n, j0, j1),
+        }
+    }
+}
+
+/// Plain dot products in 8 lanes (vectorised by the compiler for the build target).
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns_portable(
+    out: *mut f32,
+    x: *const f32,
+    w: *const f32,
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+) {
+    for j in j0..j1 {
+        // SAFETY: row j of w and row i of x are in bounds (caller).
+        let wr = unsafe { std::slice::from_raw_parts(w.add(j * k), k) };
+        for i in 0..m {
+            let xr = unsafe { std::slice::from_raw_parts(x.add(i * k), k) };
+            let mut acc = [0.0f32; 8];
+            let (cw, cx) = (wr.chunks_exact(8), xr.chunks_exact(8));
+            let tail: f32 = cw.remainder().iter().zip(cx.remainder()).map(|(a, b)| a * b).sum();
+            for (a, b) in cw.zip(cx) {
+                for l in 0..8 {
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            let s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
+            // SAFETY: (i, j) is inside out.
+            unsafe { *out.add(i * n + j) = s + tail };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::MR;
+
+    /// Lanes 0..w of a 16-lane mask.
+    #[inline(always)]
+    fn mask16(w: usize) -> __mmask16 {
+        if w >= 16 { 0xFFFF } else { (1u16 << w) - 1 }
+    }
+
+    /// Dispatch on the weight rows left (R) and input rows left (MR) to const-size tiles.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn columns_512(
+        out: *mut f32,
+        x: *const f32,
+        w: *const f32,
+        m: usize,
+        k: usize,
+        n: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        let mut j = j0;
+        // SAFETY: every tile reads rows j..j+R of w and i..i+MR of x, writes their products
+        // into out, all in bounds (caller).
+        unsafe {
+            while j < j1 {
+                let left = j1 - j;
+                let mut i = 0;
+                // Input rows in groups of MR; the weight block (R x K) stays in L1 across them.
+                let r = if m == 1 || m == 2 { left.min(8) } else { left.min(4) };
+                while i < m {
+                    let mi = (m - i).min(MR);
+                    let t =
+                        Tile { out: out.add(i * n + j), x: x.add(i * k), w: w.add(j * k), k, n };
+                    match (r, mi) {
+                        (8, 1) => tile_512::<8, 1>(t),
+                        (8, 2) => tile_512::<8, 2>(t),
+                        (4, 1) => tile_512::<4, 1>(t),
+                        (4, 2) => tile_512::<4, 2>(t),
+                        (4, 3) => tile_512::<4, 3>(t),
+                        (4, 4) => tile_512::<4, 4>(t),
+                        (_, 1) => rows_512::<1>(t, r),
+                        (_, 2) => rows_512::<2>(t, r),
+                        (_, 3) => rows_512::<3>(t, r),
+                        _ => rows_512::<4>(t, r),
+                    }
+                    i += mi;
+                }
+                j += r;
+            }
+        }
+    }
+
+    /// Operands of one tile: out, x and w point at its first element; x and w rows are k apart,
+    /// out rows n apart.
+    #[derive(Clone, Copy)]
+    pub struct Tile {
+        out: *mut f32,
+        x: *const f32,
+        w: *const f32,
+        k: usize,
+        n: usize,
+    }
+
+    /// A ragged weight block (fewer than R rows left): one weight row at a time.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_512<const M: usize>(t: Tile, r: usize) {
+        for rr in 0..r {
+            // SAFETY: row rr < r of this block is in bounds (caller).
+            unsafe { tile_512::<1, M>(Tile { out: t.out.add(rr), w: t.w.add(rr * t.k), ..t }) }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_512<const R: usize, const M: usize>(t: Tile) {
+        let mut acc = [[_mm512_setzero_ps(); M]; R];
+        let mut p = 0;
+        // SAFETY: R weight rows and M input rows of t.k floats each are in bounds; the tail
+        // loads are masked to the elements that exist.
+        unsafe {
+            while p < t.k {
+                let msk = mask16(t.k - p);
+                let xs: [__m512; M] =
+                    std::array::from_fn(|i| _mm512_maskz_loadu_ps(msk, t.x.add(i * t.k + p)));
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_maskz_loadu_ps(msk, t.w.add(r * t.k + p));
+                    for (a, xv) in ar.iter_mut().zip(&xs) {
+                        *a = _mm512_fmadd_ps(wv, *xv, *a);
+                    }
+                }
+                p += 16;
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                for (i, a) in ar.iter().enumerate() {
+                    *t.out.add(i * t.n + r) = _mm512_reduce_add_ps(*a);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn hsum(v: __m256) -> f32 {
+        // SAFETY: SSE and AVX are implied by the avx2 feature of every caller.
+        unsafe {
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            _mm_cvtss_f32(h)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn columns_256(
+        out: *mut f32,
+        x: *const f32,
+        w: *const f32,
+        m: usize,
+        k: usize,
+        n: usize,
+        j0: usize,
+        j1: usize,
+    ) {
+        let mut j = j0;
+        // SAFETY: as in `columns_512`.
+        unsafe {
+            while j < j1 {
+                let left = j1 - j;
+                let r = match m {
+                    1 => left.min(8),
+                    2 => left.min(4),
+                    3 => left.min(3),
+                    _ => left.min(2),
+                };
+                let mut i = 0;
+                while i < m {
+                    let mi = (m - i).min(MR);
+                    let t =
+                        Tile { out: out.add(i * n + j), x: x.add(i * k), w: w.add(j * k), k, n };
+                    match (r, mi) {
+                        (8, 1) => tile_256::<8, 1>(t),
+                        (4, 2) => tile_256::<4, 2>(t),
+                        (3, 1) => tile_256::<3, 1>(t),
+                        (3, 2) => tile_256::<3, 2>(t),
+                        (3, 3) => tile_256::<3, 3>(t),
+                        (2, 1) => tile_256::<2, 1>(t),
+                        (2, 2) => tile_256::<2, 2>(t),
+                        (2, 3) => tile_256::<2, 3>(t),
+                        (2, 4) => tile_256::<2, 4>(t),
+                        (_, 1) => rows_256::<1>(t, r),
+                        (_, 2) => rows_256::<2>(t, r),
+                        (_, 3) => rows_256::<3>(t, r),
+                        _ => rows_256::<4>(t, r),
+                    }
+                    i += mi;
+                }
+                j += r;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_256<const M: usize>(t: Tile, r: usize) {
+        for rr in 0..r {
+            // SAFETY: row rr < r of this block is in bounds (caller).
+            unsafe { tile_256::<1, M>(Tile { out: t.out.add(rr), w: t.w.add(rr * t.k), ..t }) }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_256<const R: usize, const M: usize>(t: Tile) {
+        let mut acc = [[_mm256_setzero_ps(); M]; R];
+        let k8 = t.k & !7;
+        let mut p = 0;
+        // SAFETY: full 8-lane loads stop at k8 <= k; the tail is scalar.
+        unsafe {
+            while p < k8 {
+                let xs: [__m256; M] =
+                    std::array::from_fn(|i| _mm256_loadu_ps(t.x.add(i * t.k + p)));
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_loadu_ps(t.w.add(r * t.k + p));
+                    for (a, xv) in ar.iter_mut().zip(&xs) {
+                        *a = _mm256_fmadd_ps(wv, *xv, *a);
+                    }
+                }
+                p += 8;
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                for (i, a) in ar.iter().enumerate() {
+                    let mut s = hsum(*a);
+                    for q in k8..t.k {
+                        s += *t.w.add(r * t.k + q) * *t.x.add(i * t.k + q);
+                    }
+                    *t.out.add(i * t.n + r) = s;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn isas() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.supported()).collect()
+    }
+
+    /// Every tile shape and ragged edge (rows of W, rows of x, K tails), serial and threaded.
+    #[test]
+    fn matches_naive() {
+        let shapes = [
+            (1, 1, 1),
+            (1, 24, 1),
+            (1, 64, 9),
+            (2, 33, 13),
+            (3, 100, 7),
+            (4, 256, 31),
+            (5, 17, 40),
+            (8, 64, 67),
+            (11, 129, 5),
+            (1, 256, 4096), // above PAR_MACS: split across threads
+            (8, 256, 1030),
+            (16, 96, 515),
+        ];
+        for isa in isas() {
+            for &(m, k, n) in &shapes {
+                let (x, w) = (fill(m * k, 1), fill(n * k, 2));
+                let mut want = vec![0.0; m * n];
+                matvec_nt_naive(&mut want, &x, &w, m, k, n);
+                let mut got = vec![f32::NAN; m * n];
+                matvec_nt_with(isa, &mut got, &x, &w, m, k, n);
+                for (g, e) in got.iter().zip(&want) {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{isa:?} {m}x{k}x{n}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Rows are independent: row i of a batch equals the batch-1 product of x row i.
+    #[test]
+    fn batch_rows_equal_single_rows() {
+        let (m, k, n) = (6, 80, 50);
+        let (x, w) = (fill(m * k, 3), fill(n * k, 4));
+        let mut all = vec![0.0; m * n];
+        matvec_nt(&mut all, &x, &w, m, k, n);
+        for i in 0..m {
+            let mut one = vec![0.0; n];
+            matvec_nt(&mut one, &x[i * k..(i + 1) * k], &w, 1, k, n);
+            for (a, b) in one.iter().zip(&all[i * n..(i + 1) * n]) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+            }
+        }
+    }
+}
