@@ -1,11 +1,12 @@
 //! Same seed, data, config and device: bit-identical metrics and checkpoints, also across thread
 //! counts on the CPU and run to run on the GPU (docs/research.md, "Determinism"). Wall-clock
-//! fields are the only ones allowed to differ.
+//! and peak-memory fields (measurements of the run, not results) are the only ones allowed to
+//! differ.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Metrics fields that measure the machine, not the computation: time, and peak memory (which
-/// depends on when the loader's and rayon's threads allocate).
+/// Metrics fields that measure time or memory, not the computation (how many bytes the
+/// recycler holds depends on the thread count).
 const TIMING: [&str; 5] = ["dt_ms", "tok_per_s", "tflops", "peak_host_bytes", "peak_gpu_bytes"];
 
 fn train(args: &[&str]) -> Output {
