@@ -1,5 +1,5 @@
-//! Checkpoints: bit-exact round trips, nanochat state dicts loading as-is, and a clear error of
-//! its own for each kind of bad file.
+//! Checkpoints: bit-exact round trips, nanochat state dicts loading as-is, a clear error of its
+//! own for each kind of bad file, and no checkpoint written from a failed GPU read.
 use std::path::Path;
 
 use femtochat::engine::{Ids, MuonAdamW, Reduction};
@@ -231,4 +231,51 @@ fn half_precision_state_dicts_load_widened() {
     safetensors::serialize_to_file([(name.clone(), view)], None, &path).unwrap();
     let e = load_state_dict(&path, config).unwrap_err();
     assert!(matches!(e, ModelError::Dtype { name: ref n, .. } if n == name), "{e}");
+}
+
+/// A failed GPU read (injected: `fail_next_downloads`) makes `save_model` and `save_optimizer`
+/// return the error and leaves the previous files untouched, with no temporary file behind:
+/// never a checkpoint of NaNs. The one infallible read, `to_vec`, yields NaNs, not stale numbers.
+#[test]
+fn a_failed_gpu_read_is_an_error_and_keeps_the_previous_files() {
+    use femtochat::engine::Device;
+    use femtochat::kernels::gpu::fail_next_downloads;
+    if let Err(e) = Device::Gpu.ensure_available() {
+        assert!(std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1"), "{e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let gpt = Gpt::init(config(), 5).unwrap().to_device(Device::Gpu).unwrap();
+    let mut opt =
+        MuonAdamW::new(param_groups(gpt.config(), &OptimizerConfig::default()), gpt.params())
+            .unwrap();
+    let idx = Ids::new((0..32).map(|i| i % 50).collect(), &[2, 16]).unwrap();
+    let targets: Vec<i32> = (0..32).map(|i| i * 3 % 50).collect();
+    let step = |opt: &mut MuonAdamW| {
+        let loss = gpt.loss(&idx, &targets, Reduction::Mean).unwrap();
+        opt.step(gpt.params(), &loss.backward().unwrap()).unwrap();
+    };
+    step(&mut opt);
+    let (m, o) = (dir.path().join("m.safetensors"), dir.path().join("o.safetensors"));
+    save_model(&m, &gpt, &serde_json::json!({"step": 1})).unwrap();
+    save_optimizer(&o, &opt).unwrap();
+    let before = (std::fs::read(&m).unwrap(), std::fs::read(&o).unwrap());
+    step(&mut opt);
+    for n in [1, 3] {
+        fail_next_downloads(n);
+        let e = save_model(&m, &gpt, &serde_json::json!({"step": 2})).unwrap_err();
+        assert!(e.to_string().contains("injected failure"), "{e}");
+        fail_next_downloads(n);
+        let e = save_optimizer(&o, &opt).unwrap_err();
+        assert!(e.to_string().contains("injected failure"), "{e}");
+    }
+    fail_next_downloads(0);
+    assert!(before == (std::fs::read(&m).unwrap(), std::fs::read(&o).unwrap()));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "a temporary file was left");
+    let (_, p) = gpt.params().iter().next().unwrap();
+    fail_next_downloads(1);
+    assert!(p.to_vec().iter().all(|x| x.is_nan()));
+    // Reads work again afterwards, and the next save succeeds.
+    assert!(p.to_vec().iter().all(|x| x.is_finite()));
+    save_model(&m, &gpt, &serde_json::json!({"step": 2})).unwrap();
 }

@@ -167,6 +167,53 @@ fn missing_pieces_are_clear_errors() {
     assert!(err.contains("model_000007.pt") && err.contains("[30]"), "{err}");
 }
 
+/// Export and import are inverses: the fixture's weights, optimizer state and tokenizer written
+/// in nanochat's formats by our writers read back bit for bit by our readers (which the tests
+/// above hold to nanochat's own files).
+#[test]
+fn export_round_trips_through_nanochat_formats() {
+    let loc = nanochat::locate(&fixture(""), None, None, None).unwrap();
+    let (config, _) = nanochat::read_meta(&loc).unwrap();
+    let (gpt, _) = nanochat::load_model(&loc).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+
+    let model_pt = tmp.path().join("model_000030.pt");
+    nanochat::save_state_dict(&model_pt, &gpt).unwrap();
+    let back = nanochat::load_state_dict(&model_pt, config.clone()).unwrap();
+    let mut n = 0;
+    for (name, t) in gpt.params().iter() {
+        assert_eq!(back.params().get(name).unwrap().to_vec(), t.to_vec(), "{name}");
+        n += 1;
+    }
+    assert_eq!(n, back.params().iter().count());
+
+    let imported = nanochat::optim::load(&loc.optimizer_paths(), &config).unwrap();
+    let optim_pt = tmp.path().join("optim_000030_rank0.pt");
+    let groups = param_groups(&config, &OptimizerConfig::default());
+    nanochat::optim::save(&optim_pt, &config, imported.step, &imported.buffers, &groups).unwrap();
+    let again = nanochat::optim::load(&[optim_pt.clone()], &config).unwrap();
+    assert_eq!((again.step, again.ranks), (imported.step, 1));
+    assert_eq!(again.buffers, imported.buffers);
+    assert_eq!(again.groups.len(), imported.groups.len());
+    // A buffer missing from the state is refused before anything is written.
+    let mut short = imported.buffers.clone();
+    let first = short.keys().next().unwrap().clone();
+    short.remove(&first);
+    let err = nanochat::optim::save(&tmp.path().join("bad.pt"), &config, 1, &short, &groups)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&first), "{err}");
+
+    let tok = nanochat::load_tokenizer(&fixture("tokenizer")).unwrap();
+    let tok_dir = tmp.path().join("tokenizer");
+    nanochat::save_tokenizer(&tok, &tok_dir).unwrap();
+    let tok_back = nanochat::load_tokenizer(&tok_dir).unwrap();
+    assert_eq!(tok_back.vocab_size(), tok.vocab_size());
+    nanochat::check_token_bytes(&tok_dir.join("token_bytes.pt"), &tok).unwrap();
+    let text = "Hello, world! <|bos|> 12345 héllo";
+    assert_eq!(tok_back.encode(text), tok.encode(text));
+}
+
 /// By hand (benches/nanochat_export_check.sh): a femtochat run exported to FEMTOCHAT_NANOCHAT_DIR,
 /// where nanochat's own build_model wrote expected.json (prompt logits, 60 greedy tokens). Our
 /// model (the run itself, FEMTOCHAT_RUN_DIR, and the export imported back) gives the same.

@@ -1,17 +1,21 @@
 //! Reverse-mode autograd over the recorded graph, and the no-grad mode.
 //!
-//! `backward` orders the graph by an iterative DFS (no recursion, so depth is unbounded), then
-//! walks it consumers-first. Each node's gradient is taken out of the store when the node is
-//! processed (so intermediate gradients are freed as early as possible) and its op's backward
-//! accumulates (`+=`) into its inputs' gradients. Only trainable leaves keep theirs.
+//! `backward` collects the graph by an iterative DFS (no recursion, so depth is unbounded), then
+//! walks it newest node first (reverse creation order: consumers before their inputs). Each
+//! node's gradient is taken out of the store when the node is processed (so intermediate
+//! gradients are freed as early as possible) and its op's backward accumulates (`+=`) into its
+//! inputs' gradients. Only trainable leaves keep theirs. A checkpointed segment (checkpoint.rs)
+//! is recomputed and walked in place when the walk reaches it.
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 
 use femtochat_kernels::gpu::{self as gk, GpuBuffer};
 
 use crate::Device;
+use crate::checkpoint::Segment;
 use crate::device::record;
 use crate::error::{EngineError, Result};
+use crate::op::Op;
 use crate::pool::{alloc_zeroed, recycle};
 use crate::tensor::{Storage, Tensor, TensorId};
 
@@ -39,6 +43,20 @@ pub fn is_grad_enabled() -> bool {
     NO_GRAD_DEPTH.with(|d| d.get() == 0)
 }
 
+/// Grad mode on this thread until the guard drops, even inside `no_grad` (a recomputed segment
+/// records its graph whatever mode the caller of `backward` is in).
+pub(crate) fn enable_grad() -> EnableGradGuard {
+    EnableGradGuard(NO_GRAD_DEPTH.with(|d| d.replace(0)))
+}
+
+pub(crate) struct EnableGradGuard(usize);
+
+impl Drop for EnableGradGuard {
+    fn drop(&mut self) {
+        NO_GRAD_DEPTH.with(|d| d.set(self.0));
+    }
+}
+
 /// Whether an op on these inputs should be recorded.
 pub(crate) fn should_record(inputs: &[&Tensor]) -> bool {
     is_grad_enabled() && inputs.iter().any(|t| t.requires_grad())
@@ -48,6 +66,8 @@ pub(crate) fn should_record(inputs: &[&Tensor]) -> bool {
 /// device (host vectors on CPU graphs, GPU buffers on GPU graphs).
 pub(crate) struct GradStore {
     bufs: HashMap<TensorId, Storage>,
+    /// The trainable leaves met so far, whose gradients `backward` returns.
+    leaves: HashMap<TensorId, Tensor>,
 }
 
 impl GradStore {
@@ -215,37 +235,20 @@ impl Tensor {
                     .into(),
             });
         }
-        let order = topo_order(self);
-        let mut store = GradStore { bufs: HashMap::new() };
+        let order = backward_order(self, &HashSet::new(), None)?;
+        let mut store = GradStore { bufs: HashMap::new(), leaves: HashMap::new() };
         let seed = match self.device() {
             Device::Cpu => Storage::Cpu(vec![1.0]),
             Device::Gpu => Storage::Gpu(record(|bt| bt.upload(&[1.0f32]))?),
         };
         store.bufs.insert(self.id(), seed);
-        let mut leaves: HashMap<TensorId, Tensor> = HashMap::new();
-        for t in order.iter().rev() {
-            let Some(op) = t.op() else { continue };
-            let Some(dout) = store.bufs.remove(&t.id()) else { continue };
-            for inp in op.inputs() {
-                if inp.is_leaf() && inp.requires_grad() {
-                    leaves.entry(inp.id()).or_insert_with(|| inp.clone());
-                }
-            }
-            match dout {
-                Storage::Gpu(dout) => op.backward_gpu(t, dout, &mut store)?,
-                mut host => {
-                    if let Some(spent) = op.backward(t, host.take_host(), &mut store) {
-                        recycle(spent);
-                    }
-                }
-            }
-        }
+        walk(&order, &mut store)?;
         if self.is_leaf() {
-            leaves.insert(self.id(), self.clone());
+            store.leaves.insert(self.id(), self.clone());
         }
         let mut map = HashMap::new();
         for (id, buf) in store.bufs {
-            if let Some(leaf) = leaves.get(&id) {
+            if let Some(leaf) = store.leaves.get(&id) {
                 map.insert(id, Tensor::from_storage(buf, leaf.shape().to_vec(), None));
             }
         }
@@ -253,30 +256,111 @@ impl Tensor {
     }
 }
 
-/// Tracked nodes reachable from `root`, every node after all of its inputs.
-fn topo_order(root: &Tensor) -> Vec<Tensor> {
-    let mut order = Vec::new();
-    let mut seen: HashSet<TensorId> = HashSet::new();
-    // (node, expanded): a node is emitted when popped the second time, after its inputs.
-    let mut stack = vec![(root.clone(), false)];
-    while let Some((t, expanded)) = stack.pop() {
-        if expanded {
-            order.push(t);
-            continue;
+/// Run the backward rule of every node of `order` (consumers first) that has a gradient.
+fn walk(order: &[Tensor], store: &mut GradStore) -> Result<()> {
+    for t in order {
+        let Some(op) = t.op() else { continue };
+        let Some(dout) = store.bufs.remove(&t.id()) else { continue };
+        for inp in op.inputs() {
+            if inp.is_leaf() && inp.requires_grad() {
+                store.leaves.entry(inp.id()).or_insert_with(|| inp.clone());
+            }
         }
-        if !seen.insert(t.id()) {
-            continue;
-        }
-        let inputs: Vec<Tensor> = t
-            .op()
-            .map(|op| op.inputs().into_iter().filter(|i| !i.is_leaf()).cloned().collect())
-            .unwrap_or_default();
-        stack.push((t, true));
-        for i in inputs {
-            if !seen.contains(&i.id()) {
-                stack.push((i, false));
+        match (op, dout) {
+            (Op::Checkpoint(seg), dout) => recompute_backward(t, seg, dout, store)?,
+            (_, Storage::Gpu(dout)) => op.backward_gpu(t, dout, store)?,
+            (_, mut host) => {
+                if let Some(spent) = op.backward(t, host.take_host(), store) {
+                    recycle(spent);
+                }
             }
         }
     }
-    order
+    Ok(())
+}
+
+/// The backward of a checkpointed segment: run its forward again, recording this time, then
+/// back-propagate `dout` through the fresh graph down to the segment's inputs, whose gradients
+/// land in `store` for the outer walk (and the gradients of parameters used inside the segment
+/// land there too). The fresh graph is dropped when this returns, so only one segment's
+/// activations are alive at a time.
+fn recompute_backward(
+    out: &Tensor,
+    seg: &Segment,
+    dout: Storage,
+    store: &mut GradStore,
+) -> Result<()> {
+    let first_new = TensorId::peek_next();
+    let y = {
+        let _g = enable_grad();
+        (seg.f)(&seg.inputs)?
+    };
+    if y.shape() != out.shape() || y.device() != out.device() {
+        return Err(EngineError::Invalid {
+            op: "checkpoint",
+            msg: format!(
+                "the recomputed segment returned shape {:?} on {}, the forward {:?} on {}",
+                y.shape(),
+                y.device(),
+                out.shape(),
+                out.device()
+            ),
+        });
+    }
+    if !y.requires_grad() {
+        return Ok(()); // nothing inside depends on a trainable tensor
+    }
+    let stop: HashSet<TensorId> = seg.inputs.iter().map(Tensor::id).collect();
+    if y.is_leaf() || stop.contains(&y.id()) {
+        // The segment returned a parameter or one of its inputs unchanged.
+        if y.is_leaf() {
+            store.leaves.entry(y.id()).or_insert_with(|| y.clone());
+        }
+        return match dout {
+            Storage::Gpu(d) => store.put_gpu(&y, d),
+            mut host => {
+                store.put(&y, host.take_host());
+                Ok(())
+            }
+        };
+    }
+    let order = backward_order(&y, &stop, Some(first_new))?;
+    store.bufs.insert(y.id(), dout);
+    walk(&order, store)
+}
+
+/// The tracked nodes reachable from `root` without passing through `stop`, in the order the
+/// backward visits them: newest first. Every op result is created after its inputs, so reverse
+/// creation order is a valid order; and being a property of the forward alone, it is the same
+/// whether or not parts of the graph are recomputed, which keeps the gradient accumulations
+/// (and so the bits) identical. With `first_new`, every node must be at least that new (a
+/// recomputed segment that reaches an older tracked tensor not passed as an input is an error:
+/// its gradient would be consumed too early).
+fn backward_order(
+    root: &Tensor,
+    stop: &HashSet<TensorId>,
+    first_new: Option<TensorId>,
+) -> Result<Vec<Tensor>> {
+    let mut order = Vec::new();
+    let mut seen: HashSet<TensorId> = HashSet::new();
+    let mut stack = vec![root.clone()];
+    while let Some(t) = stack.pop() {
+        if t.is_leaf() || stop.contains(&t.id()) || !seen.insert(t.id()) {
+            continue;
+        }
+        if first_new.is_some_and(|f| t.id() < f) {
+            return Err(EngineError::Invalid {
+                op: "checkpoint",
+                msg: "a checkpointed segment uses a tracked tensor that was not passed to it \
+                      as an input (pass every non-parameter tensor it reads in `inputs`)"
+                    .into(),
+            });
+        }
+        if let Some(op) = t.op() {
+            stack.extend(op.inputs().into_iter().cloned());
+        }
+        order.push(t);
+    }
+    order.sort_unstable_by_key(|t| std::cmp::Reverse(t.id()));
+    Ok(order)
 }

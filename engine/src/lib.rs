@@ -16,9 +16,11 @@
 //! Kernels run on rayon's global pool; binaries choose its size. Large buffers are recycled
 //! through [`pool`] (a caching allocator; cap it with [`set_pool_limit`]).
 pub mod autograd;
+mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod op;
+mod op_backward;
 mod op_gpu;
 pub mod optim;
 pub mod param;
@@ -26,9 +28,15 @@ pub mod pool;
 pub mod scalar;
 pub mod tensor;
 
+/// The CPU kernels' instruction set: `cpu_isa::Isa::detect()` (the best, or `FEMTOCHAT_ISA`),
+/// and `cpu_isa::check_env()` for binaries to refuse a bad `FEMTOCHAT_ISA` at startup.
+pub use femtochat_kernels::cpu::isa as cpu_isa;
+
 pub use autograd::{Grads, NoGradGuard, is_grad_enabled, no_grad};
 pub use device::{Device, gpu_dispatch_count, sync};
 pub use error::{EngineError, Result};
+/// Live and peak memory, host and GPU (see `femtochat_kernels::mem`).
+pub use femtochat_kernels::mem;
 pub use op::{IGNORE_INDEX, RMSNORM_EPS, Reduction, RopeTable};
 pub use optim::{GroupKind, MuonAdamW, ParamGroup};
 pub use param::ParamStore;

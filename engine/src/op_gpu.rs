@@ -14,7 +14,7 @@ use femtochat_kernels::gpu::{self as gk, Batch, GpuBuffer, GpuError};
 use crate::autograd::GradStore;
 use crate::device::{context, record};
 use crate::error::Result;
-use crate::op::{Op, RopeTable};
+use crate::op::{Op, RopeTable, split_at_dim};
 use crate::tensor::Tensor;
 
 type GpuResult = std::result::Result<(), GpuError>;
@@ -132,11 +132,6 @@ pub(crate) fn cross_entropy(
     let mean = alloc(1)?;
     record(|bt| gk::reduce::sum_all(bt, &mean, &losses, 1.0 / count as f32, false))?;
     Ok((mean, lse))
-}
-
-/// Sizes around a dim: (outer, n, inner).
-fn split_at_dim(shape: &[usize], dim: usize) -> (usize, usize, usize) {
-    (shape[..dim].iter().product(), shape[dim], shape[dim + 1..].iter().product())
 }
 
 impl Op {
@@ -334,6 +329,8 @@ impl Op {
                     record(|bt| gk::reduce::sum_dim_backward(bt, dx, &dout, outer, n, inner))?;
                 }
             }
+            // The walk itself recomputes segments (autograd::recompute_backward).
+            Op::Checkpoint(_) => debug_assert!(false, "checkpoint reached a backward rule"),
         }
         Ok(())
     }

@@ -86,10 +86,16 @@ impl Storage {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TensorId(u64);
 
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
 impl TensorId {
     fn fresh() -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+        TensorId(NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A bound below every id handed out from now on (ids only grow).
+    pub(crate) fn peek_next() -> Self {
+        TensorId(NEXT_ID.load(Ordering::Relaxed))
     }
 }
 

@@ -80,3 +80,55 @@ fn attention_cpu_and_gpu_print_json() {
     // Backward's only extra buffer is delta (B, Tq, H) floats.
     assert_eq!(l[1]["peak_extra_bytes"], 96 * 2 * 4);
 }
+
+/// `FEMTOCHAT_ISA` changes the `isa` that matmul and attention report, and every ISA this CPU
+/// runs computes the same results within rounding (checksums within 1e-5 relative).
+#[test]
+fn forced_isa_is_reported_and_results_agree() {
+    use femtochat_kernels::cpu::isa::Isa;
+    let isas: Vec<&str> =
+        ["avx512", "avx2", "portable"].into_iter().filter(|n| Isa::parse(n).is_ok()).collect();
+    let cases: [&[&str]; 2] = [
+        &["matmul", "--m", "130", "--k", "70", "--n", "90", "--trans-b", "--reps", "1"],
+        &["attention", "--t", "96", "--d", "16", "--h", "4", "--hkv", "2", "--pass", "fwd,both"],
+    ];
+    for args in cases {
+        let mut first: Option<Vec<f64>> = None;
+        for isa in &isas {
+            let out = bench().args(args).env("FEMTOCHAT_ISA", isa).output().unwrap();
+            assert!(out.status.success(), "{isa}: {}", String::from_utf8_lossy(&out.stderr));
+            let l = lines(&out);
+            assert!(!l.is_empty());
+            assert!(l.iter().all(|l| l["isa"] == *isa), "{isa} {args:?}: {l:?}");
+            let sums: Vec<f64> = l.iter().map(|l| l["checksum"].as_f64().unwrap()).collect();
+            match &first {
+                None => first = Some(sums),
+                Some(want) => {
+                    for (g, w) in sums.iter().zip(want) {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                            "{isa} {args:?}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // "scalar" is the portable path.
+    let out = bench().args(cases[0]).env("FEMTOCHAT_ISA", "scalar").output().unwrap();
+    assert!(lines(&out).iter().all(|l| l["isa"] == "portable"));
+    // Unknown names, and ISAs this CPU lacks, are refused up front with a clear error.
+    let mut refused = vec!["sse9".to_string()];
+    refused.extend(
+        ["avx512", "avx2", "neon"].iter().filter(|n| Isa::parse(n).is_err()).map(|n| n.to_string()),
+    );
+    for bad in refused {
+        let out = bench().args(cases[0]).env("FEMTOCHAT_ISA", &bad).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad}");
+        assert!(
+            stderr.contains("FEMTOCHAT_ISA") && !stderr.contains("panicked"),
+            "{bad}: {stderr}"
+        );
+    }
+}

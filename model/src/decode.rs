@@ -28,6 +28,17 @@ pub fn decode_isa() -> &'static str {
     femtochat_kernels::cpu::matvec::isa().name()
 }
 
+/// The model's decode plan, built on first use. A clone of the model starts without one: the
+/// plan holds handles to the original's parameters, which a clone may replace.
+#[derive(Default)]
+pub(crate) struct DecodeCell(pub(crate) std::sync::OnceLock<DecodePlan>);
+
+impl Clone for DecodeCell {
+    fn clone(&self) -> Self {
+        DecodeCell::default()
+    }
+}
+
 /// Parameter handles and rotary tables of the decode step, resolved once per model (looking
 /// parameters up by name would format strings, i.e. allocate, every step).
 pub(crate) struct DecodePlan {

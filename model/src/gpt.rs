@@ -1,14 +1,18 @@
 //! The nanochat GPT (docs/reference.md §3) on engine ops: one forward for training and scoring, one
 //! cached forward for prefill and batched one-token decode. Both share the per-layer code, so the
 //! two paths cannot drift apart; the fixtures check that they agree.
+use std::sync::Arc;
+
 use femtochat_engine::{
-    Device, Ids, ParamStore, RMSNORM_EPS, Reduction, RopeTable, Tensor, no_grad,
+    Device, EngineError, Ids, ParamStore, RMSNORM_EPS, Reduction, RopeTable, Tensor,
+    is_grad_enabled, no_grad,
 };
 
 use crate::config::{GPTConfig, SMEAR_GATE_CHANNELS as SMEAR_CHANNELS, VE_GATE_CHANNELS};
-use crate::decode::DecodePlan;
+use crate::decode::{DecodeCell, DecodePlan};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::recompute::Recompute;
 use crate::rng::Rng;
 
 /// RoPE base of nanochat.
@@ -51,14 +55,18 @@ pub fn param_shapes(c: &GPTConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// The model: config, named parameters and the derived tables it runs with.
+/// The model: config, named parameters and the derived tables it runs with. A clone shares the
+/// parameters.
+#[derive(Clone)]
 pub struct Gpt {
     config: GPTConfig,
     params: ParamStore,
     rope: RopeTable,
     windows: Vec<usize>,
+    /// What the training forward recomputes in the backward (not part of the model itself).
+    recompute: Recompute,
     /// The fast decode step's weight handles and tables, built on its first use.
-    decode: std::sync::OnceLock<DecodePlan>,
+    decode: DecodeCell,
 }
 
 impl std::fmt::Debug for Gpt {
@@ -98,7 +106,14 @@ impl Gpt {
         let rope =
             RopeTable::new(config.sequence_len * ROPE_LEN_FACTOR, config.head_dim(), ROPE_BASE)?;
         let windows = config.window_sizes();
-        Ok(Gpt { config, params, rope, windows, decode: std::sync::OnceLock::new() })
+        Ok(Gpt {
+            config,
+            params,
+            rope,
+            windows,
+            recompute: Recompute::None,
+            decode: DecodeCell::default(),
+        })
     }
 
     /// A freshly initialised model (docs/reference.md §4), reproducible from `seed`.
@@ -141,6 +156,16 @@ impl Gpt {
         &self.config
     }
 
+    /// Checkpoint parts of the training forward (see `Recompute`); gradients are unchanged (on
+    /// the CPU bit for bit), only memory and time differ.
+    pub fn set_recompute(&mut self, r: Recompute) {
+        self.recompute = r;
+    }
+
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+
     pub fn params(&self) -> &ParamStore {
         &self.params
     }
@@ -148,7 +173,9 @@ impl Gpt {
     /// This model with every parameter on `device` (the rotary tables follow on first use).
     pub fn to_device(&self, device: Device) -> Result<Gpt> {
         device.ensure_available()?;
-        Gpt::from_params(self.config.clone(), self.params.to_device(device)?)
+        let mut g = Gpt::from_params(self.config.clone(), self.params.to_device(device)?)?;
+        g.recompute = self.recompute;
+        Ok(g)
     }
 
     /// The device of the parameters.
@@ -168,11 +195,11 @@ impl Gpt {
 
     /// The decode step's plan, built on first use.
     pub(crate) fn decode_plan(&self) -> Result<&DecodePlan> {
-        if let Some(p) = self.decode.get() {
+        if let Some(p) = self.decode.0.get() {
             return Ok(p);
         }
         let plan = DecodePlan::new(self)?;
-        Ok(self.decode.get_or_init(|| plan))
+        Ok(self.decode.0.get_or_init(|| plan))
     }
 
     fn p(&self, name: &str) -> Result<&Tensor> {
@@ -187,8 +214,16 @@ impl Gpt {
     /// Cross-entropy of the next-token predictions against `targets` (B*T, -1 ignored): a scalar
     /// for `Reduction::Mean`, per-token losses (B*T) for `Reduction::None` (bits per byte).
     pub fn loss(&self, idx: &Ids, targets: &[i32], reduction: Reduction) -> Result<Tensor> {
-        let rows = (LOSS_CHUNK_FLOATS / self.config.padded_vocab_size()).max(1);
-        self.loss_in_chunks(idx, targets, reduction, rows)
+        self.loss_in_chunks(idx, targets, reduction, self.loss_chunk_rows(idx.len()))
+    }
+
+    /// The rows per lm-head chunk `loss` uses for `rows` tokens: at most `LOSS_CHUNK_FLOATS`
+    /// logits; with a recomputed head (`Recompute::All`), equal chunks of at most about one
+    /// block's activations (32 C floats per token) of logits, so rebuilding a chunk in the
+    /// backward does not set the peak. (Chunking sums the loss per chunk: the same gradients up
+    /// to rounding.)
+    pub fn loss_chunk_rows(&self, rows: usize) -> usize {
+        loss_chunk_rows(&self.config, self.recompute, rows)
     }
 
     /// `loss`, with the lm head and the cross-entropy run on at most `chunk_rows` of the B*T
@@ -213,14 +248,25 @@ impl Gpt {
         let x = x.reshape(&[b * t, c])?;
         let rows = b * t;
         let chunk = chunk_rows.max(1);
+        let recompute_head = self.recompute.head() && is_grad_enabled();
+        // head + loss of rows of x, as a checkpointed segment (keeping only those (n, C) rows;
+        // the (n, V) logits are rebuilt in the backward) or not.
+        let head_loss = |x: Tensor, targets: &[i32], reduction: Reduction| -> Result<Tensor> {
+            if !recompute_head {
+                return Ok(self.head(&x)?.cross_entropy(targets, reduction)?);
+            }
+            let (me, targets) = (self.clone(), targets.to_vec());
+            Ok(Tensor::checkpoint(&[x], move |xs| {
+                me.head(&xs[0]).map_err(into_engine)?.cross_entropy(&targets, reduction)
+            })?)
+        };
         if rows <= chunk {
-            return Ok(self.head(&x)?.cross_entropy(targets, reduction)?);
+            return head_loss(x, targets, reduction);
         }
         let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
         for r0 in (0..rows).step_by(chunk) {
             let n = chunk.min(rows - r0);
-            let logits = self.head(&x.narrow(0, r0, n)?)?; // (n, V)
-            parts.push(logits.cross_entropy(&targets[r0..r0 + n], Reduction::None)?);
+            parts.push(head_loss(x.narrow(0, r0, n)?, &targets[r0..r0 + n], Reduction::None)?);
         }
         let losses = Tensor::cat(&parts, 0)?; // (B*T)
         Ok(match reduction {
@@ -335,10 +381,35 @@ impl Gpt {
         let mut x = self.smear(&x, &mut mode)?;
         let x0 = x.clone();
         let mut backout = None;
-        for i in 0..c.n_layer {
-            x = self.block(i, &x, &x0, idx, &mut mode)?;
-            if i == c.n_layer / 2 {
-                backout = Some(x.clone());
+        let cut = c.n_layer / 2;
+        let segments = match mode {
+            AttnMode::Full if is_grad_enabled() => self.recompute.segments(c.n_layer, cut),
+            _ => Vec::new(),
+        };
+        if segments.is_empty() {
+            for i in 0..c.n_layer {
+                x = self.block(i, &x, &x0, idx, &mut mode)?;
+                if i == cut {
+                    backout = Some(x.clone());
+                }
+            }
+        } else {
+            // One shared copy of the model for the segments' closures (they outlive this call).
+            let me = Arc::new(self.clone());
+            for (start, end) in segments {
+                let (me, idx) = (me.clone(), idx.clone());
+                x = Tensor::checkpoint(&[x, x0.clone()], move |xs| {
+                    let mut x = xs[0].clone();
+                    for i in start..end {
+                        x = me
+                            .block(i, &x, &xs[1], &idx, &mut AttnMode::Full)
+                            .map_err(into_engine)?;
+                    }
+                    Ok(x)
+                })?;
+                if (start..end).contains(&cut) {
+                    backout = Some(x.clone());
+                }
             }
         }
         // n_layer >= 1 is validated, so the backout layer exists.
@@ -438,5 +509,26 @@ impl Gpt {
         let x = x.add(&y)?;
         let m = norm(&x)?.linear(l("mlp.c_fc.weight")?)?.relu2()?;
         Ok(x.add(&m.linear(l("mlp.c_proj.weight")?)?)?)
+    }
+}
+
+/// `Gpt::loss_chunk_rows` of a configuration (also what the memory estimate assumes).
+pub fn loss_chunk_rows(c: &GPTConfig, r: Recompute, rows: usize) -> usize {
+    let vp = c.padded_vocab_size();
+    let cap = (LOSS_CHUNK_FLOATS / vp).max(1);
+    if !r.head() {
+        return cap;
+    }
+    let target = (rows.saturating_mul(32 * c.n_embd) / (3 * vp)).max(64).min(cap);
+    // Equal chunks: the engine's recycler reuses buffers by exact length, so a smaller last
+    // chunk would hold a second set of logits buffers.
+    rows.div_ceil(rows.div_ceil(target).max(1)).max(1)
+}
+
+/// A model error raised inside a checkpointed segment, as the engine error the segment returns.
+fn into_engine(e: ModelError) -> EngineError {
+    match e {
+        ModelError::Engine(e) => e,
+        other => EngineError::Invalid { op: "checkpointed segment", msg: other.to_string() },
     }
 }

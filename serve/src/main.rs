@@ -375,6 +375,10 @@ fn run_name(run: &Path) -> String {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = femtochat_engine::cpu_isa::check_env() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let result = match cli.command {
         None => http(cli.http),
         Some(Command::Chat(a)) => chat(a),

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use femtochat_engine::Device;
-use femtochat_model::GPTConfig;
 use femtochat_model::generate::generate;
 use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_model::tokenizer::Tokenizer;
+use femtochat_model::{GPTConfig, Recompute};
 
 use crate::docs;
 use crate::loader::{BestFitLoader, Prefetch, ValSet};
@@ -129,6 +129,11 @@ pub struct Args {
     /// cpu (rayon + SIMD) or gpu (WGSL kernels through wgpu).
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Activation checkpointing: none; blocks (keep one input per block, recompute each block
+    /// in the backward); every-K (one input per K blocks); all (blocks, and the lm head + loss).
+    /// Gradients are unchanged (bit for bit on the CPU); memory drops, steps take longer.
+    #[arg(long, default_value = "none")]
+    recompute: Recompute,
 }
 
 /// A learning rate or weight decay: finite and not negative.
@@ -332,6 +337,7 @@ pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
         return Ok(());
     }
     trainer = trainer.with_device(a.device)?;
+    trainer.gpt.set_recompute(a.recompute);
     eprintln!("device: {}", a.device.describe());
     let s = trainer.settings.clone();
     eprintln!(
@@ -372,7 +378,7 @@ pub fn main(a: Args, explicit: &BTreeSet<String>) -> Result<()> {
     };
     trainer::train_with_progress(
         &mut trainer,
-        &mut loader,
+        &mut crate::dist::Strided::of_world(&mut loader),
         Some(&mut val),
         Some(&mut sample),
         a.peak_flops,
@@ -390,7 +396,8 @@ struct Prepared {
     loader: Prefetch,
     val: ValSet,
     tok: Arc<Tokenizer>,
-    _lock: RunLock,
+    /// Held by rank 0, which alone writes the run directory.
+    _lock: Option<RunLock>,
 }
 
 fn load_tokenizer(dir: &Path) -> Result<Arc<Tokenizer>> {
@@ -438,22 +445,28 @@ fn start(a: &Args, files: &[PathBuf], val_files: &[PathBuf]) -> Result<Prepared>
     // Everything that can fail on the inputs fails here, before the run directory is touched.
     let loader = loader(a, files, &tok, &s)?;
     let val = val_set(a, val_files, &tok, &s, a.eval_tokens)?;
-    let lock = rundir::begin_new(&a.out, a.run.overwrite)?;
-    for line in recipe.describe(&input, s.device_batch_size * s.model.sequence_len) {
-        eprintln!("{line}");
-    }
-    tok.save(&a.out.join("tokenizer"))?;
-    let record = RunRecord::new(
-        &a.out,
-        "base",
-        fixed_flags(a),
-        files,
-        val_files,
-        a.eval_tokens,
-        serde_json::json!({ "recipe": recipe }),
-    )?;
-    rundir::write_run_file(&a.out, &record)?;
-    let run_id = record.run_id;
+    // Over several ranks, rank 0 sets up the run directory and the others learn its run id.
+    let (lock, run_id) = if crate::dist::is_lead() {
+        let lock = rundir::begin_new(&a.out, a.run.overwrite)?;
+        for line in recipe.describe(&input, s.device_batch_size * s.model.sequence_len) {
+            eprintln!("{line}");
+        }
+        tok.save(&a.out.join("tokenizer"))?;
+        let record = RunRecord::new(
+            &a.out,
+            "base",
+            fixed_flags(a),
+            files,
+            val_files,
+            a.eval_tokens,
+            serde_json::json!({ "recipe": recipe }),
+        )?;
+        rundir::write_run_file(&a.out, &record)?;
+        (Some(lock), record.run_id)
+    } else {
+        (None, String::new())
+    };
+    let run_id = crate::dist::broadcast_string(run_id)?;
     let trainer = Trainer::new(s, &a.out, &run_id)?;
     Ok(Prepared { trainer, loader, val, tok, _lock: lock })
 }
@@ -464,7 +477,13 @@ fn resume(
     files: &[PathBuf],
     val_files: &[PathBuf],
 ) -> Result<Prepared> {
-    let (lock, record) = rundir::begin_resume(&a.out)?;
+    // Rank 0 holds the lock and checks the flags; the other ranks only read the checkpoint.
+    let (lock, record) = if crate::dist::is_lead() {
+        let (lock, record) = rundir::begin_resume(&a.out)?;
+        (Some(lock), record)
+    } else {
+        (None, None)
+    };
     let tok_dir = a.out.join("tokenizer");
     let tok = load_tokenizer(&tok_dir)?;
     if let Some(r) = &record {

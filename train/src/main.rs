@@ -11,6 +11,7 @@ mod batches;
 mod bench;
 mod bench_infer;
 mod chat_data;
+mod dist;
 mod docs;
 mod eval;
 mod interop;
@@ -21,6 +22,8 @@ mod parity;
 mod plot;
 mod pyrandom;
 mod recipe;
+mod report;
+mod rl;
 mod rundir;
 mod sft;
 mod sweep;
@@ -59,6 +62,21 @@ enum Command {
     /// pretraining (best fit with cropping) and learned on every token, LRs x 1, warmdown over
     /// the last 20%. Same flags and run directory as `train sft`.
     Mid(Box<sft::Args>),
+    /// Reinforcement learning on GSM8K (nanochat's chat_rl): sample completions with the
+    /// calculator, reward correct answers, policy gradient with a per-question baseline.
+    ///
+    /// Each step samples --num-samples completions for each of --examples-per-step training
+    /// problems; advantage = reward - the question's mean reward; the loss is the token-level
+    /// policy gradient over the sampled tokens only (tool outputs excluded). Fresh optimizer,
+    /// LRs x 0.05 ramping linearly to 0 over one epoch; pass@k on GSM8K test every
+    /// --eval-every steps. Same run directory as every stage: `serve --checkpoint OUT`.
+    Rl(Box<rl::Args>),
+    /// The report card of a pipeline (nanochat's report.md): machine, commit, tokenizer
+    /// compression, each stage's command, time, tokens, throughput, MFU and scores, plots, and
+    /// a metric x stage summary. Writes OUT/report.md, OUT/report.json and OUT/*.svg.
+    ///
+    /// Example: train report runs/tok runs/base runs/sft runs/rl --out runs/report
+    Report(report::Args),
     /// Check the model and optimizer against PyTorch reference fixtures.
     ///
     /// Each FIXTURE is a `<case>.safetensors` with a `<case>.json` beside it (the format of
@@ -113,6 +131,10 @@ fn explicit_args(matches: &ArgMatches) -> BTreeSet<String> {
         .collect()
 }
 
+/// Counts every heap byte, for the peak memory that `bench`, `base` and `sft` report.
+#[global_allocator]
+static ALLOC: femtochat_engine::mem::CountingAlloc = femtochat_engine::mem::CountingAlloc;
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let explicit = explicit_args(&matches);
@@ -126,6 +148,19 @@ fn main() -> ExitCode {
         eprintln!("error: --threads: {e}");
         return ExitCode::from(2);
     }
+    if let Err(e) = femtochat_engine::cpu_isa::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    // One rank of an MPI job when launched by mpirun/srun (feature `mpi`); MPI is finalised
+    // when `_mpi` drops, after the command.
+    let _mpi = match dist::init() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Tokenizer(args) => tokenizer_cmd::main(args).map(|()| ExitCode::SUCCESS),
         Command::TokenizerEval(args) => tokenizer_cmd::eval(args).map(|()| ExitCode::SUCCESS),
@@ -136,6 +171,8 @@ fn main() -> ExitCode {
         Command::Mid(args) => {
             sft::main(*args, sft::Stage::Mid, &explicit).map(|()| ExitCode::SUCCESS)
         }
+        Command::Rl(args) => rl::main(*args, &explicit).map(|()| ExitCode::SUCCESS),
+        Command::Report(args) => report::main(args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::main(args),
         Command::Bench(args) => bench::main(args).map(|()| ExitCode::SUCCESS),
         Command::BenchInfer(args) => bench_infer::main(args).map(|()| ExitCode::SUCCESS),
@@ -148,6 +185,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if dist::world().size() > 1 => {
+            // The other ranks may wait in a collective this rank will never join: stop them.
+            let w = dist::world();
+            eprintln!("error (rank {} of {}): {e:#}", w.rank(), w.size());
+            w.abort(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

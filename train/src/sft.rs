@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use femtochat_engine::{Device, MuonAdamW};
-use femtochat_model::checkpoint::{load_model, load_optimizer};
+use femtochat_model::Recompute;
+use femtochat_model::checkpoint::load_model;
 use femtochat_model::tokenizer::Tokenizer;
 
 use crate::base::{check_fits, fraction, learning_rate};
@@ -155,6 +156,9 @@ pub struct Args {
     /// cpu or gpu.
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Activation checkpointing, as `train base --recompute`: none, blocks, every-K or all.
+    #[arg(long, default_value = "none")]
+    recompute: Recompute,
     /// Write the first N micro-batches this run would train on to OUT_FILE as little-endian
     /// i32 (per micro-batch: inputs, then targets, each B x T) and exit without training;
     /// for comparing the packing with another implementation (benches/sft_vs_nanochat.py).
@@ -306,7 +310,13 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
         (chat_data::source_files(&train_sources), chat_data::source_files(&val_sources));
     let packing = stage.packing();
     let (mut trainer, tok, mut loader, _lock) = if a.run.resume {
-        let (lock, record) = rundir::begin_resume(&a.out)?;
+        // Over several ranks, rank 0 alone locks and checks the run directory.
+        let (lock, record) = if crate::dist::is_lead() {
+            let (lock, record) = rundir::begin_resume(&a.out)?;
+            (Some(lock), record)
+        } else {
+            (None, None)
+        };
         let tok = Arc::new(
             Tokenizer::load(&a.out.join("tokenizer"))
                 .with_context(|| format!("loading {}", a.out.join("tokenizer").display()))?,
@@ -364,11 +374,11 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
         let mut opt = MuonAdamW::new(s.param_groups(), gpt.params())?;
         let opt_path = base.ckpt.join("optimizer.safetensors");
         if a.load_optimizer {
-            if opt_path.exists() {
-                load_optimizer(&opt_path, &mut opt)?;
+            // One process's optimizer.safetensors, or the shards of a run over several ranks.
+            if crate::dist::optim::load_any(&base.ckpt, &mut opt)? {
                 eprintln!(
                     "warm-started the optimizer from {} (momentum buffers; LRs reset)",
-                    opt_path.display()
+                    base.ckpt.display()
                 );
             } else {
                 eprintln!(
@@ -386,23 +396,30 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
             packing,
             s.model.sequence_len,
         )?;
-        let lock = rundir::begin_new(&a.out, a.run.overwrite)?;
-        tok.save(&a.out.join("tokenizer"))?;
-        let details = serde_json::json!({
-            "base": { "dir": base.dir, "checkpoint": base.ckpt, "step": base.state.step, "run_id": base.state.run_id, "config": s.model },
-            "mixture": train_sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "conversations": data.len(),
-        });
-        let record = RunRecord::new(
-            &a.out,
-            stage.name(),
-            flags,
-            &files,
-            &val_files,
-            a.eval_tokens,
-            details,
-        )?;
-        rundir::write_run_file(&a.out, &record)?;
+        // Over several ranks, rank 0 sets up the run directory; the others learn its run id.
+        let (lock, run_id) = if crate::dist::is_lead() {
+            let lock = rundir::begin_new(&a.out, a.run.overwrite)?;
+            tok.save(&a.out.join("tokenizer"))?;
+            let details = serde_json::json!({
+                "base": { "dir": base.dir, "checkpoint": base.ckpt, "step": base.state.step, "run_id": base.state.run_id, "config": s.model },
+                "mixture": train_sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "conversations": data.len(),
+            });
+            let record = RunRecord::new(
+                &a.out,
+                stage.name(),
+                flags,
+                &files,
+                &val_files,
+                a.eval_tokens,
+                details,
+            )?;
+            rundir::write_run_file(&a.out, &record)?;
+            (Some(lock), record.run_id)
+        } else {
+            (None, String::new())
+        };
+        let run_id = crate::dist::broadcast_string(run_id)?;
         eprintln!(
             "{}: {} conversations from {} sources; {} steps of {} tokens (device batch {} x {}, {} accumulation steps); LRs x {}",
             stage.name(),
@@ -416,7 +433,7 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
             s.lr_scale
         );
         let loader = prefetch(&data, &tok, &s, packing)?;
-        let trainer = Trainer::start(s, gpt, opt, &a.out, &record.run_id)?;
+        let trainer = Trainer::start(s, gpt, opt, &a.out, &run_id)?;
         (trainer, tok, loader, lock)
     };
     if trainer.step() >= trainer.settings.num_iterations {
@@ -441,6 +458,7 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
         eval_tokens,
     )?;
     trainer = trainer.with_device(a.device)?;
+    trainer.gpt.set_recompute(a.recompute);
     if a.chatcore_every > 0 {
         let names: Vec<String> =
             ["arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee"]
@@ -462,7 +480,8 @@ pub fn main(a: Args, stage: Stage, explicit: &BTreeSet<String>) -> Result<()> {
         trainer.set_evaluator(a.chatcore_every, Box::new(evaluator));
     }
     eprintln!("device: {}; validation {} tokens", a.device.describe(), val.tokens());
-    trainer::train_with_progress(&mut trainer, &mut loader, Some(&mut val), None, a.peak_flops)?;
+    let mut share = crate::dist::Strided::of_world(&mut loader);
+    trainer::train_with_progress(&mut trainer, &mut share, Some(&mut val), None, a.peak_flops)?;
     Ok(())
 }
 

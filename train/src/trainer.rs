@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use femtochat_engine::{Device, GroupKind, Ids, MuonAdamW, Reduction};
+use femtochat_engine::{Device, GroupKind, Ids, MuonAdamW, Reduction, mem};
 use femtochat_model::checkpoint::{
-    Latest, latest_checkpoint, load_model, load_optimizer, save_model, save_optimizer, write_atomic,
+    Latest, latest_checkpoint, load_model, save_model, save_optimizer, write_atomic,
 };
 use femtochat_model::optim::{OptimizerConfig, param_groups};
 use femtochat_model::schedule::Schedule;
@@ -103,6 +103,9 @@ pub enum LrSchedule {
     /// (warmup over `warmup_ratio`, warmdown over the last `warmdown_ratio`); Muon momentum
     /// 0.85 -> 0.95 over 300 steps; Muon weight decay constant.
     Chat { warmup_ratio: f64 },
+    /// chat_rl: the LR ramps linearly from 1 at step 0 down to 0 (`1 - it / num_iterations`);
+    /// Muon momentum stays at setup_optimizer's 0.95; weight decay constant.
+    Linear,
 }
 
 /// Muon momentum of the chat schedule: 0.85 -> 0.95 over the first 300 steps.
@@ -148,6 +151,10 @@ impl Settings {
                     (1.0 - decay) + decay * self.final_lr_frac
                 };
                 (lrm, chat_momentum(it), self.weight_decay as f64)
+            }
+            LrSchedule::Linear => {
+                let lrm = 1.0 - it as f64 / self.num_iterations.max(1) as f64;
+                (lrm, 0.95, self.weight_decay as f64)
             }
         }
     }
@@ -210,6 +217,10 @@ pub struct Summary {
     pub tokens: usize,
     pub seconds: f64,
     pub tok_per_s: f64,
+    /// High-water mark of host heap bytes over the steps (None where the binary does not count
+    /// allocations), and of GPU buffer bytes.
+    pub peak_host_bytes: Option<usize>,
+    pub peak_gpu_bytes: u64,
 }
 
 /// Called every `sample_every` steps with the model; returns text to print.
@@ -226,6 +237,9 @@ pub struct Trainer {
     saved_step: Option<usize>,
     /// Run every N steps (N > 0) and after the last step.
     evaluator: Option<(usize, Box<dyn Evaluator>)>,
+    /// This rank's part of the optimizer when training over several ranks (`opt` is then
+    /// empty): see dist/optim.rs.
+    sharded: Option<crate::dist::optim::ShardedMuonAdamW>,
 }
 
 /// The newest checkpoint of `run_dir` named by `latest.json`, refusing a `latest.json` that
@@ -266,7 +280,9 @@ impl Trainer {
     ) -> Result<Trainer> {
         fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
         let metrics = run_dir.join("metrics.jsonl");
-        fs::write(&metrics, b"").with_context(|| format!("writing {}", metrics.display()))?;
+        if crate::dist::is_lead() {
+            fs::write(&metrics, b"").with_context(|| format!("writing {}", metrics.display()))?;
+        }
         Ok(Trainer {
             settings,
             gpt,
@@ -276,6 +292,7 @@ impl Trainer {
             run_id: run_id.to_string(),
             saved_step: None,
             evaluator: None,
+            sharded: None,
         })
     }
 
@@ -324,7 +341,9 @@ impl Trainer {
         }
         let settings = state.settings;
         let mut opt = MuonAdamW::new(settings.param_groups(), gpt.params())?;
-        load_optimizer(&dir.join("optimizer.safetensors"), &mut opt)?;
+        if !crate::dist::optim::load_any(&dir, &mut opt)? {
+            bail!("{} holds no optimizer state", dir.display());
+        }
         source.restore(&state.source).context("restoring the data loader")?;
         // Drop metrics logged after the checkpoint: the resumed run logs those steps again.
         let metrics = run_dir.join("metrics.jsonl");
@@ -339,7 +358,9 @@ impl Trainer {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        write_atomic(&metrics, kept.as_bytes())?;
+        if crate::dist::is_lead() {
+            write_atomic(&metrics, kept.as_bytes())?;
+        }
         Ok(Trainer {
             settings,
             gpt,
@@ -349,6 +370,7 @@ impl Trainer {
             run_id: state.run_id,
             saved_step: Some(state.step),
             evaluator: None,
+            sharded: None,
         })
     }
 
@@ -419,6 +441,9 @@ impl Trainer {
 
     /// Append one JSON line to `metrics.jsonl`.
     pub fn log(&self, line: serde_json::Value) -> Result<()> {
+        if !crate::dist::is_lead() {
+            return Ok(());
+        }
         let path = self.run_dir.join("metrics.jsonl");
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -437,8 +462,38 @@ impl Trainer {
         let dir = self.run_dir.join(&name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let meta = serde_json::json!({ "step": self.step, "run_id": self.run_id });
-        save_model(&dir.join("model.safetensors"), &self.gpt, &meta)?;
-        save_optimizer(&dir.join("optimizer.safetensors"), &self.opt)?;
+        let lead = crate::dist::is_lead();
+        // Over several ranks: rank 0 writes the model, every rank its optimizer shard; rank 0
+        // names the checkpoint in latest.json only once every rank has written its shard.
+        let written = (|| -> Result<()> {
+            if lead {
+                save_model(&dir.join("model.safetensors"), &self.gpt, &meta)?;
+            }
+            // A directory rewritten by a resumed run may hold the other layout's file from
+            // before: remove it, since a load prefers optimizer.safetensors.
+            let single = dir.join("optimizer.safetensors");
+            match &self.sharded {
+                Some(sh) => {
+                    if lead && single.exists() {
+                        fs::remove_file(&single)?;
+                    }
+                    sh.save_shard(&dir)?;
+                }
+                None => {
+                    save_optimizer(&single, &self.opt)?;
+                    let shard = crate::dist::optim::shard_path(&dir, 0);
+                    if shard.exists() {
+                        fs::remove_file(&shard)?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        crate::dist::agree("writing the checkpoint", written)?;
+        if !lead {
+            self.saved_step = Some(self.step);
+            return Ok(dir);
+        }
         let state = CheckpointState {
             step: self.step,
             source: source_state,
@@ -462,6 +517,33 @@ impl Trainer {
             }
         }
         Ok(dir)
+    }
+
+    /// Take optimizer step `self.step` with gradients computed elsewhere (a stage whose loss is
+    /// not the trainer's cross-entropy, such as RL's policy gradient): the schedules at this
+    /// step, the update, the step counted. Returns (LR multiplier, Muon momentum, weight decay).
+    /// One process only: the optimizer must not be sharded over ranks.
+    pub fn apply_grads(&mut self, grads: &femtochat_engine::Grads) -> Result<(f32, f32, f32)> {
+        if self.sharded.is_some() {
+            bail!("apply_grads takes whole gradients on one process; the optimizer is sharded");
+        }
+        let (lrm, momentum, wd) = self.settings.schedule_at(self.step);
+        let (lrm, momentum, wd) = (lrm as f32, momentum as f32, wd as f32);
+        for g in self.opt.groups_mut() {
+            g.lr = g.initial_lr * lrm;
+            if let GroupKind::Muon { momentum: m, .. } = &mut g.kind {
+                *m = momentum;
+                g.weight_decay = wd;
+            }
+        }
+        self.opt.step(self.gpt.params(), grads)?;
+        self.step += 1;
+        Ok((lrm, momentum, wd))
+    }
+
+    /// The run directory this trainer writes.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     /// On a failed batch: keep the work done so far (a checkpoint of the last completed step,
@@ -492,6 +574,27 @@ impl Trainer {
         }
     }
 
+    /// Over several ranks, keep only this rank's part of the optimizer (once).
+    fn shard_optimizer(&mut self) -> Result<()> {
+        let w = crate::dist::world();
+        if w.size() > 1 && self.sharded.is_none() {
+            let params = self.gpt.params();
+            let sh =
+                crate::dist::optim::ShardedMuonAdamW::new(&self.opt, params, w.rank(), w.size())?;
+            if w.rank() == 0 {
+                eprintln!(
+                    "optimizer state split over {} ranks: rank 0 holds {} of {} values",
+                    w.size(),
+                    sh.state_len(),
+                    self.opt.state_dict()?.1.values().map(Vec::len).sum::<usize>()
+                );
+            }
+            self.opt = MuonAdamW::new(Vec::new(), params)?;
+            self.sharded = Some(sh);
+        }
+        Ok(())
+    }
+
     /// Train until `num_iterations`, evaluating, sampling and checkpointing on the way.
     /// `progress` sees (step, loss, tok_per_s) after every step.
     pub fn train(
@@ -508,9 +611,14 @@ impl Trainer {
         let first_step = self.step;
         let mut last_loss = None;
         let mut val_bpb = None;
+        let (mut peak_host, mut peak_gpu) = (0, 0);
+        let lead = crate::dist::is_lead();
+        let local_accum = crate::dist::local_accum(s.grad_accum_steps)?;
+        self.shard_optimizer()?;
         while self.step < s.num_iterations {
             let it = self.step;
             if s.eval_every > 0
+                && lead
                 && it.is_multiple_of(s.eval_every)
                 && let Some(v) = validator.as_deref_mut()
             {
@@ -518,11 +626,14 @@ impl Trainer {
                 self.log(serde_json::json!({ "step": it, "val_bpb": bpb }))?;
                 val_bpb = Some(bpb);
             }
-            if it > 0 && self.evaluator.as_ref().is_some_and(|(every, _)| it.is_multiple_of(*every))
+            if it > 0
+                && lead
+                && self.evaluator.as_ref().is_some_and(|(every, _)| it.is_multiple_of(*every))
             {
                 self.run_evaluator(it)?;
             }
             if s.sample_every > 0
+                && lead
                 && it > 0
                 && it.is_multiple_of(s.sample_every)
                 && let Some(hook) = sample.as_deref_mut()
@@ -531,13 +642,22 @@ impl Trainer {
                     eprintln!("[step {it}] {line}");
                 }
             }
+            // Over several ranks the others wait for rank 0's evaluation here, with no time
+            // limit (the same condition on every rank, whatever each one evaluates).
+            let evaluated = (s.eval_every > 0 && it.is_multiple_of(s.eval_every))
+                || (it > 0 && self.evaluator.as_ref().is_some_and(|(e, _)| it.is_multiple_of(*e)))
+                || (s.sample_every > 0 && it > 0 && it.is_multiple_of(s.sample_every));
+            if evaluated {
+                crate::dist::wait_for_lead()?;
+            }
             // Where the data stands before this step: what a checkpoint of step `it` records.
             let step_state = source.state();
+            mem::reset_peaks();
             let t0 = Instant::now();
             let mut grads: Option<femtochat_engine::Grads> = None;
             let mut loss_sum = 0.0f64;
             let mut learned_batches = 0usize;
-            for _ in 0..s.grad_accum_steps {
+            for _ in 0..local_accum {
                 let batch = match source.next_batch() {
                     Ok(b) => b,
                     Err(e) => return Err(self.stop_on_data_error(e, step_state)),
@@ -574,16 +694,24 @@ impl Trainer {
                 }
             }
             let grads = grads.unwrap_or_default();
+            let (loss_sum, learned_batches) = crate::dist::sum_loss(loss_sum, learned_batches)?;
             let (lrm, momentum, wd) = s.schedule_at(it);
             let (lrm, momentum, wd) = (lrm as f32, momentum as f32, wd as f32);
-            for g in self.opt.groups_mut() {
+            let groups = match self.sharded.as_mut() {
+                Some(sh) => sh.groups_mut(),
+                None => self.opt.groups_mut(),
+            };
+            for g in groups {
                 g.lr = g.initial_lr * lrm;
                 if let GroupKind::Muon { momentum: m, .. } = &mut g.kind {
                     *m = momentum;
                     g.weight_decay = wd;
                 }
             }
-            self.opt.step(self.gpt.params(), &grads)?;
+            match self.sharded.as_mut() {
+                Some(sh) => sh.step(crate::dist::world(), self.gpt.params(), &grads)?,
+                None => self.opt.step(self.gpt.params(), &grads)?,
+            }
             drop(grads);
             self.step += 1;
             let loss = if learned_batches == 0 {
@@ -597,8 +725,11 @@ impl Trainer {
             self.log(serde_json::json!({
                 "step": it, "loss": loss, "lr_mult": lrm, "muon_momentum": momentum,
                 "muon_wd": wd, "tok_per_s": tok_per_s, "tflops": flops_per_token * tok_per_s / 1e12,
-                "dt_ms": dt * 1e3,
+                "dt_ms": dt * 1e3, "peak_host_bytes": mem::host_counting().then(mem::host_peak_bytes),
+                "peak_gpu_bytes": mem::gpu_peak_bytes(),
             }))?;
+            peak_host = peak_host.max(mem::host_peak_bytes());
+            peak_gpu = peak_gpu.max(mem::gpu_peak_bytes());
             progress(it, loss, tok_per_s);
             if s.save_every > 0
                 && self.step.is_multiple_of(s.save_every)
@@ -607,13 +738,28 @@ impl Trainer {
                 self.save(source.state())?;
             }
         }
-        if let Some(v) = validator {
+        if lead && let Some(v) = validator {
             let bpb = v.val_bpb(&self.gpt)?;
             self.log(serde_json::json!({ "step": self.step, "val_bpb": bpb }))?;
             val_bpb = Some(bpb);
         }
-        self.run_evaluator(self.step)?;
+        if lead {
+            self.run_evaluator(self.step)?;
+        }
+        crate::dist::wait_for_lead()?;
         self.save(source.state())?;
+        if lead
+            && let Some(sh) = &self.sharded
+            && self.step > first_step
+        {
+            let w = crate::dist::world();
+            eprintln!(
+                "communication over {} ranks: {} bytes sent per step by rank 0 ({} predicted)",
+                w.size(),
+                w.bytes_sent() / (self.step - first_step) as u64,
+                sh.bytes_per_step()
+            );
+        }
         let seconds = start.elapsed().as_secs_f64();
         let tokens = (self.step - first_step) * s.tokens_per_step();
         Ok(Summary {
@@ -623,6 +769,8 @@ impl Trainer {
             tokens,
             seconds,
             tok_per_s: tokens as f64 / seconds.max(1e-9),
+            peak_host_bytes: mem::host_counting().then_some(peak_host),
+            peak_gpu_bytes: peak_gpu,
         })
     }
 }
@@ -638,7 +786,12 @@ pub fn train_with_progress(
     peak_flops: Option<f64>,
 ) -> Result<Summary> {
     let s = trainer.settings.clone();
-    let bar = indicatif::ProgressBar::new(s.num_iterations as u64);
+    let lead = crate::dist::is_lead();
+    let bar = if lead {
+        indicatif::ProgressBar::new(s.num_iterations as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
@@ -657,6 +810,9 @@ pub fn train_with_progress(
         ));
     })?;
     bar.finish();
+    if !lead {
+        return Ok(summary);
+    }
     crate::plot::loss_curve(&trainer.run_dir)?;
     eprintln!(
         "done: {} steps, final loss {}, val bpb {}, {} tokens in {:.1}s ({:.0} tok/s); run in {}",

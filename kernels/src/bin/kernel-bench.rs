@@ -4,12 +4,14 @@
 //! `kernel-bench matmul --m 1024 --k 1024 --n 1024 --threads 2`; lists sweep: `--m 512,1024`.
 //! `kernel-bench attention --b 1 --h 4 --hkv 4 --t 2048 --d 64 --impl flash,reference`.
 //!
-//! A counting global allocator measures each op's peak extra memory: the high-water mark of
-//! live heap bytes during the call, above what was live when it started (inputs and outputs
-//! are allocated before).
-use std::alloc::{GlobalAlloc, Layout, System};
+//! CPU lines name the instruction set they ran (`isa`): the best this CPU has, or the one
+//! `FEMTOCHAT_ISA=avx512|avx2|portable|scalar` (or `matmul --isa`) forces; `checksum` (the sum
+//! of the outputs' magnitudes, in f64) lets runs with different ISAs be compared for agreement.
+//!
+//! The counting global allocator (`femtochat_kernels::mem`) measures each op's peak extra memory:
+//! the high-water mark of live heap bytes during the call, above what was live when it started
+//! (inputs and outputs are allocated before).
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -18,66 +20,30 @@ use femtochat_kernels::cpu::attention::{AttnShape, attention_backward, attention
 use femtochat_kernels::cpu::flash_attention::{
     FlashBlocks, flash_attention_backward, flash_attention_forward,
 };
-use femtochat_kernels::cpu::matmul::{Isa, MatmulShape, matmul_naive, matmul_with};
+use femtochat_kernels::cpu::isa::{self, Isa};
+use femtochat_kernels::cpu::matmul::{MatmulShape, matmul_naive, matmul_with};
 use femtochat_kernels::gpu::flash_attention::{FlashKernel, FlashTiles};
-
-/// The system allocator, counting live bytes and their high-water mark.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-impl Counting {
-    fn grew(n: usize) {
-        let live = LIVE.fetch_add(n, Ordering::Relaxed) + n;
-        PEAK.fetch_max(live, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call forwards to `System` unchanged; the counters only observe sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        Counting::grew(layout.size());
-        // SAFETY: forwarded.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        Counting::grew(layout.size());
-        // SAFETY: forwarded.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        Counting::grew(new_size);
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: forwarded.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use femtochat_kernels::mem::{self, CountingAlloc};
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: CountingAlloc = CountingAlloc;
 
 /// Runs `f` and returns the peak of live heap bytes during it above the live bytes before it.
 fn peak_extra_bytes(f: impl FnOnce()) -> usize {
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
+    let base = mem::host_bytes();
+    mem::reset_peaks();
     f();
-    PEAK.load(Ordering::Relaxed).saturating_sub(base)
+    mem::host_peak_bytes().saturating_sub(base)
 }
 
 #[derive(Parser)]
 #[command(
     name = "kernel-bench",
     version,
-    about = "Benchmark femtochat kernels; one JSON line per case"
+    about = "Benchmark femtochat kernels; one JSON line per case",
+    after_help = "Environment: FEMTOCHAT_ISA=avx512|avx2|portable|scalar forces the CPU \
+                  instruction set of every kernel (refused when this CPU lacks it); each CPU \
+                  line names the one used in \"isa\"."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -125,7 +91,8 @@ struct MatmulArgs {
     reps: usize,
     #[arg(long, value_enum, default_value_t = Impl::Fast)]
     r#impl: Impl,
-    /// Micro-kernel to force: avx512, avx2, neon, portable (default: the best this CPU runs).
+    /// Micro-kernel to force: avx512, avx2, neon, portable or scalar (= portable); default:
+    /// FEMTOCHAT_ISA, else the best this CPU runs.
     #[arg(long)]
     isa: Option<String>,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
@@ -140,6 +107,10 @@ struct MatmulArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = isa::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Matmul(args) => bench_matmul(args).map_err(anyhow::Error::msg),
         Command::Attention(args) => bench_attention(args),
@@ -154,17 +125,7 @@ fn main() -> ExitCode {
 }
 
 fn parse_isa(name: &str) -> Result<Isa, String> {
-    let isa = match name {
-        "avx512" => Isa::Avx512,
-        "avx2" => Isa::Avx2,
-        "neon" => Isa::Neon,
-        "portable" => Isa::Portable,
-        _ => return Err(format!("unknown --isa {name:?} (avx512, avx2, neon, portable)")),
-    };
-    if !isa.supported() {
-        return Err(format!("this CPU cannot run --isa {name}"));
-    }
-    Ok(isa)
+    Isa::parse(name).map_err(|e| format!("--isa: {e}"))
 }
 
 fn bench_matmul(args: MatmulArgs) -> Result<(), String> {
@@ -216,13 +177,14 @@ fn bench_matmul(args: MatmulArgs) -> Result<(), String> {
                     });
                     times.sort_by(f64::total_cmp);
                     let median = times[times.len() / 2];
+                    let checksum: f64 = c.iter().map(|&x| x.abs() as f64).sum();
                     let line = serde_json::json!({
                         "op": "matmul", "device": "cpu", "m": m, "k": k, "n": n,
                         "trans_a": args.trans_a, "trans_b": args.trans_b, "threads": t,
                         "ms": median * 1e3, "gflops": s.flops() / median / 1e9,
                         "best_ms": times[0] * 1e3,
                         "impl": match args.r#impl { Impl::Fast => "fast", Impl::Naive => "naive" },
-                        "isa": isa.name(),
+                        "isa": isa.name(), "checksum": checksum,
                     });
                     println!("{line}");
                 }
@@ -379,12 +341,17 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
                 let gpu = gpu_kernel(imp);
                 let case =
                     AttnCase { s, fwd_bl, bwd_bl, gpu, imp, q: &q, k: &k, v: &v, dout: &dout };
-                let (ms, best_ms, extra) = match args.device {
+                let (ms, best_ms, extra, checksum) = match args.device {
                     Device::Cpu => {
                         pool.install(|| time_attention(&case, pass, args.reps as usize))?
                     }
-                    Device::Gpu => time_attention_gpu(&case, pass, args.reps as usize)?,
+                    Device::Gpu => {
+                        let (ms, best, extra) =
+                            time_attention_gpu(&case, pass, args.reps as usize)?;
+                        (ms, best, extra, None)
+                    }
                 };
+                let isa = (args.device == Device::Cpu).then(|| Isa::detect().name());
                 // FLOP convention (FlashAttention-2 paper): backward = 2.5x forward (5 matmuls
                 // of the tile against 2), whatever a kernel recomputes.
                 let flops = fwd_flops
@@ -416,7 +383,7 @@ fn bench_attention(args: AttentionArgs) -> Result<()> {
                     "window": args.window, "br": fwd_blocks.br, "bc": fwd_blocks.bc,
                     "bwd_br": bwd.map(|b| b.br), "bwd_bc": bwd.map(|b| b.bc), "pass": pass,
                     "threads": threads, "ms": ms, "best_ms": best_ms, "tflops": tflops,
-                    "peak_extra_bytes": extra,
+                    "peak_extra_bytes": extra, "isa": isa, "checksum": checksum,
                 });
                 println!("{line}");
                 rows.push(AttnRow { imp, pass, t, ms, tflops, extra });
@@ -484,7 +451,9 @@ struct AttnCase<'a> {
 
 /// Median and best ms over `reps` timed calls after a warm-up, and the peak extra bytes of one
 /// call.
-fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64, usize)> {
+/// CPU attention: median and best ms, peak extra bytes, and the checksum of what the timed
+/// pass computes (out, or dq + dk + dv).
+fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64, usize, Option<f64>)> {
     let s = c.s;
     let (mut out, mut lse) = (zeros(c.q.len())?, zeros(s.b * s.tq * s.h)?);
     let (mut dq, mut dk, mut dv) = (zeros(c.q.len())?, zeros(c.k.len())?, zeros(c.k.len())?);
@@ -524,7 +493,9 @@ fn time_attention(c: &AttnCase, pass: Pass, reps: usize) -> Result<(f64, f64, us
         })
         .collect();
     times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], times[0], extra))
+    let sum = |x: &[f32]| x.iter().map(|&v| v.abs() as f64).sum::<f64>();
+    let checksum = if pass == Pass::Fwd { sum(&out) } else { sum(&dq) + sum(&dk) + sum(&dv) };
+    Ok((times[times.len() / 2], times[0], extra, Some(checksum)))
 }
 
 /// GPU attention: the WGSL flash kernel or the straightforward one. `reps` launches go into one

@@ -67,9 +67,45 @@ impl AttnShape {
         ((b * self.tk + j) * self.hkv + g) * self.d
     }
 
+    /// Panics unless the head counts and key rows are consistent (in release builds too: the
+    /// kernels index buffers from them, some through raw pointers).
     pub(crate) fn check(&self) {
-        debug_assert!(self.hkv > 0 && self.h.is_multiple_of(self.hkv));
-        debug_assert!(self.tk >= self.pos0 + self.tq);
+        assert!(
+            self.hkv > 0 && self.h.is_multiple_of(self.hkv),
+            "attention: {} query heads do not group over {} kv heads",
+            self.h,
+            self.hkv
+        );
+        assert!(
+            self.pos0.checked_add(self.tq).is_some_and(|end| self.tk >= end),
+            "attention: {} keys cannot hold queries at positions {}..{}+{}",
+            self.tk,
+            self.pos0,
+            self.pos0,
+            self.tq
+        );
+    }
+
+    /// `check`, then panics unless the buffers have the lengths of this shape: q-sized ones
+    /// in `qkv` order q, k, v, out (then dq, dk, dv, dout for the backward) and lse-sized ones
+    /// in `rows`.
+    pub(crate) fn check_buffers(&self, qkv: &[usize], rows: &[usize]) {
+        self.check();
+        let n = |a: [usize; 4]| a.iter().try_fold(1usize, |x, &y| x.checked_mul(y));
+        let q = n([self.b, self.tq, self.h, self.d]);
+        let kv = n([self.b, self.tk, self.hkv, self.d]);
+        let l = n([self.b, self.tq, self.h, 1]);
+        // q, k, v, out, dq, dk, dv, dout
+        let want = [q, kv, kv, q, q, kv, kv, q];
+        for (i, (&got, want)) in qkv.iter().zip(want).enumerate() {
+            assert!(
+                Some(got) == want,
+                "attention {self:?}: buffer {i} has {got} floats, not {want:?}"
+            );
+        }
+        for &got in rows {
+            assert!(Some(got) == l, "attention {self:?}: lse has {got} floats, not {l:?}");
+        }
     }
 }
 
@@ -106,6 +142,7 @@ fn tile_rows(buf: &[f32], at: impl Fn(usize) -> usize, nr: usize, d: usize) -> [
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn forward_block<L: Lanes>(
+    l: L,
     sc: &mut Scratch,
     b: usize,
     i0: usize,
@@ -120,7 +157,7 @@ fn forward_block<L: Lanes>(
     let nr = l_blk.len() / s.h;
     if nr == 1 {
         // One-token decode (or a ragged last tile): a full tile would compute TILE rows.
-        return forward_row::<L>(&mut sc.s, b, i0, o_blk, l_blk, q, k, v, s);
+        return forward_row(l, &mut sc.s, b, i0, o_blk, l_blk, q, k, v, s);
     }
     let (lo, _) = s.key_range(i0);
     let (_, hi) = s.key_range(i0 + nr - 1);
@@ -129,7 +166,7 @@ fn forward_block<L: Lanes>(
     for h in 0..s.h {
         let g = h / group;
         let qa = tile_rows(q, |r| s.q_at(b, i0 + r, h), nr, d);
-        L::gemm_nt_4(p, qa, &k[s.kv_at(b, lo, g)..], kvs, n, d);
+        l.gemm_nt_4(p, qa, &k[s.kv_at(b, lo, g)..], kvs, n, d);
         let mut inv = [0.0f32; TILE];
         for (r, row) in p.chunks_exact_mut(n).enumerate() {
             if r >= nr {
@@ -149,7 +186,7 @@ fn forward_block<L: Lanes>(
         }
         let ot = &mut sc.o[..TILE * d];
         ot.fill(0.0);
-        L::gemm_nn_4(ot, p, &v[s.kv_at(b, lo, g)..], kvs, n, d);
+        l.gemm_nn_4(ot, p, &v[s.kv_at(b, lo, g)..], kvs, n, d);
         for r in 0..nr {
             let dst = &mut o_blk[(r * s.h + h) * d..][..d];
             dst.iter_mut().zip(&ot[r * d..(r + 1) * d]).for_each(|(o, &x)| *o = x * inv[r]);
@@ -161,6 +198,7 @@ fn forward_block<L: Lanes>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn forward_row<L: Lanes>(
+    l: L,
     scores: &mut [f32],
     b: usize,
     i: usize,
@@ -178,7 +216,7 @@ fn forward_row<L: Lanes>(
         let g = h / group;
         let qi = &q[s.q_at(b, i, h)..][..d];
         for (jj, sj) in sc.iter_mut().enumerate() {
-            *sj = scale * L::dot(qi, &k[s.kv_at(b, lo + jj, g)..][..d]);
+            *sj = scale * l.dot(qi, &k[s.kv_at(b, lo + jj, g)..][..d]);
         }
         let m = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         sc.iter_mut().for_each(|x| *x = fast_exp(*x - m));
@@ -186,7 +224,7 @@ fn forward_row<L: Lanes>(
         let o = &mut o_row[h * d..(h + 1) * d];
         o.fill(0.0);
         for (jj, &p) in sc.iter().enumerate() {
-            L::axpy(o, p, &v[s.kv_at(b, lo + jj, g)..][..d]);
+            l.axpy(o, p, &v[s.kv_at(b, lo + jj, g)..][..d]);
         }
         let inv = 1.0 / sum;
         o.iter_mut().for_each(|x| *x *= inv);
@@ -198,6 +236,7 @@ fn forward_row<L: Lanes>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_q_block<L: Lanes>(
+    l: L,
     sc: &mut Scratch,
     b: usize,
     i0: usize,
@@ -222,8 +261,8 @@ fn backward_q_block<L: Lanes>(
         let (kb, vb) = (&k[s.kv_at(b, lo, g)..], &v[s.kv_at(b, lo, g)..]);
         let qa = tile_rows(q, |r| s.q_at(b, i0 + r, h), nr, d);
         let da = tile_rows(dout, |r| s.q_at(b, i0 + r, h), nr, d);
-        L::gemm_nt_4(p, qa, kb, kvs, n, d);
-        L::gemm_nt_4(dp, da, vb, kvs, n, d);
+        l.gemm_nt_4(p, qa, kb, kvs, n, d);
+        l.gemm_nt_4(dp, da, vb, kvs, n, d);
         for (r, (pr, dpr)) in p.chunks_exact_mut(n).zip(dp.chunks_exact(n)).enumerate() {
             if r >= nr {
                 pr.fill(0.0);
@@ -231,7 +270,7 @@ fn backward_q_block<L: Lanes>(
             }
             let i = i0 + r;
             let at = s.q_at(b, i, h);
-            let di = L::dot(da[r], &out[at..at + d]);
+            let di = l.dot(da[r], &out[at..at + d]);
             delta_blk[r * s.h + h] = di;
             let l = lse[(b * s.tq + i) * s.h + h];
             let (lo_r, hi_r) = s.key_range(i);
@@ -245,7 +284,7 @@ fn backward_q_block<L: Lanes>(
         }
         let t = &mut sc.o[..TILE * d];
         t.fill(0.0);
-        L::gemm_nn_4(t, p, kb, kvs, n, d);
+        l.gemm_nn_4(t, p, kb, kvs, n, d);
         for r in 0..nr {
             let dst = &mut dq_blk[(r * s.h + h) * d..][..d];
             dst.iter_mut().zip(&t[r * d..(r + 1) * d]).for_each(|(o, &x)| *o += x);
@@ -258,6 +297,7 @@ fn backward_q_block<L: Lanes>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_kv_block<L: Lanes>(
+    l: L,
     sc: &mut Scratch,
     b: usize,
     j0: usize,
@@ -290,8 +330,8 @@ fn backward_kv_block<L: Lanes>(
         dv_t.fill(0.0);
         for h in g * group..(g + 1) * group {
             let (qb, db) = (&q[s.q_at(b, qlo, h)..], &dout[s.q_at(b, qlo, h)..]);
-            L::gemm_nt_4(p, ka, qb, qs, n, d); // S^T (TILE, n)
-            L::gemm_nt_4(dp, va, db, qs, n, d); // dP^T (TILE, n)
+            l.gemm_nt_4(p, ka, qb, qs, n, d); // S^T (TILE, n)
+            l.gemm_nt_4(dp, va, db, qs, n, d); // dP^T (TILE, n)
             for (ii, (l, dl)) in lse_h.iter_mut().zip(delta_h.iter_mut()).enumerate() {
                 let row = (b * s.tq + qlo + ii) * s.h + h;
                 (*l, *dl) = (lse[row], delta[row]);
@@ -314,8 +354,8 @@ fn backward_kv_block<L: Lanes>(
                 dpc[..a].fill(0.0);
                 dpc[z + 1..].fill(0.0);
             }
-            L::gemm_nn_4(dv_t, p, db, qs, n, d);
-            L::gemm_nn_4(dk_t, dp, qb, qs, n, d);
+            l.gemm_nn_4(dv_t, p, db, qs, n, d);
+            l.gemm_nn_4(dk_t, dp, qb, qs, n, d);
         }
         for c in 0..nk {
             let at = (c * s.hkv + g) * d;
@@ -327,7 +367,8 @@ fn backward_kv_block<L: Lanes>(
     }
 }
 
-/// AVX2 + FMA instances of the block functions; callers check `has_avx2_fma()` first.
+/// AVX2 + FMA instances of the block functions, entered with the marker that proves the CPU
+/// has those features.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
@@ -336,6 +377,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_block(
+        t: Avx2Fma,
         sc: &mut Scratch,
         b: usize,
         i0: usize,
@@ -346,12 +388,13 @@ mod avx2 {
         v: &[f32],
         s: AttnShape,
     ) {
-        super::forward_block::<Avx2Fma>(sc, b, i0, o_blk, l_blk, q, k, v, s)
+        super::forward_block(t, sc, b, i0, o_blk, l_blk, q, k, v, s)
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_q_block(
+        t: Avx2Fma,
         sc: &mut Scratch,
         b: usize,
         i0: usize,
@@ -365,12 +408,13 @@ mod avx2 {
         lse: &[f32],
         s: AttnShape,
     ) {
-        super::backward_q_block::<Avx2Fma>(sc, b, i0, dq_blk, delta_blk, dout, q, k, v, out, lse, s)
+        super::backward_q_block(t, sc, b, i0, dq_blk, delta_blk, dout, q, k, v, out, lse, s)
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_kv_block(
+        t: Avx2Fma,
         sc: &mut Scratch,
         b: usize,
         j0: usize,
@@ -384,24 +428,25 @@ mod avx2 {
         delta: &[f32],
         s: AttnShape,
     ) {
-        super::backward_kv_block::<Avx2Fma>(sc, b, j0, dk_blk, dv_blk, dout, q, k, v, lse, delta, s)
+        super::backward_kv_block(t, sc, b, j0, dk_blk, dv_blk, dout, q, k, v, lse, delta, s)
     }
 }
 
-/// Runs the AVX2 instance of a block function when the CPU has it, else the portable one.
+/// Runs the AVX2 instance of a block function when `$avx` asks for it and the CPU has it, else
+/// the portable one.
 macro_rules! dispatch {
     ($avx:expr, $f:ident($($arg:expr),*)) => {{
         #[cfg(target_arch = "x86_64")]
-        if $avx {
-            // SAFETY: `$avx` is `has_avx2_fma()`.
-            unsafe { avx2::$f($($arg),*) }
+        if let Some(t) = $avx.then(crate::cpu::simd::Avx2Fma::new).flatten() {
+            // SAFETY: an `Avx2Fma` exists only on CPUs with AVX2 + FMA, the features of `avx2::$f`.
+            unsafe { avx2::$f(t, $($arg),*) }
         } else {
-            $f::<Portable>($($arg),*)
+            $f(Portable, $($arg),*)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = $avx;
-            $f::<Portable>($($arg),*)
+            $f(Portable, $($arg),*)
         }
     }};
 }
@@ -427,10 +472,8 @@ fn forward_with(
     v: &[f32],
     s: AttnShape,
 ) {
-    s.check();
+    s.check_buffers(&[q.len(), k.len(), v.len(), out.len()], &[lse.len()]);
     let hd = s.h * s.d;
-    debug_assert_eq!(out.len(), s.b * s.tq * hd);
-    debug_assert_eq!(lse.len(), s.b * s.tq * s.h);
     if hd == 0 || s.tq == 0 {
         return;
     }
@@ -480,7 +523,10 @@ fn backward_with(
     lse: &[f32],
     s: AttnShape,
 ) {
-    s.check();
+    s.check_buffers(
+        &[q.len(), k.len(), v.len(), out.len(), dq.len(), dk.len(), dv.len(), dout.len()],
+        &[lse.len()],
+    );
     let (hd, kvd) = (s.h * s.d, s.hkv * s.d);
     if hd == 0 || s.tq == 0 {
         return;
@@ -519,6 +565,7 @@ fn backward_with(
 
 /// Reference forward in f64 with an explicit mask: out (B, Tq, H, D).
 pub fn attention_forward_naive(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec<f64> {
+    s.check_buffers(&[q.len(), k.len(), v.len()], &[]);
     let (d, group) = (s.d, s.h / s.hkv);
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0.0f64; s.b * s.tq * s.h * d];

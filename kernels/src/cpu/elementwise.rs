@@ -14,7 +14,7 @@ pub const CHUNK: usize = 1 << 14;
 
 /// out = f(inp)
 fn map_unary(out: &mut [f32], inp: &[f32], f: impl Fn(f32) -> f32 + Sync) {
-    debug_assert_eq!(out.len(), inp.len());
+    assert_eq!(out.len(), inp.len());
     let run =
         |o: &mut [f32], x: &[f32]| vectorized(|| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
     if out.len() <= CHUNK {
@@ -26,8 +26,8 @@ fn map_unary(out: &mut [f32], inp: &[f32], f: impl Fn(f32) -> f32 + Sync) {
 
 /// dinp += f(dout, x), where x is the saved forward input or output.
 fn acc_binary(dinp: &mut [f32], dout: &[f32], x: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
-    debug_assert_eq!(dinp.len(), dout.len());
-    debug_assert_eq!(dinp.len(), x.len());
+    assert_eq!(dinp.len(), dout.len());
+    assert_eq!(dinp.len(), x.len());
     let run = |d: &mut [f32], g: &[f32], x: &[f32]| {
         vectorized(|| d.iter_mut().zip(g).zip(x).for_each(|((d, &g), &x)| *d += f(g, x)))
     };
@@ -49,6 +49,7 @@ pub fn scale_forward(out: &mut [f32], inp: &[f32], s: f32) {
 // d (s x) = s
 /// dinp += s * dout
 pub fn scale_backward(dinp: &mut [f32], dout: &[f32], s: f32) {
+    assert_eq!(dinp.len(), dout.len());
     let run = |d: &mut [f32], g: &[f32]| d.iter_mut().zip(g).for_each(|(d, &g)| *d += s * g);
     if dinp.len() <= CHUNK {
         run(dinp, dout);
@@ -195,6 +196,20 @@ impl Broadcast {
         (&self.dims, &self.stride_a, &self.stride_b)
     }
 
+    /// Elements of a and of b (each the product of its shape) when the output is not empty.
+    pub fn operand_lens(&self) -> (usize, usize) {
+        let len = |st: &[usize]| -> usize {
+            let mut n = 1;
+            for (&d, &s) in self.dims.iter().zip(st) {
+                if s > 0 {
+                    n *= d;
+                }
+            }
+            n
+        };
+        (len(&self.stride_a), len(&self.stride_b))
+    }
+
     pub fn numel(&self) -> usize {
         self.dims.iter().product()
     }
@@ -222,10 +237,17 @@ fn binary(
     accumulate: bool,
     f: impl Fn(f32, f32) -> f32 + Sync,
 ) {
-    debug_assert_eq!(out.len(), bc.numel());
+    assert_eq!(out.len(), bc.numel());
     if out.is_empty() {
         return;
     }
+    let (na, nb) = bc.operand_lens();
+    assert!(
+        a.len() == na && b.len() == nb,
+        "broadcast: operands of {} and {} floats, not {na} and {nb}",
+        a.len(),
+        b.len()
+    );
     let inner = *bc.dims.last().unwrap_or(&1);
     let (ia, ib) = (*bc.stride_a.last().unwrap_or(&0), *bc.stride_b.last().unwrap_or(&0));
     // The innermost collapsed dim is contiguous or broadcast for each operand; specialising on
@@ -304,6 +326,9 @@ pub fn mul_naive(
     b_shape: &[usize],
 ) -> Vec<usize> {
     let bc = Broadcast::new(a_shape, b_shape).expect("shapes broadcast");
+    let n: usize = bc.out_shape.iter().product();
+    assert!(out.len() == n && a.len() == a_shape.iter().product::<usize>());
+    assert_eq!(b.len(), b_shape.iter().product::<usize>());
     let rank = bc.out_shape.len();
     let pad = |s: &[usize]| {
         let mut p = vec![1; rank - s.len()];
@@ -311,7 +336,6 @@ pub fn mul_naive(
         p
     };
     let (pa, pb) = (pad(a_shape), pad(b_shape));
-    let n: usize = bc.out_shape.iter().product();
     for (flat, o) in out.iter_mut().enumerate().take(n) {
         let (mut rem, mut ia, mut ib, mut sa, mut sb) = (flat, 0, 0, 1, 1);
         for d in (0..rank).rev() {

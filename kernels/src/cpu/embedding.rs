@@ -10,7 +10,12 @@ use super::elementwise::CHUNK;
 
 /// out (N, C) = weight (V, C)[ids (N)]
 pub fn embedding_forward(out: &mut [f32], weight: &[f32], ids: &[u32], c: usize) {
-    debug_assert_eq!(out.len(), ids.len() * c);
+    assert_eq!(out.len(), ids.len() * c);
+    assert!(
+        c == 0 || weight.len().is_multiple_of(c),
+        "embedding: table of {} floats, rows of {c}",
+        weight.len()
+    );
     if c == 0 {
         return;
     }
@@ -27,7 +32,12 @@ pub fn embedding_forward(out: &mut [f32], weight: &[f32], ids: &[u32], c: usize)
 
 /// dweight (V, C) += sum over positions p with ids[p] == v of dout (N, C)[p]
 pub fn embedding_backward(dweight: &mut [f32], dout: &[f32], ids: &[u32], c: usize) {
-    debug_assert_eq!(dout.len(), ids.len() * c);
+    assert_eq!(dout.len(), ids.len() * c);
+    assert!(
+        c == 0 || dweight.len().is_multiple_of(c),
+        "embedding: table of {} floats, rows of {c}",
+        dweight.len()
+    );
     if c == 0 {
         return;
     }
@@ -60,6 +70,7 @@ pub fn embedding_backward(dweight: &mut [f32], dout: &[f32], ids: &[u32], c: usi
 
 /// Reference backward: a serial scatter-add in position order.
 pub fn embedding_backward_naive(dweight: &mut [f32], dout: &[f32], ids: &[u32], c: usize) {
+    assert!(dout.len() == ids.len() * c && (c == 0 || dweight.len().is_multiple_of(c)));
     for (p, &id) in ids.iter().enumerate() {
         let id = id as usize;
         for k in 0..c {

@@ -17,6 +17,9 @@
 //! aarch64, and a portable one (4 x 8) that the compiler vectorises as it can.
 use rayon::prelude::*;
 
+/// Moved to `cpu::isa`; re-exported so `matmul::Isa` keeps working.
+pub use super::isa::Isa;
+
 /// Shape of one matmul problem, shared by the naive and fast kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MatmulShape {
@@ -44,6 +47,18 @@ impl MatmulShape {
         if self.trans_b { b[j * self.k + p] } else { b[p * self.n + j] }
     }
 
+    /// Panics unless A, B and C hold exactly `batch` problems of this shape (in release builds
+    /// too: the fast path writes C through raw pointers).
+    fn check(&self, a: usize, b: usize, c: usize, batch: usize) {
+        let want = |x: usize, y: usize| x.checked_mul(y).and_then(|n| n.checked_mul(batch));
+        assert!(
+            Some(a) == want(self.m, self.k)
+                && Some(b) == want(self.k, self.n)
+                && Some(c) == want(self.m, self.n),
+            "matmul {self:?} x {batch}: buffers of {a}, {b}, {c} floats"
+        );
+    }
+
     /// FLOPs of one problem (a multiply-add counts 2).
     pub fn flops(&self) -> f64 {
         2.0 * self.m as f64 * self.k as f64 * self.n as f64
@@ -52,9 +67,7 @@ impl MatmulShape {
 
 /// Reference triple loop, accumulated in f64. Test oracle for `matmul`.
 pub fn matmul_naive(c: &mut [f32], a: &[f32], b: &[f32], s: MatmulShape, accumulate: bool) {
-    debug_assert_eq!(a.len(), s.m * s.k);
-    debug_assert_eq!(b.len(), s.k * s.n);
-    debug_assert_eq!(c.len(), s.m * s.n);
+    s.check(a.len(), b.len(), c.len(), 1);
     for i in 0..s.m {
         for j in 0..s.n {
             let mut acc = 0.0f64;
@@ -67,79 +80,14 @@ pub fn matmul_naive(c: &mut [f32], a: &[f32], b: &[f32], s: MatmulShape, accumul
     }
 }
 
-/// The instruction set a micro-kernel uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    Avx512,
-    Avx2,
-    Neon,
-    Portable,
-}
-
-impl Isa {
-    /// The best micro-kernel this CPU runs.
-    pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx2;
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        {
-            if std::arch::is_aarch64_feature_detected!("neon") {
-                return Isa::Neon;
-            }
-        }
-        Isa::Portable
+/// Micro-tile (MR, NR) of `isa`.
+fn tile_of(isa: Isa) -> (usize, usize) {
+    match isa {
+        Isa::Avx512 => (8, 32),
+        Isa::Avx2 => (6, 16),
+        Isa::Neon => (8, 8),
+        Isa::Portable => (4, 8),
     }
-
-    /// Whether this CPU can run `self`.
-    pub fn supported(self) -> bool {
-        match self {
-            Isa::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
-            #[allow(unreachable_patterns)]
-            _ => false,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Avx512 => "avx512",
-            Isa::Avx2 => "avx2",
-            Isa::Neon => "neon",
-            Isa::Portable => "portable",
-        }
-    }
-
-    /// Micro-tile (MR, NR).
-    fn tile(self) -> (usize, usize) {
-        match self {
-            Isa::Avx512 => (8, 32),
-            Isa::Avx2 => (6, 16),
-            Isa::Neon => (8, 8),
-            Isa::Portable => (4, 8),
-        }
-    }
-}
-
-fn best_isa() -> Isa {
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(Isa::detect)
 }
 
 /// Below this many multiply-adds, packing and threads cost more than they save.
@@ -155,11 +103,11 @@ const NC: usize = 4096;
 
 /// C (M, N) (=|+=) op(A) · op(B).
 pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: MatmulShape, accumulate: bool) {
-    matmul_with(best_isa(), c, a, b, s, accumulate)
+    matmul_with(Isa::detect(), c, a, b, s, accumulate)
 }
 
 /// `matmul` with a given micro-kernel (tests and benchmarks compare them). Falls back to the
-/// portable kernel when the CPU lacks `isa`.
+/// portable kernel when the CPU lacks `isa`. Panics when a buffer is shorter than the shape.
 pub fn matmul_with(
     isa: Isa,
     c: &mut [f32],
@@ -168,9 +116,7 @@ pub fn matmul_with(
     s: MatmulShape,
     accumulate: bool,
 ) {
-    debug_assert_eq!(a.len(), s.m * s.k);
-    debug_assert_eq!(b.len(), s.k * s.n);
-    debug_assert_eq!(c.len(), s.m * s.n);
+    s.check(a.len(), b.len(), c.len(), 1);
     if s.m == 0 || s.n == 0 {
         return;
     }
@@ -184,7 +130,7 @@ pub fn matmul_with(
         return matmul_small(c, a, b, s, accumulate);
     }
     let isa = if isa.supported() { isa } else { Isa::Portable };
-    let (mr, nr) = isa.tile();
+    let (mr, nr) = tile_of(isa);
     // Even blocks: K = 1024 splits 512 + 512, not 768 + 256 (a thin last block wastes a pass).
     let kc_blk = s.k.div_ceil(s.k.div_ceil(KC));
     let mc_blk = s.m.div_ceil(s.m.div_ceil(MC)).next_multiple_of(mr);
@@ -337,7 +283,7 @@ unsafe fn tile(
     nv: usize,
     overwrite: bool,
 ) {
-    let (mr, nr) = isa.tile();
+    let (mr, nr) = tile_of(isa);
     let mut acc = [0.0f32; 8 * 32]; // (MR, NR) of the largest tile
     let acc = &mut acc[..mr * nr];
     // SAFETY: the panels hold kc * MR and kc * NR values and acc holds MR x NR.
@@ -486,10 +432,8 @@ pub fn matmul_batched(
     s: MatmulShape,
     accumulate: bool,
 ) {
+    s.check(a.len(), b.len(), c.len(), batch);
     let (sa, sb, sc) = (s.m * s.k, s.k * s.n, s.m * s.n);
-    debug_assert_eq!(a.len(), batch * sa);
-    debug_assert_eq!(b.len(), batch * sb);
-    debug_assert_eq!(c.len(), batch * sc);
     if sc == 0 {
         return;
     }

@@ -34,6 +34,7 @@ pub fn isa() -> Isa {
 
 /// Reference: f64 dot products. Test oracle for `matvec_nt`.
 pub fn matvec_nt_naive(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matvec_nt: short buffers");
     for i in 0..m {
         for j in 0..n {
             let xr = &x[i * k..(i + 1) * k];

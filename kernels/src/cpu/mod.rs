@@ -4,6 +4,7 @@ pub mod attention_decode;
 pub mod elementwise;
 pub mod embedding;
 pub mod flash_attention;
+pub mod isa;
 pub mod matmul;
 pub mod matvec;
 pub mod reduce;

@@ -25,7 +25,7 @@ fn sum_f64(x: &[f32]) -> f64 {
 
 /// sum_k a_k b_k in f64 lanes, over fixed chunks in parallel (deterministic).
 pub fn dot_all(a: &[f32], b: &[f32]) -> f64 {
-    debug_assert_eq!(a.len(), b.len());
+    assert_eq!(a.len(), b.len());
     let chunk = |(a, b): (&[f32], &[f32])| {
         let mut acc = [0.0f64; 8];
         let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -48,6 +48,7 @@ pub fn dot_all(a: &[f32], b: &[f32]) -> f64 {
 
 /// Sum of all elements, accumulated in f64.
 pub fn sum_all(inp: &[f32]) -> f64 {
+    // lengths: any length is a valid input.
     let chunk_sum = sum_f64;
     if inp.len() <= CHUNK {
         chunk_sum(inp)
@@ -59,13 +60,14 @@ pub fn sum_all(inp: &[f32]) -> f64 {
 
 /// out (1) = sum(inp)
 pub fn sum_forward(out: &mut [f32], inp: &[f32]) {
+    assert_eq!(out.len(), 1, "sum: out is one float");
     out[0] = sum_all(inp) as f32;
 }
 
 /// out (outer, inner) = sum over n of inp (outer, n, inner)
 pub fn sum_dim_forward(out: &mut [f32], inp: &[f32], outer: usize, n: usize, inner: usize) {
-    debug_assert_eq!(out.len(), outer * inner);
-    debug_assert_eq!(inp.len(), outer * n * inner);
+    assert_eq!(out.len(), outer * inner);
+    assert_eq!(inp.len(), outer * n * inner);
     if inner == 0 || outer == 0 {
         return;
     }
@@ -86,8 +88,8 @@ pub fn sum_dim_forward(out: &mut [f32], inp: &[f32], outer: usize, n: usize, inn
 // d sum_j x_j / d x_j = 1: the gradient is dout repeated along the reduced dim.
 /// dinp (outer, n, inner) += dout (outer, inner) broadcast along n
 pub fn sum_dim_backward(dinp: &mut [f32], dout: &[f32], outer: usize, n: usize, inner: usize) {
-    debug_assert_eq!(dout.len(), outer * inner);
-    debug_assert_eq!(dinp.len(), outer * n * inner);
+    assert_eq!(dout.len(), outer * inner);
+    assert_eq!(dinp.len(), outer * n * inner);
     if inner == 0 || n == 0 {
         return;
     }
@@ -116,8 +118,8 @@ pub fn sum_to_shape(
     src_shape: &[usize],
     alpha: f32,
 ) {
-    debug_assert_eq!(dst.len(), dst_shape.iter().product::<usize>());
-    debug_assert_eq!(src.len(), src_shape.iter().product::<usize>());
+    assert_eq!(dst.len(), dst_shape.iter().product::<usize>());
+    assert_eq!(src.len(), src_shape.iter().product::<usize>());
     if dst.len() == src.len() {
         // Nothing was broadcast (only size-1 dims added or removed).
         dst.iter_mut().zip(src).for_each(|(d, &s)| *d += alpha * s);
@@ -128,8 +130,7 @@ pub fn sum_to_shape(
         return;
     }
     let Some(bc) = Broadcast::new(dst_shape, src_shape) else {
-        debug_assert!(false, "sum_to_shape: {dst_shape:?} does not broadcast to {src_shape:?}");
-        return;
+        panic!("sum_to_shape: {dst_shape:?} does not broadcast to {src_shape:?}");
     };
     let (dims, sd) = bc.dims_and_stride_a();
     match (dims, sd) {
@@ -148,7 +149,7 @@ pub fn sum_to_shape(
                     .with_min_len((CHUNK / r).max(1))
                     .for_each(|(i, d)| row(i, d));
             }
-            debug_assert_eq!(dst.len(), k);
+            assert_eq!(dst.len(), k);
         }
         // (R, K) -> (K): column sums, one task per block of columns.
         ([r, k], [0, 1]) => {
@@ -182,6 +183,8 @@ pub fn sum_to_shape_naive(
     src_shape: &[usize],
     alpha: f32,
 ) {
+    assert_eq!(dst.len(), dst_shape.iter().product::<usize>());
+    assert_eq!(src.len(), src_shape.iter().product::<usize>());
     let rank = src_shape.len();
     let mut pd = vec![1; rank - dst_shape.len().min(rank)];
     pd.extend_from_slice(dst_shape);

@@ -19,9 +19,9 @@ pub fn rmsnorm_forward(
     c: usize,
     eps: f32,
 ) {
-    debug_assert_eq!(out.len(), n * c);
-    debug_assert_eq!(inp.len(), n * c);
-    debug_assert_eq!(rstd.len(), n);
+    assert_eq!(out.len(), n * c);
+    assert_eq!(inp.len(), n * c);
+    assert_eq!(rstd.len(), n);
     if c == 0 {
         return;
     }
@@ -51,7 +51,15 @@ pub fn rmsnorm_backward(
     n: usize,
     c: usize,
 ) {
-    debug_assert_eq!(dinp.len(), n * c);
+    assert!(
+        [dinp.len(), dout.len(), inp.len()].iter().all(|&l| Some(l) == n.checked_mul(c))
+            && rstd.len() == n,
+        "rmsnorm backward ({n}, {c}): buffers of {}, {}, {}, {} floats",
+        dinp.len(),
+        dout.len(),
+        inp.len(),
+        rstd.len()
+    );
     if c == 0 {
         return;
     }
@@ -72,6 +80,7 @@ pub fn rmsnorm_backward(
 
 /// Reference forward in f64.
 pub fn rmsnorm_forward_naive(inp: &[f32], n: usize, c: usize, eps: f32) -> Vec<f64> {
+    assert_eq!(Some(inp.len()), n.checked_mul(c), "rmsnorm_forward_naive ({n}, {c})");
     let mut out = vec![0.0; n * c];
     for r in 0..n {
         let x = &inp[r * c..(r + 1) * c];

@@ -13,8 +13,8 @@ use super::elementwise::CHUNK;
 /// PyTorch's float32 tables (inv_freq, then t * inv_freq, then cos/sin).
 pub fn rope_tables(cos: &mut [f32], sin: &mut [f32], t_max: usize, d: usize, base: f32) {
     let half = d / 2;
-    debug_assert_eq!(cos.len(), t_max * half);
-    debug_assert_eq!(sin.len(), t_max * half);
+    assert_eq!(cos.len(), t_max * half);
+    assert_eq!(sin.len(), t_max * half);
     let inv_freq: Vec<f32> =
         (0..half).map(|j| (1.0 / (base as f64).powf((2 * j) as f64 / d as f64)) as f32).collect();
     for t in 0..t_max {
@@ -47,9 +47,9 @@ fn rotate(
     acc: bool,
 ) {
     let (half, row_len) = (s.d / 2, s.h * s.d);
-    debug_assert_eq!(out.len(), s.b * s.t * row_len);
-    debug_assert_eq!(inp.len(), out.len());
-    debug_assert!(cos.len() >= (s.pos0 + s.t) * half);
+    assert_eq!(out.len(), s.b * s.t * row_len);
+    assert_eq!(inp.len(), out.len());
+    assert!(cos.len() >= (s.pos0 + s.t) * half && sin.len() >= (s.pos0 + s.t) * half);
     if row_len == 0 {
         return;
     }

@@ -26,9 +26,9 @@ pub fn copy_block(
     inner: usize,
     accumulate: bool,
 ) {
-    debug_assert_eq!(dst.len(), outer * dv.n * inner);
-    debug_assert_eq!(src.len(), outer * sv.n * inner);
-    debug_assert!(dv.off + len <= dv.n && sv.off + len <= sv.n);
+    assert_eq!(dst.len(), outer * dv.n * inner);
+    assert_eq!(src.len(), outer * sv.n * inner);
+    assert!(dv.off + len <= dv.n && sv.off + len <= sv.n);
     let (drow, srow, blk) = (dv.n * inner, sv.n * inner, len * inner);
     if drow == 0 || blk == 0 {
         return;

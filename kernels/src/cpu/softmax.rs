@@ -12,6 +12,14 @@ use super::simd::{fast_exp, sum_lanes, vectorized};
 /// Target id that contributes no loss and no gradient (PyTorch's `ignore_index=-1`).
 pub const IGNORE_INDEX: i32 = -1;
 
+/// Panics unless every buffer holds `n` rows of `v` (in release builds too).
+fn check_rows(what: &str, n: usize, v: usize, lens: &[usize]) {
+    let want = n.checked_mul(v);
+    for (i, &len) in lens.iter().enumerate() {
+        assert!(Some(len) == want, "{what} ({n}, {v}): buffer {i} has {len} floats");
+    }
+}
+
 fn rows_mut<'a>(buf: &'a mut [f32], cols: usize, f: impl Fn(usize, &'a mut [f32]) + Sync + Send) {
     if cols == 0 {
         return;
@@ -63,8 +71,7 @@ fn logsumexp(x: &[f32]) -> f32 {
 
 /// out (N, V) = softmax(inp) along V
 pub fn softmax_forward(out: &mut [f32], inp: &[f32], n: usize, v: usize) {
-    debug_assert_eq!(out.len(), n * v);
-    debug_assert_eq!(inp.len(), n * v);
+    check_rows("softmax", n, v, &[out.len(), inp.len()]);
     rows_mut(out, v, |r, o| {
         let x = &inp[r * v..(r + 1) * v];
         let m = row_max(x);
@@ -77,7 +84,7 @@ pub fn softmax_forward(out: &mut [f32], inp: &[f32], n: usize, v: usize) {
 // d softmax: dx_j = y_j (dy_j - sum_k dy_k y_k)
 /// dinp (N, V) += softmax backward, from the saved output.
 pub fn softmax_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], n: usize, v: usize) {
-    debug_assert_eq!(dinp.len(), n * v);
+    check_rows("softmax backward", n, v, &[dinp.len(), dout.len(), out.len()]);
     rows_mut(dinp, v, |r, d| {
         let (g, y) = (&dout[r * v..(r + 1) * v], &out[r * v..(r + 1) * v]);
         let dot: f32 = g.iter().zip(y).map(|(&g, &y)| g * y).sum();
@@ -89,7 +96,7 @@ pub fn softmax_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], n: usize, v
 
 /// out (N, V) = log_softmax(inp) along V
 pub fn log_softmax_forward(out: &mut [f32], inp: &[f32], n: usize, v: usize) {
-    debug_assert_eq!(out.len(), n * v);
+    check_rows("log_softmax", n, v, &[out.len(), inp.len()]);
     rows_mut(out, v, |r, o| {
         let x = &inp[r * v..(r + 1) * v];
         let lse = logsumexp(x);
@@ -100,7 +107,7 @@ pub fn log_softmax_forward(out: &mut [f32], inp: &[f32], n: usize, v: usize) {
 // d log_softmax: dx_j = dy_j - softmax_j sum_k dy_k, with softmax = exp(out)
 /// dinp (N, V) += log-softmax backward, from the saved output.
 pub fn log_softmax_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], n: usize, v: usize) {
-    debug_assert_eq!(dinp.len(), n * v);
+    check_rows("log_softmax backward", n, v, &[dinp.len(), dout.len(), out.len()]);
     rows_mut(dinp, v, |r, d| {
         let (g, y) = (&dout[r * v..(r + 1) * v], &out[r * v..(r + 1) * v]);
         let sum: f32 = g.iter().sum();
@@ -120,8 +127,8 @@ pub fn cross_entropy_forward(
     n: usize,
     v: usize,
 ) {
-    debug_assert_eq!(logits.len(), n * v);
-    debug_assert!(losses.len() == n && lse.len() == n && targets.len() == n);
+    check_rows("cross_entropy", n, v, &[logits.len()]);
+    check_rows("cross_entropy", n, 1, &[losses.len(), lse.len(), targets.len()]);
     let row = |r: usize, (loss, lse): (&mut f32, &mut f32)| {
         let x = &logits[r * v..(r + 1) * v];
         *lse = logsumexp(x);
@@ -147,7 +154,8 @@ pub fn cross_entropy_backward(
     n: usize,
     v: usize,
 ) {
-    debug_assert_eq!(dlogits.len(), n * v);
+    check_rows("cross_entropy backward", n, v, &[dlogits.len(), logits.len()]);
+    check_rows("cross_entropy backward", n, 1, &[dlosses.len(), lse.len(), targets.len()]);
     rows_mut(dlogits, v, |r, d| {
         let t = targets[r];
         if t == IGNORE_INDEX {
@@ -162,6 +170,8 @@ pub fn cross_entropy_backward(
 
 /// Reference cross-entropy in f64: per-row losses.
 pub fn cross_entropy_naive(logits: &[f32], targets: &[i32], n: usize, v: usize) -> Vec<f64> {
+    check_rows("cross_entropy_naive", n, v, &[logits.len()]);
+    check_rows("cross_entropy_naive", n, 1, &[targets.len()]);
     (0..n)
         .map(|r| {
             let x = &logits[r * v..(r + 1) * v];

@@ -28,6 +28,19 @@ pub enum GpuError {
     Readback(String),
 }
 
+thread_local! {
+    /// Downloads on this thread that are still to fail (`fail_next_downloads`).
+    static FAIL_DOWNLOADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Fault injection for tests: the next `n` downloads on the calling thread fail with
+/// `GpuError::Readback`, as on a lost device, so tests can show that a failed read becomes an
+/// error (never NaNs in a checkpoint). Per thread, so parallel tests do not see it.
+#[doc(hidden)]
+pub fn fail_next_downloads(n: usize) {
+    FAIL_DOWNLOADS.with(|c| c.set(n));
+}
+
 pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
@@ -153,6 +166,14 @@ impl GpuContext {
 
     /// Copy `buf` back to the host; waits for all submitted work.
     pub fn download<T: bytemuck::Pod>(&self, buf: &GpuBuffer) -> Result<Vec<T>, GpuError> {
+        let inject = FAIL_DOWNLOADS.with(|c| {
+            let n = c.get();
+            c.set(n.saturating_sub(1));
+            n > 0
+        });
+        if inject {
+            return Err(GpuError::Readback("injected failure (fail_next_downloads)".into()));
+        }
         let bytes = (buf.len * 4) as u64;
         if bytes == 0 {
             return Ok(Vec::new());

@@ -17,6 +17,6 @@ pub mod rope;
 pub mod slice;
 pub mod softmax;
 
-pub use context::{Batch, GpuBuffer, GpuContext, GpuError};
+pub use context::{Batch, GpuBuffer, GpuContext, GpuError, fail_next_downloads};
 pub use pipelines::SHADERS;
 pub use pool::DEFAULT_POOL_LIMIT;

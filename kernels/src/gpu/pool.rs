@@ -39,6 +39,7 @@ impl BufferPool {
             Some(b)
         });
         reused.unwrap_or_else(|| {
+            crate::mem::gpu_grew(c);
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("pool"),
                 size: c,
@@ -56,8 +57,10 @@ impl BufferPool {
         {
             f.bytes += buf.size();
             f.by_class.entry(buf.size()).or_default().push(buf);
+            return;
         }
-        // Otherwise `buf` drops here and wgpu frees it once no submitted work uses it.
+        // `buf` drops here and wgpu frees it once no submitted work uses it.
+        crate::mem::gpu_shrank(buf.size());
     }
 
     /// Bytes held idle for reuse.
@@ -71,6 +74,7 @@ impl BufferPool {
             f.limit = limit;
             if f.bytes > limit {
                 f.by_class.clear();
+                crate::mem::gpu_shrank(f.bytes);
                 f.bytes = 0;
             }
         }
