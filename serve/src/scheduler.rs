@@ -20,7 +20,7 @@ use std::time::Duration;
 use femtochat_engine::Ids;
 use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_model::tokenizer::Tokenizer;
-use femtochat_model::{Gpt, KvCache};
+use femtochat_model::{Decoder, Gpt, KvCache};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::{Result, ServeError};
@@ -326,6 +326,10 @@ struct Worker {
     shared: Arc<Shared>,
     /// One cache row per entry of `rows`, in the same order.
     cache: KvCache,
+    /// Scratch of the decode step, reused from step to step.
+    dec: Decoder,
+    /// Next token of every row, reused from step to step.
+    ids: Vec<u32>,
     rows: Vec<Row>,
     /// Accepted requests not started yet, in order: those with reserved rows, then the queue.
     waiting: VecDeque<Job>,
@@ -355,6 +359,8 @@ impl Worker {
             config,
             shared,
             cache,
+            dec: Decoder::new(),
+            ids: Vec::new(),
             rows: Vec::new(),
             waiting: VecDeque::new(),
             seeds,
@@ -516,17 +522,14 @@ impl Worker {
         let _ = self.cache.take_row(i);
     }
 
-    /// One token for every active row: a (R, 1) forward over the shared cache.
+    /// One token for every active row: the model's decode step over the shared cache.
     fn decode_step(&mut self) {
         let r = self.rows.len();
         let v = self.gpt.config().vocab_size;
-        let ids: Vec<u32> = self.rows.iter().map(|row| row.next).collect();
-        let logits = Ids::new(ids, &[r, 1])
-            .map_err(femtochat_model::ModelError::from)
-            .and_then(|ids| self.gpt.forward_cached(&ids, &mut self.cache))
-            .and_then(|l| Ok(l.try_to_vec()?)); // (R, 1, V)
-        let logits = match logits {
-            Ok(l) => l,
+        self.ids.clear();
+        self.ids.extend(self.rows.iter().map(|row| row.next));
+        let logits = match self.gpt.decode_step(&self.ids, &mut self.cache, &mut self.dec) {
+            Ok(l) => l, // (R, V)
             Err(e) => {
                 // The cache may be half written: fail every row and start over clean.
                 for row in &self.rows {

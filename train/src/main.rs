@@ -9,6 +9,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 mod base;
 mod batches;
 mod bench;
+mod bench_infer;
 mod chat_data;
 mod dist;
 mod docs;
@@ -86,6 +87,10 @@ enum Command {
     /// Time full training steps (forward, backward, optimizer) on random tokens; one JSON line
     /// per step with ms, tokens/s, TFLOP/s and (with --peak-flops) MFU.
     Bench(bench::Args),
+    /// Time inference on the CPU (nanochat's infer_bench): per decode batch size, time to first
+    /// token, prefill tok/s, decode step latency and tok/s, bytes read per step and MBU. A table
+    /// on stderr, one JSON line per batch size on stdout.
+    BenchInfer(bench_infer::Args),
     /// Write the token rows `train base` would train and validate on (u32 files + meta.json),
     /// for training a reference implementation on exactly the same data.
     Batches(batches::Args),
@@ -170,6 +175,7 @@ fn main() -> ExitCode {
         Command::Report(args) => report::main(args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::main(args),
         Command::Bench(args) => bench::main(args).map(|()| ExitCode::SUCCESS),
+        Command::BenchInfer(args) => bench_infer::main(args).map(|()| ExitCode::SUCCESS),
         Command::Batches(args) => batches::main(args).map(|()| ExitCode::SUCCESS),
         Command::Micro(args) => micro::main(*args).map(|()| ExitCode::SUCCESS),
         Command::Sweep(args) => sweep::main(args, cli.threads).map(|()| ExitCode::SUCCESS),
