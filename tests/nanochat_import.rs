@@ -191,7 +191,7 @@ fn export_round_trips_through_nanochat_formats() {
     let optim_pt = tmp.path().join("optim_000030_rank0.pt");
     let groups = param_groups(&config, &OptimizerConfig::default());
     nanochat::optim::save(&optim_pt, &config, imported.step, &imported.buffers, &groups).unwrap();
-    let again = nanochat::optim::load(&[optim_pt.clone()], &config).unwrap();
+    let again = nanochat::optim::load(std::slice::from_ref(&optim_pt), &config).unwrap();
     assert_eq!((again.step, again.ranks), (imported.step, 1));
     assert_eq!(again.buffers, imported.buffers);
     assert_eq!(again.groups.len(), imported.groups.len());
