@@ -8,7 +8,7 @@ use femtochat_kernels::cpu::attention::{
     AttnShape, attention_backward, attention_forward, attention_forward_naive,
 };
 use femtochat_kernels::cpu::attention_decode::{
-    DecodeAttnShape, attention_decode, attention_decode_naive,
+    DecodeAttnShape, attention_decode, attention_decode_naive, dot,
 };
 use femtochat_kernels::cpu::elementwise::*;
 use femtochat_kernels::cpu::embedding::*;
@@ -86,6 +86,9 @@ fn cases() -> Vec<Case> {
     }));
     v.push(case("attention_decode_naive", [32, 32, 96, 96], move |[mut o, q, k, vv]| {
         attention_decode_naive(&mut o, &q, &k, &vv, ds)
+    }));
+    v.push(case("dot", [19, 19], |[a, b]| {
+        std::hint::black_box(dot(&a, &b));
     }));
 
     // Attention: q, out (B, Tq, H, D); k, v (B, Tk, Hkv, D); lse (B, Tq, H).

@@ -12,7 +12,7 @@
 //!
 //! On a GPU model `decode_step` runs `forward_cached` instead, so callers need one code path.
 use femtochat_engine::{Device, Ids, RMSNORM_EPS, Tensor};
-use femtochat_kernels::cpu::attention_decode::{DecodeAttnShape, attention_decode};
+use femtochat_kernels::cpu::attention_decode::{DecodeAttnShape, attention_decode, dot};
 use femtochat_kernels::cpu::matvec::{PAR_MACS, matvec_nt};
 use femtochat_kernels::cpu::rope::rope_tables;
 use femtochat_kernels::cpu::simd::{fast_exp, fast_tanh, vectorized};
@@ -181,20 +181,6 @@ fn rmsnorm(x: &mut [f32]) {
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-x))
-}
-
-/// In 8 lanes, so it vectorises.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
 }
 
 /// Rotate each head of `x` (heads x D) to position `pos` (nanochat's half-split convention),

@@ -157,8 +157,11 @@ fn dot4(a: &[f32], b: [&[f32]; 4], d: usize) -> [f32; 4] {
     })
 }
 
+/// a · b in 8 lanes (the loop vectorises for any target), lanes summed pairwise. The decode
+/// step's small dot products (norms, gates) use it too, so they round as attention's do.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
