@@ -58,7 +58,8 @@ def femtochat_run(a, run):
            "--batch-sizes", ",".join(map(str, a.batch_sizes)), "--prompt-tokens",
            str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens), "--rounds", "1"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return [dict(json.loads(l), side="femtochat") for l in out.splitlines() if l.startswith("{")]
+    lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    return [dict(l, side="femtochat") for l in lines if l.get("bench") == "infer"]
 
 
 def nanochat_run(a, export):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """femtochat's CPU matmul vs NumPy/OpenBLAS, same shapes, layouts and thread counts, one run.
 
-Usage: python3 benches/matmul_vs_numpy.py [path/to/kernel-bench]
+Usage: python3 benches/matmul_vs_numpy.py [path/to/kernel-bench] [--isa avx2]
 (build it first: cargo build --release -p femtochat-kernels --bin kernel-bench;
  needs: pip install numpy threadpoolctl).
 
@@ -9,6 +9,10 @@ The two are run alternately, ROUNDS times, and the best GFLOP/s of each is kept:
 virtual machine the best run is the least disturbed one. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are
 removed from the environment first (some machines set them to work around old OpenBLAS bugs, and
 they slow a current one down); the OpenBLAS kernel in use is printed.
+
+`--isa avx2` forces femtochat's AVX2 + FMA path (FEMTOCHAT_ISA) and pins OpenBLAS to its Haswell
+(AVX2) kernel (OPENBLAS_CORETYPE=Haswell), so an AVX-512 machine measures the AVX2 pair like for
+like.
 """
 import json
 import os
@@ -18,11 +22,19 @@ import time
 
 for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
     os.environ.pop(var, None)
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--isa")]
+if "--isa" in sys.argv:
+    forced = sys.argv[sys.argv.index("--isa") + 1]
+    ARGS.remove(forced)
+    if forced != "avx2":
+        sys.exit("--isa: only avx2 has a matching OpenBLAS kernel to pin (Haswell)")
+    os.environ["FEMTOCHAT_ISA"] = "avx2"
+    os.environ["OPENBLAS_CORETYPE"] = "Haswell"
 
 import numpy as np  # noqa: E402  (after the environment is cleaned)
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-BIN = sys.argv[1] if len(sys.argv) > 1 else "target/release/kernel-bench"
+BIN = ARGS[0] if ARGS else "target/release/kernel-bench"
 ROUNDS = 3
 CASES = [  # (m, k, n, trans_a, trans_b, what)
     (1024, 1024, 1024, False, False, "square"),

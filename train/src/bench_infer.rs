@@ -119,6 +119,7 @@ pub fn main(a: Args) -> Result<()> {
     );
     // Untimed warm-up: the decode step's tables, the thread pool, first-touch memory.
     run_once(&gpt, &prompt, 1, 2.min(a.decode_tokens))?;
+    let mut results = Vec::new();
     for &b in &a.batch_sizes {
         let mut best: Option<Sample> = None;
         for _ in 0..a.rounds {
@@ -162,7 +163,17 @@ pub fn main(a: Args) -> Result<()> {
             bw / peak
         );
         println!("{line}");
+        results.push(line);
     }
+    // The whole run as one document on the last line (the lines above stream as they finish).
+    let summary = serde_json::json!({
+        "bench": "infer_summary", "isa": isa, "threads": threads,
+        "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_kv_head": c.n_kv_head,
+        "vocab_size": c.vocab_size, "prompt_len": a.prompt_tokens, "gen_len": a.decode_tokens,
+        "rounds": a.rounds, "peak_gb_per_s": peak / 1e9, "peak_source": peak_src,
+        "results": results,
+    });
+    println!("{summary}");
     Ok(())
 }
 

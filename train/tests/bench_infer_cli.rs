@@ -1,5 +1,5 @@
 //! `train bench-infer` end to end on a tiny random model: one JSON line per batch size with the
-//! documented fields, greedy tokens that do not depend on the batch size, and bad flags
+//! documented fields and the whole run as one document on the last line, greedy tokens that do not depend on the batch size, and bad flags
 //! rejected with an error instead of a panic.
 use std::process::Command;
 
@@ -22,8 +22,13 @@ fn one_json_line_per_batch_size() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 3, "two batch sizes and the summary");
+    let (summary, lines) = lines.split_last().unwrap();
+    assert_eq!(summary["bench"], "infer_summary");
+    assert_eq!(summary["results"].as_array().unwrap(), lines, "the summary holds every line");
+    assert_eq!(summary["isa"], lines[0]["isa"]);
     for (line, b) in lines.iter().zip([1, 3]) {
+        assert_eq!(line["bench"], "infer");
         assert_eq!(line["batch"], b);
         assert_eq!(line["threads"], 2);
         assert_eq!(line["prompt_len"], 5);

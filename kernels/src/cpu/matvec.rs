@@ -240,6 +240,10 @@ mod x86 {
                 let xs: [__m512; M] =
                     std::array::from_fn(|i| _mm512_maskz_loadu_ps(msk, t.x.add(i * t.k + p)));
                 for (r, ar) in acc.iter_mut().enumerate() {
+                    // The next block's rows, a tile ahead: rows are only K floats long, too
+                    // short for the hardware prefetcher to pick up the stream in time.
+                    // (`wrapping_add`: past the last block the address is never dereferenced.)
+                    _mm_prefetch::<_MM_HINT_T0>(t.w.wrapping_add((R + r) * t.k + p) as *const i8);
                     let wv = _mm512_maskz_loadu_ps(msk, t.w.add(r * t.k + p));
                     for (a, xv) in ar.iter_mut().zip(&xs) {
                         *a = _mm512_fmadd_ps(wv, *xv, *a);
@@ -380,6 +384,12 @@ mod x86 {
                 let xs: [__m256; M] =
                     std::array::from_fn(|i| _mm256_loadu_ps(t.x.add(i * t.k + p)));
                 for (r, ar) in acc.iter_mut().enumerate() {
+                    // As in `tile_512`, a tile ahead; one prefetch per 64-byte line.
+                    if p % 16 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            t.w.wrapping_add((R + r) * t.k + p) as *const i8
+                        );
+                    }
                     let wv = _mm256_loadu_ps(t.w.add(r * t.k + p));
                     for (a, xv) in ar.iter_mut().zip(&xs) {
                         *a = _mm256_fmadd_ps(wv, *xv, *a);
