@@ -230,6 +230,11 @@ fn pack_b(
 }
 
 /// Pack op(A)[ic..ic+mc, pc..pc+kc] as MR-tall panels (kc, MR), zero-padded past M.
+///
+/// Packing costs one pass over the block per call, against kc * N multiply-adds per element: a
+/// small N (the backward's dW = dY^T X of a C-wide layer) leaves it a tenth of the matmul, so
+/// full panels go through fixed-size copies (A stored (K, M)) or 8 x 8 register transposes (A
+/// stored (M, K)), and only partial panels are zero-filled.
 #[allow(clippy::too_many_arguments)]
 fn pack_a(
     out: &mut Vec<f32>,
@@ -242,28 +247,89 @@ fn pack_a(
     mr: usize,
 ) {
     let panels = mc.div_ceil(mr);
-    out.clear();
-    out.resize(panels * kc * mr, 0.0);
+    let len = panels * kc * mr;
+    // Full panels are overwritten whole, so only a grown tail is zeroed (`resize`, no `clear`).
+    out.resize(len, 0.0);
     for (ip, panel) in out.chunks_exact_mut(kc * mr).enumerate() {
         let i0 = ic + ip * mr;
         let mv = mr.min(ic + mc - i0);
-        if s.trans_a {
-            // A stored (K, M): each k gives MR contiguous values.
-            for p in 0..kc {
-                let row = (pc + p) * s.m + i0;
-                panel[p * mr..p * mr + mv].copy_from_slice(&a[row..row + mv]);
+        match (s.trans_a, mv == mr, mr) {
+            (true, true, 8) => pack_a_cols::<8>(panel, a, s.m, i0, pc, kc),
+            (true, true, 6) => pack_a_cols::<6>(panel, a, s.m, i0, pc, kc),
+            (true, true, 4) => pack_a_cols::<4>(panel, a, s.m, i0, pc, kc),
+            (false, true, 8) => pack_a_rows_8(panel, a, s.k, i0, pc, kc),
+            (false, true, 6) => pack_a_rows::<6>(panel, a, s.k, i0, pc, kc),
+            (false, true, 4) => pack_a_rows::<4>(panel, a, s.k, i0, pc, kc),
+            (true, ..) => {
+                // A stored (K, M): each k gives mv contiguous values; rows past M stay zero.
+                panel.fill(0.0);
+                for p in 0..kc {
+                    let row = (pc + p) * s.m + i0;
+                    panel[p * mr..p * mr + mv].copy_from_slice(&a[row..row + mv]);
+                }
             }
-        } else {
-            // A stored (M, K): gather MR rows per k; MR sequential read streams, sequential writes.
-            let rows: Vec<&[f32]> =
-                (0..mv).map(|ii| &a[(i0 + ii) * s.k + pc..(i0 + ii) * s.k + pc + kc]).collect();
-            for (p, dst) in panel.chunks_exact_mut(mr).enumerate() {
-                for (d, row) in dst.iter_mut().zip(&rows) {
-                    *d = row[p];
+            (false, ..) => {
+                panel.fill(0.0);
+                for ii in 0..mv {
+                    let row = &a[(i0 + ii) * s.k + pc..][..kc];
+                    for (p, &x) in row.iter().enumerate() {
+                        panel[p * mr + ii] = x;
+                    }
                 }
             }
         }
     }
+}
+
+/// A full panel from A stored (K, M): MR contiguous values per k, copied as one fixed-size block.
+fn pack_a_cols<const MR: usize>(
+    panel: &mut [f32],
+    a: &[f32],
+    m: usize,
+    i0: usize,
+    pc: usize,
+    kc: usize,
+) {
+    for (p, dst) in panel.chunks_exact_mut(MR).take(kc).enumerate() {
+        let src: &[f32; MR] = a[(pc + p) * m + i0..][..MR].try_into().expect("MR values");
+        dst.copy_from_slice(src);
+    }
+}
+
+/// A full panel from A stored (M, K): MR row streams gathered one k at a time.
+fn pack_a_rows<const MR: usize>(
+    panel: &mut [f32],
+    a: &[f32],
+    k: usize,
+    i0: usize,
+    pc: usize,
+    kc: usize,
+) {
+    let rows: [&[f32]; MR] = std::array::from_fn(|ii| &a[(i0 + ii) * k + pc..][..kc]);
+    for (p, dst) in panel.chunks_exact_mut(MR).take(kc).enumerate() {
+        for (d, row) in dst.iter_mut().zip(&rows) {
+            *d = row[p];
+        }
+    }
+}
+
+/// `pack_a_rows::<8>` with 8 x 8 blocks transposed in AVX registers where the CPU has AVX2.
+fn pack_a_rows_8(panel: &mut [f32], a: &[f32], k: usize, i0: usize, pc: usize, kc: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = super::simd::avx2() {
+        let rows: [&[f32]; 8] = std::array::from_fn(|ii| &a[(i0 + ii) * k + pc..][..kc]);
+        let k8 = kc & !7;
+        assert!(panel.len() >= kc * 8);
+        // SAFETY: t proves AVX2; each row holds kc >= k8 values and panel kc * 8.
+        unsafe { x86::transpose_8x8_blocks(t, panel.as_mut_ptr(), rows.map(|r| r.as_ptr()), k8) };
+        for p in k8..kc {
+            for (ii, row) in rows.iter().enumerate() {
+                panel[p * 8 + ii] = row[p];
+            }
+        }
+        return;
+    }
+    pack_a_rows::<8>(panel, a, k, i0, pc, kc)
 }
 
 /// One MR x NR tile of C from packed panels; partial tiles go through a scratch tile.
@@ -327,6 +393,60 @@ fn kernel_portable(kc: usize, ap: &[f32], bp: &[f32], acc: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    use crate::cpu::simd::Avx2Fma;
+
+    /// panel[p * 8 + i] = rows[i][p] for p < k8 (a multiple of 8), one 8 x 8 block at a time:
+    /// eight row loads, the classic unpack / shuffle / 128-bit permute transpose, eight stores.
+    ///
+    /// # Safety
+    /// Each row holds k8 floats and the panel k8 * 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn transpose_8x8_blocks(
+        _: Avx2Fma,
+        panel: *mut f32,
+        rows: [*const f32; 8],
+        k8: usize,
+    ) {
+        let mut p = 0;
+        // SAFETY: reads rows[i][p..p + 8] and writes panel[p * 8..p * 8 + 64], p + 8 <= k8.
+        unsafe {
+            while p < k8 {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(p)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0b01_00_01_00>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0b11_10_11_10>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0b01_00_01_00>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0b11_10_11_10>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0b01_00_01_00>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0b11_10_11_10>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0b01_00_01_00>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0b11_10_11_10>(t5, t7);
+                // Column c of the block (k = p + c) is rows 0..8 at that k.
+                let cols = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (c, v) in cols.iter().enumerate() {
+                    _mm256_storeu_ps(panel.add((p + c) * 8), *v);
+                }
+                p += 8;
+            }
+        }
+    }
 
     /// acc (8, 32) = A panel (kc, 8)^T · B panel (kc, 32): 16 zmm accumulators, two B vectors
     /// and one broadcast A value live per k.
