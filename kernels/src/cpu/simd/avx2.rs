@@ -235,14 +235,19 @@ mod x86 {
             while i < m {
                 let r = (m - i).min(6);
                 // SAFETY: rows i..i+r and columns j..j+w are inside the caller's block.
+                // Full 16-wide tiles take plain loads and stores: the two masks of a ragged
+                // tile would hold two of the 16 ymm registers, and 12 accumulators + 2 B
+                // vectors + 1 broadcast + 2 masks spill (measured: accumulators went through
+                // the stack and flash attention ran slower than its reference kernel).
                 unsafe {
-                    match r {
-                        6 => tile_256::<6>(g, i, j, w),
-                        5 => tile_256::<5>(g, i, j, w),
-                        4 => tile_256::<4>(g, i, j, w),
-                        3 => tile_256::<3>(g, i, j, w),
-                        2 => tile_256::<2>(g, i, j, w),
-                        _ => tile_256::<1>(g, i, j, w),
+                    match (r, w == 16) {
+                        (6, true) => tile_256::<6, true>(g, i, j, w),
+                        (6, false) => tile_256::<6, false>(g, i, j, w),
+                        (5, _) => tile_256::<5, false>(g, i, j, w),
+                        (4, _) => tile_256::<4, false>(g, i, j, w),
+                        (3, _) => tile_256::<3, false>(g, i, j, w),
+                        (2, _) => tile_256::<2, false>(g, i, j, w),
+                        _ => tile_256::<1, false>(g, i, j, w),
                     }
                 }
                 i += r;
@@ -253,16 +258,20 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn tile_256<const R: usize>(g: Gemm, i: usize, j: usize, w: usize) {
+    unsafe fn tile_256<const R: usize, const FULL: bool>(g: Gemm, i: usize, j: usize, w: usize) {
         let (m0, m1) = (mask8(w), mask8(w.saturating_sub(8)));
         let mut t = [[_mm256_setzero_ps(); 2]; R];
-        // SAFETY: as in `tile_512`; `maskload` does not fault on masked-off lanes.
+        // SAFETY: as in `tile_512`; `maskload` does not fault on masked-off lanes, and FULL
+        // tiles (w = 16) read and write only columns j..j+16, inside the block.
         unsafe {
             let a = g.a.add(i * g.a_rs);
             for p in 0..g.k {
                 let bp = g.b.wrapping_add(p * g.ldb + j);
-                let b0 = _mm256_maskload_ps(bp, m0);
-                let b1 = _mm256_maskload_ps(bp.wrapping_add(8), m1);
+                let (b0, b1) = if FULL {
+                    (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)))
+                } else {
+                    (_mm256_maskload_ps(bp, m0), _mm256_maskload_ps(bp.wrapping_add(8), m1))
+                };
                 let ap = a.add(p * g.a_cs);
                 for (r, tr) in t.iter_mut().enumerate() {
                     let x = _mm256_broadcast_ss(&*ap.add(r * g.a_rs));
@@ -273,6 +282,15 @@ mod x86 {
             for (r, tr) in t.iter().enumerate() {
                 let cr = g.c.wrapping_add((i + r) * g.ldc + j);
                 let (mut c0, mut c1) = (tr[0], tr[1]);
+                if FULL {
+                    if g.accumulate {
+                        c0 = _mm256_add_ps(c0, _mm256_loadu_ps(cr));
+                        c1 = _mm256_add_ps(c1, _mm256_loadu_ps(cr.add(8)));
+                    }
+                    _mm256_storeu_ps(cr, c0);
+                    _mm256_storeu_ps(cr.add(8), c1);
+                    continue;
+                }
                 if g.accumulate {
                     c0 = _mm256_add_ps(c0, _mm256_maskload_ps(cr, m0));
                     c1 = _mm256_add_ps(c1, _mm256_maskload_ps(cr.wrapping_add(8), m1));
