@@ -4,7 +4,7 @@
 #
 #   ./speedrun.sh [PRESET] [--out DIR] [--data DIR]
 #
-# PRESET: cpu (default; the bundled data, about 30 minutes on a 2-core machine), tiny (a
+# PRESET: cpu (default; the bundled data, about 10 minutes on the 2-core machine), tiny (a
 # minutes-long smoke test, what CI runs), gpu-d20, gpu-d26 (nanochat's speedrun model sizes,
 # --device gpu, for a real GPU and real shards given with --data).
 #

@@ -35,6 +35,8 @@ pub use femtochat_kernels::cpu::isa as cpu_isa;
 pub use autograd::{Grads, NoGradGuard, is_grad_enabled, no_grad};
 pub use device::{Device, gpu_dispatch_count, sync};
 pub use error::{EngineError, Result};
+/// Which GPU adapter `Device::Gpu` opens (`train --gpu-index`, one GPU per local rank).
+pub use femtochat_kernels::gpu::{AdapterChoice, adapters as gpu_adapters, select_adapter};
 /// Live and peak memory, host and GPU (see `femtochat_kernels::mem`).
 pub use femtochat_kernels::mem;
 pub use op::{IGNORE_INDEX, RMSNORM_EPS, Reduction, RopeTable};

@@ -132,3 +132,37 @@ fn forced_isa_is_reported_and_results_agree() {
         );
     }
 }
+
+/// `FEMTOCHAT_GPU_INDEX` picks an adapter by index (one GPU per rank of a multi-GPU job): the
+/// first adapter runs the kernel and names itself; an index past the last is an error that
+/// lists the adapters, not a panic or a silent fallback to another GPU.
+#[test]
+fn gpu_index_selects_an_adapter_or_names_them() {
+    let run = |index: &str| {
+        bench()
+            .env("FEMTOCHAT_GPU_INDEX", index)
+            .args(["matmul", "--device", "gpu", "--m", "8", "--k", "8", "--n", "8", "--reps", "1"])
+            .output()
+            .unwrap()
+    };
+    let first = run("0");
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    if stderr.contains("no GPU adapter")
+        && std::env::var("FEMTOCHAT_SKIP_GPU").as_deref() == Ok("1")
+    {
+        return;
+    }
+    assert!(first.status.success(), "{stderr}");
+    // "name (backend)": the error lists "name (backend, device type)".
+    let adapter = lines(&first)[0]["adapter"].as_str().unwrap().to_string();
+    let adapter = adapter.rsplit_once(" (").map_or(adapter.as_str(), |(name, _)| name);
+    let missing = run("99");
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("GPU adapter 99 does not exist"), "{err}");
+    assert!(err.contains(adapter), "the error lists the adapters: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let bad = run("first");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not an adapter index"));
+}

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use femtochat_engine::{AdapterChoice, select_adapter};
 
 mod base;
 mod batches;
@@ -38,6 +39,11 @@ struct Cli {
     /// Worker threads for every kernel (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// GPU adapter for `--device gpu`, by index among the machine's adapters (default: wgpu's
+    /// high-performance one; under mpirun/srun, the rank's local rank modulo the adapters, so each
+    /// rank of a multi-GPU machine gets its own). FEMTOCHAT_GPU_INDEX does the same.
+    #[arg(long, global = true)]
+    gpu_index: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -149,6 +155,19 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if let Err(e) = femtochat_engine::cpu_isa::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let adapter = match (cli.gpu_index, dist::local_rank()) {
+        (Some(i), _) => Some(AdapterChoice::Index(i)),
+        (None, Some(r)) if std::env::var_os("FEMTOCHAT_GPU_INDEX").is_none() => {
+            Some(AdapterChoice::LocalRank(r))
+        }
+        _ => None,
+    };
+    if let Some(choice) = adapter
+        && let Err(e) = select_adapter(choice)
+    {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }

@@ -51,6 +51,17 @@ pub fn loss_curve(run_dir: &Path) -> Result<()> {
 
 /// One line per named curve, with a legend; nothing is drawn when every curve is empty.
 pub fn curves(path: &Path, caption: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    curves_over(path, caption, "step", series)
+}
+
+/// `curves` with another x axis (`x_desc`). Series of few points (evaluations, one value per
+/// stage) also get a marker at each point, so a single value is visible, not an empty line.
+pub fn curves_over(
+    path: &Path,
+    caption: &str,
+    x_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
     let points = || series.iter().flat_map(|(_, c)| c.iter());
     if points().next().is_none() {
         return Ok(());
@@ -66,7 +77,7 @@ pub fn curves(path: &Path, caption: &str, series: &[(String, Vec<(f64, f64)>)]) 
         .x_label_area_size(32)
         .y_label_area_size(56)
         .build_cartesian_2d(0.0..max_x, (lo - pad)..(hi + pad))?;
-    chart.configure_mesh().x_desc("step").draw()?;
+    chart.configure_mesh().x_desc(x_desc).draw()?;
     for (i, (name, c)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
@@ -75,6 +86,9 @@ pub fn curves(path: &Path, caption: &str, series: &[(String, Vec<(f64, f64)>)]) 
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
             });
+        if c.len() <= 24 {
+            chart.draw_series(c.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        }
     }
     chart
         .configure_series_labels()

@@ -568,9 +568,10 @@ fn plots(r: &mut Report, out: &Path) -> Result<()> {
         .collect();
     let stages: Vec<String> =
         r.stages.iter().enumerate().map(|(i, s)| format!("{i} = {}", s.stage)).collect();
-    crate::plot::curves(
+    crate::plot::curves_over(
         &out.join("scores.svg"),
         &format!("scores per stage ({})", stages.join(", ")),
+        "stage",
         &series,
     )
 }

@@ -26,6 +26,60 @@ pub enum GpuError {
     Unsupported(String),
     #[error("GPU readback failed: {0}")]
     Readback(String),
+    #[error("GPU adapter {index} does not exist; this machine has {count}: {list}")]
+    AdapterIndex { index: usize, count: usize, list: String },
+}
+
+/// Which adapter the process-wide context opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterChoice {
+    /// wgpu's high-performance adapter (the default).
+    Preferred,
+    /// The index-th adapter of `adapters()`; an error when there are fewer.
+    Index(usize),
+    /// Local rank r of a multi-process job on one machine: adapter r modulo their number, so
+    /// each rank gets its own GPU while there are enough, and ranks share them when not
+    /// (several ranks on lavapipe, for tests).
+    LocalRank(usize),
+}
+
+static CHOICE: OnceLock<AdapterChoice> = OnceLock::new();
+
+/// Choose the adapter before the first GPU use (`train --gpu-index`, or the local rank under
+/// `mpirun`); `FEMTOCHAT_GPU_INDEX=N` in the environment does the same as `Index(N)`. Refused
+/// once the context exists or another choice was made.
+pub fn select_adapter(choice: AdapterChoice) -> Result<(), GpuError> {
+    if CONTEXT.get().is_some() {
+        return Err(GpuError::Device(
+            "the GPU context already exists; choose its adapter first".into(),
+        ));
+    }
+    match CHOICE.set(choice) {
+        Ok(()) => Ok(()),
+        Err(_) if CHOICE.get() == Some(&choice) => Ok(()),
+        Err(_) => Err(GpuError::Device(format!(
+            "GPU adapter already chosen ({:?}); cannot change it to {choice:?}",
+            CHOICE.get()
+        ))),
+    }
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+/// Every adapter wgpu finds, in the order `AdapterChoice::Index` counts them: "name (backend,
+/// device type)".
+pub fn adapters() -> Vec<String> {
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
+        .iter()
+        .map(describe)
+        .collect()
+}
+
+fn describe(a: &wgpu::Adapter) -> String {
+    let i = a.get_info();
+    format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
 }
 
 thread_local! {
@@ -60,15 +114,36 @@ impl GpuContext {
     }
 
     async fn create() -> Result<GpuContext, GpuError> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = instance
-            .request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::HighPerformance,
-                ..Default::default()
-            })
-            .await
-            .map_err(|_| GpuError::NoAdapter)?;
+        let instance = instance();
+        let choice = match (CHOICE.get(), std::env::var("FEMTOCHAT_GPU_INDEX")) {
+            (Some(&c), _) => c,
+            (None, Ok(v)) => AdapterChoice::Index(v.trim().parse().map_err(|_| {
+                GpuError::Device(format!("FEMTOCHAT_GPU_INDEX={v:?} is not an adapter index"))
+            })?),
+            (None, Err(_)) => AdapterChoice::Preferred,
+        };
+        let adapter = match choice {
+            AdapterChoice::Preferred => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|_| GpuError::NoAdapter)?,
+            AdapterChoice::Index(i) | AdapterChoice::LocalRank(i) => {
+                let mut all = instance.enumerate_adapters(wgpu::Backends::all()).await;
+                if all.is_empty() {
+                    return Err(GpuError::NoAdapter);
+                }
+                let count = all.len();
+                let index = if let AdapterChoice::LocalRank(r) = choice { r % count } else { i };
+                if index >= count {
+                    let list = all.iter().map(describe).collect::<Vec<_>>().join("; ");
+                    return Err(GpuError::AdapterIndex { index, count, list });
+                }
+                all.swap_remove(index)
+            }
+        };
         // Ask for everything the adapter offers so large weight/activation buffers fit.
         let limits = adapter.limits();
         let (device, queue) = adapter

@@ -17,6 +17,9 @@ pub mod rope;
 pub mod slice;
 pub mod softmax;
 
-pub use context::{Batch, GpuBuffer, GpuContext, GpuError, fail_next_downloads};
+pub use context::{
+    AdapterChoice, Batch, GpuBuffer, GpuContext, GpuError, adapters, fail_next_downloads,
+    select_adapter,
+};
 pub use pipelines::SHADERS;
 pub use pool::DEFAULT_POOL_LIMIT;

@@ -140,6 +140,17 @@ pub fn launched_as_rank() -> bool {
         .any(|v| std::env::var_os(v).is_some())
 }
 
+/// This process's rank among the job's ranks on its machine, when a launcher started it
+/// (OpenMPI, Slurm, MPICH/Hydra): the GPU it takes by default.
+pub fn local_rank() -> Option<usize> {
+    if !launched_as_rank() {
+        return None;
+    }
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
 /// Join the job this process was launched into (feature `mpi` and a launcher), else stay one
 /// process. A launcher without the feature is an error: N copies would each train alone.
 pub fn init() -> Result<Guard> {
