@@ -211,6 +211,7 @@ fn ranks_train_like_one_process_and_resume() {
     }
 
     sft_equivalence(dir.path(), &one);
+    eval_equivalence(&one);
 
     // Resuming with the same number of ranks continues bit-identically.
     let run = dir.path().join("np2");
@@ -226,6 +227,36 @@ fn ranks_train_like_one_process_and_resume() {
         let what = format!("resumed from 2 ranks on {np}");
         assert_close(&what, &params(&run.join("step_000004")), &want_p);
         assert_close(&what, &optimizer(&run.join("step_000004")), &want_o);
+    }
+}
+
+/// `train eval core` and `train eval chat` split their problems over 2 and 3 ranks (13 and 5
+/// problems per task: uneven shares) and report exactly what one process reports (summed counts
+/// of a greedy evaluation); only rank 0 prints and appends to RUN_DIR/eval/.
+fn eval_equivalence(run: &Path) {
+    let run = run.to_str().unwrap();
+    let core = ["eval", "core", "--checkpoint", run, "--max-per-task", "13"];
+    let core = [&core[..], &["--tasks", "copa,bigbench_operators"]].concat();
+    let chat = ["eval", "chat", "--checkpoint", run, "--max-problems", "5"];
+    let chat = [&chat[..], &["--tasks", "arc-easy,gsm8k", "--max-new-tokens", "6"]].concat();
+    for args in [core, chat] {
+        let stdout = |np: usize| {
+            let out = train(np, &args);
+            let err = ok(&out);
+            // Each rank says which problems it took: the work is split, not repeated.
+            for r in 0..np {
+                assert!(err.contains(&format!("rank {r} of {np}: ")), "{np} ranks: {err}");
+            }
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let one = stdout(0);
+        assert_eq!(one.lines().count(), 3, "two tasks and the summary: {one}");
+        for np in [2, 3] {
+            assert_eq!(stdout(np), one, "{} on {np} ranks", args[1]);
+        }
+        let kind = args[1];
+        let logged = std::fs::read_to_string(Path::new(run).join(format!("eval/{kind}.jsonl")));
+        assert_eq!(logged.unwrap().lines().count(), 3 * 3, "{kind}: one append per run, by rank 0");
     }
 }
 

@@ -184,6 +184,38 @@ pub fn init() -> Result<Guard> {
     }
 }
 
+/// This rank's contiguous share of `n` items, [r n / N, (r + 1) n / N) (one process: all of
+/// them): how `train eval` splits each task's problems over the ranks.
+pub fn share(n: usize) -> std::ops::Range<usize> {
+    let w = world();
+    share_of(n, w.rank(), w.size())
+}
+
+/// Rank `r`'s share of `n` items among `size` ranks; the shares tile 0..n in rank order.
+pub fn share_of(n: usize, r: usize, size: usize) -> std::ops::Range<usize> {
+    r * n / size..(r + 1) * n / size
+}
+
+/// Say which share of `what` this rank evaluates (one line on stderr, only in a job of
+/// several ranks).
+pub fn say_share(what: &str, range: &std::ops::Range<usize>, n: usize) {
+    let w = world();
+    if w.size() > 1 {
+        eprintln!("rank {} of {}: {what}: problems {range:?} of {n}", w.rank(), w.size());
+    }
+}
+
+/// `counts` summed over the ranks (unchanged in one process): each rank's share of a task's
+/// solved problems added up. Sums of integers in f64 are exact, so the totals are those of one
+/// process.
+pub fn sum_counts(counts: &mut [f64]) -> Result<()> {
+    let w = world();
+    if w.size() > 1 {
+        w.all_reduce_sum_f64(counts)?;
+    }
+    Ok(())
+}
+
 /// Every rank's (loss sum, learned micro-batches) added up: the step's loss over all ranks.
 pub fn sum_loss(loss_sum: f64, batches: usize) -> Result<(f64, usize)> {
     let w = world();
@@ -307,6 +339,22 @@ mod tests {
             self.0 = state.as_u64().unwrap_or(0) as u32;
             Ok(())
         }
+    }
+
+    /// The ranks' shares of n problems tile 0..n in order, sizes differing by at most one.
+    #[test]
+    fn shares_tile_the_problems() {
+        for n in [0, 1, 5, 13, 64] {
+            for size in 1..=5 {
+                let parts: Vec<_> = (0..size).map(|r| share_of(n, r, size)).collect();
+                assert_eq!(parts[0].start, 0);
+                assert_eq!(parts[size - 1].end, n);
+                assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+                let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+                assert!(lens.iter().max().unwrap() - lens.iter().min().unwrap() <= 1, "{lens:?}");
+            }
+        }
+        assert_eq!(share(7), 0..7, "one process evaluates everything");
     }
 
     /// Three ranks' shares interleave to the one stream, and stand at the same state after

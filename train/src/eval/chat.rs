@@ -5,6 +5,7 @@
 //! Generative tasks (GSM8K, HumanEval, SpellingBee): a completion is generated (greedy by
 //! default, the calculator active), decoded, and checked by the task. ChatCORE is the mean
 //! centered accuracy (baseline 0.25 for the 4-choice tasks, 0 for generative ones).
+use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -32,6 +33,10 @@ pub struct ChatOptions {
     /// Sampling of completions (nanochat: temperature 0, top-k 50).
     pub sampling: SamplingParams,
     pub seed: u64,
+    /// Under MPI, each rank evaluates its share of every task's problems and the counts are
+    /// summed (`train eval chat`); the result equals one process's for greedy decoding (the
+    /// default). Off for the training-time evaluator, which rank 0 runs alone.
+    pub split: bool,
 }
 
 impl Default for ChatOptions {
@@ -43,6 +48,7 @@ impl Default for ChatOptions {
             max_new_tokens: 512,
             sampling: SamplingParams { temperature: 0.0, top_k: Some(50), ..Default::default() },
             seed: 42,
+            split: false,
         }
     }
 }
@@ -121,14 +127,23 @@ pub fn run(
         if n == 0 {
             bail!("task {} has no problems to evaluate", task.name());
         }
-        let mut report = |done| progress(task.name(), done, n);
+        let range = if opts.split { crate::dist::share(n) } else { 0..n };
+        if opts.split {
+            crate::dist::say_share(task.name(), &range, n);
+        }
+        let mine = range.len();
+        let mut report = |done| progress(task.name(), done, mine);
         let passed = match task.kind() {
             EvalKind::Categorical => {
-                categorical(gpt, tok, task.as_ref(), n, opts.batch_size, &mut report)?
+                categorical(gpt, tok, task.as_ref(), range, opts.batch_size, &mut report)?
             }
-            EvalKind::Generative => generative(gpt, tok, task.as_ref(), n, opts, &mut report)?,
+            EvalKind::Generative => generative(gpt, tok, task.as_ref(), range, opts, &mut report)?,
         };
-        let accuracy = passed as f64 / n as f64;
+        let mut solved = [passed as f64];
+        if opts.split {
+            crate::dist::sum_counts(&mut solved)?;
+        }
+        let accuracy = solved[0] / n as f64;
         let b = baseline(task.kind());
         results.push(TaskResult {
             task: task.name().to_string(),
@@ -154,19 +169,19 @@ pub fn prompt_ids(tok: &Tokenizer, conv: &Conversation) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Problems solved of the first `n`, scored by the letter with the largest logit.
+/// Problems of `range` solved, scored by the letter with the largest logit.
 fn categorical(
     gpt: &Gpt,
     tok: &Tokenizer,
     task: &dyn Task,
-    n: usize,
+    range: Range<usize>,
     batch: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<usize> {
     let bos = tok.bos();
     let mut passed = 0;
-    for i0 in (0..n).step_by(batch.max(1)) {
-        let i1 = (i0 + batch.max(1)).min(n);
+    for i0 in range.clone().step_by(batch.max(1)) {
+        let i1 = (i0 + batch.max(1)).min(range.end);
         let prompts = (i0..i1)
             .map(|i| prompt_ids(tok, &task.conversation(i)?))
             .collect::<Result<Vec<_>>>()?;
@@ -198,24 +213,24 @@ fn categorical(
                 best.with_context(|| format!("{} #{i} has no answer letters", task.name()))?;
             passed += task.evaluate(i, &letters[k])? as usize;
         }
-        progress(i1);
+        progress(i1 - range.start);
     }
     Ok(passed)
 }
 
-/// Problems solved of the first `n`, each by one generated completion.
+/// Problems of `range` solved, each by one generated completion.
 fn generative(
     gpt: &Gpt,
     tok: &Tokenizer,
     task: &dyn Task,
-    n: usize,
+    range: Range<usize>,
     opts: &ChatOptions,
     progress: &mut dyn FnMut(usize),
 ) -> Result<usize> {
     let mut passed = 0;
     let rows = opts.gen_rows.max(1);
-    for i0 in (0..n).step_by(rows) {
-        let i1 = (i0 + rows).min(n);
+    for i0 in range.clone().step_by(rows) {
+        let i1 = (i0 + rows).min(range.end);
         let prompts = (i0..i1)
             .map(|i| prompt_ids(tok, &task.conversation(i)?))
             .collect::<Result<Vec<_>>>()?;
@@ -232,7 +247,7 @@ fn generative(
             let completion = tok.decode(&ids)?;
             passed += task.evaluate(i, &completion)? as usize;
         }
-        progress(i1);
+        progress(i1 - range.start);
     }
     Ok(passed)
 }

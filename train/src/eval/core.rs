@@ -301,20 +301,22 @@ pub fn fewshot_indices(idx: usize, n: usize, k: usize) -> Result<Vec<usize>> {
     Ok(picks.into_iter().map(|p| if p >= idx { p + 1 } else { p }).collect())
 }
 
-/// Whether each row of a task is answered correctly.
+/// Whether each row of `range` is answered correctly (few-shot examples are drawn from all of
+/// `rows`, as in one process, so a range gives the same answers as the whole).
 pub fn evaluate_rows(
     gpt: &Gpt,
     tok: &Tokenizer,
     task: &CoreTask,
     rows: &[Value],
+    range: std::ops::Range<usize>,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<bool>> {
     let max_len = gpt.max_positions();
     // Rows are rendered and scored in chunks so the progress bar moves and memory stays flat.
     const CHUNK: usize = 64;
-    let mut correct = Vec::with_capacity(rows.len());
-    for c0 in (0..rows.len()).step_by(CHUNK) {
-        let c1 = (c0 + CHUNK).min(rows.len());
+    let mut correct = Vec::with_capacity(range.len());
+    for c0 in range.clone().step_by(CHUNK) {
+        let c1 = (c0 + CHUNK).min(range.end);
         let mut seqs = Vec::new();
         let mut owner = Vec::new(); // (row, number of sequences)
         for idx in c0..c1 {

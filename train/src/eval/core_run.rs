@@ -20,6 +20,9 @@ pub struct CoreOptions {
     pub tasks: Vec<String>,
     /// A progress bar per task on stderr.
     pub show_progress: bool,
+    /// Under MPI, each rank scores its share of every task's rows and the counts are summed
+    /// (`train eval`); off for the training-time evaluator, which rank 0 runs alone.
+    pub split: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -72,8 +75,12 @@ pub fn run(gpt: &Gpt, tok: &Tokenizer, bundle: &Bundle, opts: &CoreOptions) -> R
         if rows.is_empty() {
             bail!("{}: no rows", file.display());
         }
-        let bar = opts.show_progress.then(|| super::bar(rows.len(), &task.label));
-        let correct = evaluate_rows(gpt, tok, task, &rows, |k| {
+        let range = if opts.split { crate::dist::share(rows.len()) } else { 0..rows.len() };
+        if opts.split {
+            crate::dist::say_share(&task.label, &range, rows.len());
+        }
+        let bar = opts.show_progress.then(|| super::bar(range.len(), &task.label));
+        let correct = evaluate_rows(gpt, tok, task, &rows, range, |k| {
             if let Some(b) = &bar {
                 b.inc(k as u64);
             }
@@ -82,12 +89,16 @@ pub fn run(gpt: &Gpt, tok: &Tokenizer, bundle: &Bundle, opts: &CoreOptions) -> R
         if let Some(b) = bar {
             b.finish();
         }
-        let accuracy = correct.iter().filter(|&&c| c).count() as f64 / correct.len() as f64;
+        let mut solved = [correct.iter().filter(|&&c| c).count() as f64];
+        if opts.split {
+            crate::dist::sum_counts(&mut solved)?;
+        }
+        let accuracy = solved[0] / rows.len() as f64;
         results.push(CoreTaskResult {
             task: task.label.clone(),
             accuracy,
             centered: centered(accuracy, task.random_baseline),
-            n: correct.len(),
+            n: rows.len(),
         });
     }
     if results.is_empty() {
@@ -117,6 +128,7 @@ impl CoreEvaluator {
             max_per_task: Some(max_per_task),
             tasks: Vec::new(),
             show_progress: false,
+            split: false,
         };
         CoreEvaluator { tok, bundle, opts, run_dir }
     }

@@ -167,6 +167,7 @@ fn core_runs_on_a_tiny_model() {
         max_per_task: Some(12),
         tasks: vec!["copa".into(), "bigbench_operators".into()],
         show_progress: false,
+        split: false,
     };
     let report = run(&gpt, &tok, &bundle(), &opts).unwrap();
     assert_eq!(report.tasks.len(), 2);

@@ -206,8 +206,13 @@ pub fn main(args: Args) -> Result<()> {
                 None => tasks::bundled("data/eval/core")?,
             };
             let bundle = bundle::Bundle::load(&dir)?;
-            let opts = core_run::CoreOptions { max_per_task, tasks, show_progress: true };
+            let lead = crate::dist::is_lead();
+            let opts =
+                core_run::CoreOptions { max_per_task, tasks, show_progress: lead, split: true };
             let report = core_run::run(&gpt, &tok, &bundle, &opts)?;
+            if !lead {
+                return Ok(());
+            }
             emit(&model.checkpoint, "core", step, &report.lines())
         }
         Command::Bpb { model, data, tokens, batch } => {
@@ -217,7 +222,11 @@ pub fn main(args: Args) -> Result<()> {
             } else {
                 crate::docs::expand(&data)?
             };
+            // Not split over MPI ranks: every rank computes the same number, rank 0 reports it.
             let (bpb, n) = bpb::run(&gpt, Arc::new(tok), files, tokens, batch)?;
+            if !crate::dist::is_lead() {
+                return Ok(());
+            }
             emit(&model.checkpoint, "bpb", step, &[json!({ "bpb": bpb, "tokens": n })])
         }
         Command::Chat { model, tasks, max_problems, data, max_new_tokens, batch_size } => {
@@ -232,10 +241,15 @@ pub fn main(args: Args) -> Result<()> {
                 batch_size,
                 gen_rows: batch_size,
                 max_new_tokens,
+                split: true,
                 ..Default::default()
             };
+            let lead = crate::dist::is_lead();
             let mut current: Option<(String, ProgressBar)> = None;
             let report = chat::run(&gpt, &tok, &tasks, &opts, |name, done, total| {
+                if !lead {
+                    return;
+                }
                 if current.as_ref().is_none_or(|(n, _)| n != name) {
                     if let Some((_, b)) = current.take() {
                         b.finish();
@@ -248,6 +262,9 @@ pub fn main(args: Args) -> Result<()> {
             })?;
             if let Some((_, b)) = current {
                 b.finish();
+            }
+            if !lead {
+                return Ok(());
             }
             emit(&model.checkpoint, "chat", step, &report.lines())
         }
