@@ -23,7 +23,8 @@ use super::matmul::Isa;
 /// Multiply-adds below which the product runs on the calling thread alone.
 pub const PAR_MACS: usize = 1 << 19;
 
-/// Input rows per register tile, at most.
+/// Input rows per register tile, at most (x86 tiles; other CPUs run the portable loop).
+#[cfg(target_arch = "x86_64")]
 const MR: usize = 4;
 
 /// The instruction set `matvec_nt` runs on this CPU.
