@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use common::*;
 use femtochat_serve::fixture::write_run;
@@ -147,15 +147,6 @@ fn every_step_is_a_checked_script_and_every_copy_exists() {
     }
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -188,7 +179,7 @@ fn the_image_command_serves_a_mounted_run_directory() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let _guard = Killed(child);
+    let _guard = Kill(child);
     let base = format!("http://127.0.0.1:{port}");
     wait_healthy(&base);
     let body = json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});

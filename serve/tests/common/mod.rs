@@ -32,6 +32,17 @@ pub fn model() -> Gpt {
     tiny_model(tiny_config(tokenizer().vocab_size(), CONTEXT), 7).expect("tiny model")
 }
 
+/// A child process that is killed (and reaped) when this goes out of scope, so a failing test
+/// leaves no server running.
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct TestServer {
     pub base: String,
     server: Option<RunningServer>,
