@@ -17,6 +17,8 @@
 //! aarch64, and a portable one (4 x 8) that the compiler vectorises as it can.
 use rayon::prelude::*;
 
+use super::SyncPtr;
+
 /// Moved to `cpu::isa`; re-exported so `matmul::Isa` keeps working.
 pub use super::isa::Isa;
 
@@ -183,17 +185,6 @@ pub fn matmul_with(
 thread_local! {
     /// Per-thread packed A block, reused across calls.
     static APACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// A raw pointer that tasks writing disjoint tiles may share.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Pack op(B)[pc..pc+kc, jc..jc+nc] as NR-wide panels (kc, NR), zero-padded past N.

@@ -18,6 +18,7 @@
 //! included, for now) a portable loop the compiler vectorises.
 use rayon::prelude::*;
 
+use super::SyncPtr;
 use super::matmul::Isa;
 
 /// Multiply-adds below which the product runs on the calling thread alone.
@@ -80,16 +81,6 @@ pub fn matvec_nt_with(
     let chunks = (threads * 2).min(n / 8);
     let per = n.div_ceil(chunks).next_multiple_of(8);
     (0..n.div_ceil(per)).into_par_iter().for_each(|c| run(c * per, ((c + 1) * per).min(n)));
-}
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Columns j0..j1 of out (all M rows).

@@ -13,3 +13,18 @@ pub mod rope;
 pub mod simd;
 pub mod slice;
 pub mod softmax;
+
+/// A raw pointer into an output buffer that parallel tasks share, each writing only its own
+/// disjoint elements (tiles of C, columns of a matvec, attention rows): the callers' SAFETY
+/// comments say why no two tasks write one element. `get()` inside a closure captures the whole
+/// wrapper, which is `Sync`, rather than the bare pointer field, which is not.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: the pointer is only dereferenced by tasks on disjoint elements (see each user).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}

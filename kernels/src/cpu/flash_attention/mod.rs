@@ -25,6 +25,7 @@
 //! Tiles are only visited inside each row block's key span [lo(first row), hi(last row)]; the
 //! union of consecutive rows' windows is contiguous, so every visited tile has a visible key.
 //! Forward writes `out =`, `lse =`; backward accumulates `dq +=`, `dk +=`, `dv +=`.
+use super::SyncPtr;
 use super::attention::AttnShape;
 use super::isa::Isa;
 use super::simd::Portable;
@@ -88,14 +89,6 @@ pub const DECODE_MAX_TQ: usize = 4;
 /// on the machine; a chunk's 256 keys (2 D FMAs each per row) dwarf its D + 2 partial floats.
 const DECODE_CHUNK: usize = 256;
 
-/// A buffer that tasks write in disjoint rows. Rows of one head interleave with other heads'
-/// rows (B, T, H, D), so no task may hold a `&mut` slice spanning them.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: tasks only touch rows they own (see each task function).
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-
 /// Per-thread tiles: s (Br, Bc) scores / probabilities, dp (Br, Bc), kt, vt (D, max(Br, Bc))
 /// transposed query, key, value or dout blocks, m, l (Br) running max and sum (backward: lse and
 /// delta), tm, al (Br) a tile's row maxima and rescale factors.
@@ -129,7 +122,9 @@ impl Scratch {
     }
 }
 
-/// Inputs of the forward; out (B, Tq, H, D) and lse (B, Tq, H) are written by row owners.
+/// Inputs of the forward; out (B, Tq, H, D) and lse (B, Tq, H) are written by row owners (raw
+/// pointers: rows of one head interleave with other heads' rows, so no task may hold a `&mut`
+/// slice spanning them).
 struct Fwd<'a> {
     s: AttnShape,
     bl: FlashBlocks,
