@@ -212,16 +212,9 @@ mod tests {
     use super::*;
     use crate::cpu::attention::{AttnShape, attention_forward};
 
+    /// Values in [-2, 2).
     fn fill(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect()
+        crate::cpu::testing::uniform(n, seed).into_iter().map(|x| x * 4.0).collect()
     }
 
     /// GQA, windows shorter and longer than the context, key counts around the 4-key blocks.

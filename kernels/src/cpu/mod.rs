@@ -14,6 +14,24 @@ pub mod simd;
 pub mod slice;
 pub mod softmax;
 
+/// Test inputs shared by the kernels' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// `n` values in [-0.5, 0.5), a multiple of 2^-24 each (exact under scaling by powers of two),
+    /// from an xorshift stream seeded by `seed`.
+    pub(crate) fn uniform(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+}
+
 /// A raw pointer into an output buffer that parallel tasks share, each writing only its own
 /// disjoint elements (tiles of C, columns of a matvec, attention rows): the callers' SAFETY
 /// comments say why no two tasks write one element. `get()` inside a closure captures the whole

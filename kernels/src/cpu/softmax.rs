@@ -189,15 +189,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn logits(n: usize, v: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n * v)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-            })
-            .collect()
+        crate::cpu::testing::uniform(n * v, seed).into_iter().map(|x| x * scale).collect()
     }
 
     proptest! {
