@@ -42,7 +42,7 @@ pub use femtochat_kernels::mem;
 pub use op::{IGNORE_INDEX, RMSNORM_EPS, Reduction, RopeTable};
 pub use optim::{GroupKind, MuonAdamW, ParamGroup};
 pub use param::ParamStore;
-pub use pool::{pooled_bytes, set_pool_limit};
+pub use pool::{pooled_bytes, set_pool_limit, trim_pool};
 pub use tensor::{Data, Ids, Storage, Tensor, TensorId};
 
 #[cfg(test)]

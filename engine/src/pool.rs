@@ -41,6 +41,14 @@ pub fn set_pool_limit(bytes: usize) {
     }
 }
 
+/// Hand every buffer held for reuse back to the system (after a phase whose sizes will not
+/// come again, e.g. a model's f32 weights dropped for a bf16 copy); the limit stays.
+pub fn trim_pool() {
+    let mut p = pool();
+    p.free.clear();
+    p.bytes = 0;
+}
+
 /// Bytes currently held for reuse.
 pub fn pooled_bytes() -> usize {
     pool().bytes

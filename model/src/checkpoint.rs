@@ -1,7 +1,7 @@
 //! Checkpoints as safetensors with nanochat's parameter names, so a nanochat state dict exported
 //! to safetensors loads as-is and ours load in PyTorch.
 //!
-//! - model file: every parameter (f32), with `__metadata__` {"config": GPTConfig JSON, "meta":
+//! - model file: every parameter (f32; a bf16 model's matrices as BF16), with `__metadata__` {"config": GPTConfig JSON, "meta":
 //!   free-form training metadata JSON};
 //! - optimizer file: every state buffer (1-D f32, named `<param>.<buffer>`), with the step count
 //!   in the metadata.
@@ -20,6 +20,7 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use crate::config::GPTConfig;
 use crate::error::{ModelError, Result};
 use crate::gpt::Gpt;
+use crate::weights::WeightDtype;
 
 /// What a model file holds besides the weights.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,6 +28,9 @@ pub struct ModelMeta {
     pub config: GPTConfig,
     /// Free-form training metadata (step, losses, options...).
     pub meta: serde_json::Value,
+    /// The dtype most of the file's elements are stored in ("F32", "BF16", "F16"), whatever
+    /// dtype they were loaded as: a caller converting says so.
+    pub stored_dtype: String,
 }
 
 fn ck_err(path: &Path, msg: impl Into<String>) -> ModelError {
@@ -71,16 +75,15 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
     x.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// Serialise named f32 tensors with string metadata.
-fn serialize(
-    tensors: &[(String, Vec<usize>, Vec<u8>)],
-    meta: HashMap<String, String>,
-    path: &Path,
-) -> Result<Vec<u8>> {
+/// A named tensor to write: shape, dtype, little-endian bytes.
+type Raw = (String, Vec<usize>, Dtype, Vec<u8>);
+
+/// Serialise named tensors with string metadata.
+fn serialize(tensors: &[Raw], meta: HashMap<String, String>, path: &Path) -> Result<Vec<u8>> {
     let views = tensors
         .iter()
-        .map(|(n, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
+        .map(|(n, shape, dtype, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| ck_err(path, format!("tensor `{n}`: {e}")))
         })
@@ -111,19 +114,24 @@ fn canonical_header(mut bytes: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
-/// Save the model's parameters, config and metadata to `path`.
+/// Save the model's parameters, config and metadata to `path`, each tensor in the dtype the
+/// model holds it (a bf16 model's matrices as BF16, so the file is about half the size).
 pub fn save_model(path: &Path, gpt: &Gpt, meta: &serde_json::Value) -> Result<()> {
-    // A failed GPU read is an error here, never NaNs written over a good checkpoint.
-    let tensors = gpt
-        .params()
-        .iter()
-        .map(|(n, t)| {
-            let data = t
-                .try_to_vec()
-                .map_err(|e| ck_err(path, format!("reading parameter `{n}`: {e}")))?;
-            Ok((n.to_string(), t.shape().to_vec(), f32_bytes(&data)))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut tensors = Vec::new();
+    for (n, shape) in crate::gpt::param_shapes(gpt.config()) {
+        if let Some(bits) = gpt.bf16_matrix(&n) {
+            let bytes = bits.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((n, shape, Dtype::BF16, bytes));
+            continue;
+        }
+        // A failed GPU read is an error here, never NaNs written over a good checkpoint.
+        let data = gpt
+            .params()
+            .get(&n)
+            .and_then(|t| t.try_to_vec())
+            .map_err(|e| ck_err(path, format!("reading parameter `{n}`: {e}")))?;
+        tensors.push((n, shape, Dtype::F32, f32_bytes(&data)));
+    }
     let config = serde_json::to_string(gpt.config()).map_err(|e| ck_err(path, e.to_string()))?;
     let info =
         HashMap::from([("config".to_string(), config), ("meta".to_string(), meta.to_string())]);
@@ -175,13 +183,23 @@ type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// Tensors of a safetensors file as f32 (bf16/f16 are widened, other dtypes refused), with
 /// its metadata.
 fn read_f32_tensors(path: &Path) -> Result<(F32Tensors, HashMap<String, String>)> {
+    read_tensors(path).map(|(t, info, _)| (t, info))
+}
+
+/// `read_f32_tensors` and the dtype most elements are stored in.
+fn read_tensors(path: &Path) -> Result<(F32Tensors, HashMap<String, String>, String)> {
     let bytes = read_checked(path)?;
     let (_, header) =
         SafeTensors::read_metadata(&bytes).map_err(|e| ck_err(path, e.to_string()))?;
     let info = header.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(&bytes).map_err(|e| ck_err(path, e.to_string()))?;
     let mut out = BTreeMap::new();
+    // Elements per dtype: the file "stores" the dtype most of its elements have (a bf16
+    // model keeps its small gates and scalars f32).
+    let mut numel_by_dtype: BTreeMap<String, usize> = BTreeMap::new();
     for (name, view) in st.tensors() {
+        let numel = view.shape().iter().product::<usize>();
+        *numel_by_dtype.entry(format!("{:?}", view.dtype())).or_default() += numel;
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
             Dtype::F32 => {
@@ -205,12 +223,18 @@ fn read_f32_tensors(path: &Path) -> Result<(F32Tensors, HashMap<String, String>)
         };
         out.insert(name, (view.shape().to_vec(), data));
     }
-    Ok((out, info))
+    let stored = numel_by_dtype
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(d, _)| d)
+        .unwrap_or_else(|| "F32".into());
+    Ok((out, info, stored))
 }
 
-/// Load a model file written by `save_model`.
+/// Load a model file written by `save_model`, as f32 (BF16/F16 tensors are widened; ModelMeta's
+/// `stored_dtype` tells).
 pub fn load_model(path: &Path) -> Result<(Gpt, ModelMeta)> {
-    let (tensors, info) = read_f32_tensors(path)?;
+    let (tensors, info, stored_dtype) = read_tensors(path)?;
     let config_json = info.get("config").ok_or_else(|| {
         ck_err(path, "no `config` in the metadata; use load_state_dict with a config")
     })?;
@@ -221,7 +245,7 @@ pub fn load_model(path: &Path) -> Result<(Gpt, ModelMeta)> {
         None => serde_json::Value::Null,
     };
     let gpt = build(config.clone(), tensors)?;
-    Ok((gpt, ModelMeta { config, meta }))
+    Ok((gpt, ModelMeta { config, meta, stored_dtype }))
 }
 
 /// Load a bare state dict (e.g. nanochat's, exported to safetensors; names may carry a
@@ -247,7 +271,7 @@ fn build(config: GPTConfig, tensors: F32Tensors) -> Result<Gpt> {
 pub fn save_optimizer(path: &Path, opt: &MuonAdamW) -> Result<()> {
     let (step, bufs) = opt.state_dict()?;
     let tensors: Vec<_> =
-        bufs.iter().map(|(n, v)| (n.clone(), vec![v.len()], f32_bytes(v))).collect();
+        bufs.iter().map(|(n, v)| (n.clone(), vec![v.len()], Dtype::F32, f32_bytes(v))).collect();
     let info = HashMap::from([("step".to_string(), step.to_string())]);
     write_atomic(path, &serialize(&tensors, info, path)?)
 }
@@ -286,12 +310,48 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<(PathBuf, usize)>> {
 /// Load the newest model of a run directory written by `train` and its tokenizer
 /// (`RUN_DIR/tokenizer/`, or `tokenizer_dir` when given). A nanochat directory (its base dir,
 /// a `<source>_checkpoints` dir or one model tag in it) is recognised and imported in memory.
+/// The weights load as f32 (a BF16 file is widened exactly).
 pub fn load_run(
     run_dir: &Path,
     tokenizer_dir: Option<&Path>,
 ) -> Result<(Gpt, crate::tokenizer::Tokenizer)> {
+    load_run_stored(run_dir, tokenizer_dir).map(|(gpt, tok, _)| (gpt, tok))
+}
+
+/// `load_run` with the weight matrices held as `dtype`, and a note for the user when that is
+/// not the dtype the file stores (a conversion: rounding to bf16, or widening to f32).
+pub fn load_run_as(
+    run_dir: &Path,
+    tokenizer_dir: Option<&Path>,
+    dtype: WeightDtype,
+) -> Result<(Gpt, crate::tokenizer::Tokenizer, Option<String>)> {
+    let (gpt, tok, stored) = load_run_stored(run_dir, tokenizer_dir)?;
+    let want = match dtype {
+        WeightDtype::F32 => "F32",
+        WeightDtype::Bf16 => "BF16",
+    };
+    let note = match stored {
+        Some(s) if s == want => None,
+        Some(s) => Some(format!(
+            "{}: the checkpoint stores {s} weights; converted to {dtype}",
+            run_dir.display()
+        )),
+        None if dtype != WeightDtype::F32 => {
+            Some(format!("{}: weights converted to {dtype}", run_dir.display()))
+        }
+        None => None,
+    };
+    Ok((gpt.into_weight_dtype(dtype)?, tok, note))
+}
+
+/// `load_run` and the dtype the model file stores (None for a nanochat directory).
+fn load_run_stored(
+    run_dir: &Path,
+    tokenizer_dir: Option<&Path>,
+) -> Result<(Gpt, crate::tokenizer::Tokenizer, Option<String>)> {
     if !run_dir.join("latest.json").exists() && crate::nanochat::is_nanochat_dir(run_dir) {
-        return crate::nanochat::load_for_serving(run_dir, tokenizer_dir);
+        let (gpt, tok) = crate::nanochat::load_for_serving(run_dir, tokenizer_dir)?;
+        return Ok((gpt, tok, None));
     }
     let (dir, _) = latest_checkpoint(run_dir)?.ok_or_else(|| {
         ck_err(
@@ -299,11 +359,11 @@ pub fn load_run(
             "no latest.json: not a run directory written by `train` (nor a nanochat directory), or no checkpoint yet",
         )
     })?;
-    let (gpt, _) = load_model(&dir.join("model.safetensors"))?;
+    let (gpt, meta) = load_model(&dir.join("model.safetensors"))?;
     let tok_dir = tokenizer_dir.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("tokenizer"));
     let tok = crate::tokenizer::Tokenizer::load(&tok_dir)?;
     check_vocab(run_dir, &tok_dir, &tok, &gpt)?;
-    Ok((gpt, tok))
+    Ok((gpt, tok, Some(meta.stored_dtype)))
 }
 
 /// The tokenizer and the model must agree on the vocabulary.

@@ -14,6 +14,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::recompute::Recompute;
 use crate::rng::Rng;
+use crate::weights::{BF16_ENGINE, WeightDtype};
 
 /// RoPE base of nanochat.
 pub(crate) const ROPE_BASE: f32 = 100_000.0;
@@ -67,6 +68,9 @@ pub struct Gpt {
     recompute: Recompute,
     /// The fast decode step's weight handles and tables, built on its first use.
     decode: DecodeCell,
+    /// A plan that owns the weight matrices (bf16 inference weights, `weights.rs`): then the
+    /// parameter store holds only the small parameters. Shared by clones.
+    owned_plan: Option<Arc<DecodePlan>>,
 }
 
 impl std::fmt::Debug for Gpt {
@@ -113,6 +117,7 @@ impl Gpt {
             windows,
             recompute: Recompute::None,
             decode: DecodeCell::default(),
+            owned_plan: None,
         })
     }
 
@@ -172,6 +177,13 @@ impl Gpt {
 
     /// This model with every parameter on `device` (the rotary tables follow on first use).
     pub fn to_device(&self, device: Device) -> Result<Gpt> {
+        if self.owned_plan.is_some() {
+            // A bf16 model lives on the CPU: staying there is a no-op, leaving it an error.
+            return match device {
+                Device::Cpu => Ok(self.clone()),
+                _ => self.engine_only().map(|_| self.clone()),
+            };
+        }
         device.ensure_available()?;
         let mut g = Gpt::from_params(self.config.clone(), self.params.to_device(device)?)?;
         g.recompute = self.recompute;
@@ -193,16 +205,38 @@ impl Gpt {
         &self.windows
     }
 
-    /// The decode step's plan, built on first use.
+    /// The decode step's plan: the owned one, or one over the f32 parameters built on first use.
     pub(crate) fn decode_plan(&self) -> Result<&DecodePlan> {
+        if let Some(p) = &self.owned_plan {
+            return Ok(p);
+        }
         if let Some(p) = self.decode.0.get() {
             return Ok(p);
         }
-        let plan = DecodePlan::new(self)?;
+        let plan = DecodePlan::new(self, WeightDtype::F32)?;
         Ok(self.decode.0.get_or_init(|| plan))
     }
 
+    /// The plan holding this model's weight matrices, when it is a bf16 model.
+    pub(crate) fn owned_plan(&self) -> Option<&DecodePlan> {
+        self.owned_plan.as_deref()
+    }
+
+    /// This model with `params` (the small ones) and the matrices in `plan`.
+    pub(crate) fn with_owned_plan(&self, params: ParamStore, plan: Arc<DecodePlan>) -> Gpt {
+        Gpt { params, owned_plan: Some(plan), decode: DecodeCell::default(), ..self.clone() }
+    }
+
+    /// An error for a path that needs the weights as f32 engine tensors.
+    pub(crate) fn engine_only(&self) -> Result<()> {
+        match self.owned_plan {
+            Some(_) => Err(ModelError::Invalid(BF16_ENGINE.into())),
+            None => Ok(()),
+        }
+    }
+
     fn p(&self, name: &str) -> Result<&Tensor> {
+        self.engine_only()?;
         Ok(self.params.get(name)?)
     }
 
@@ -316,6 +350,9 @@ impl Gpt {
     /// logits (B, T, V) of the new positions. T = 1 is a batched decode step; B = 1 with a long T
     /// is a prefill. No graph is recorded.
     pub fn forward_cached(&self, idx: &Ids, cache: &mut KvCache) -> Result<Tensor> {
+        if self.owned_plan.is_some() {
+            return self.extend(idx, cache, false);
+        }
         let _g = no_grad();
         self.all_logits(&self.trunk_cached(idx, cache)?)
     }
@@ -324,6 +361,9 @@ impl Gpt {
     /// (B, V), equal to the last position of `forward_cached`'s. What a prefill needs to sample
     /// the first token, without (B, T, V) logits (gigabytes for a long prompt and a large vocab).
     pub fn forward_cached_last(&self, idx: &Ids, cache: &mut KvCache) -> Result<Tensor> {
+        if self.owned_plan.is_some() {
+            return self.extend(idx, cache, true);
+        }
         let _g = no_grad();
         let x = self.trunk_cached(idx, cache)?; // (B, T, C)
         let (b, t, c) = (x.shape()[0], x.shape()[1], x.shape()[2]);

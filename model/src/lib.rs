@@ -16,6 +16,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod tokenizer;
 pub mod tool;
+pub mod weights;
 
 pub use config::GPTConfig;
 pub use decode::Decoder;
@@ -23,3 +24,4 @@ pub use error::{ModelError, Result};
 pub use gpt::Gpt;
 pub use kv_cache::KvCache;
 pub use recompute::Recompute;
+pub use weights::WeightDtype;

@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use femtochat_engine::Device;
-use femtochat_model::Gpt;
-use femtochat_model::checkpoint::load_run;
+use femtochat_model::checkpoint::load_run_as;
 use femtochat_model::generate::{Finish, generate};
 use femtochat_model::sampler::{Sampler, SamplingParams};
 use femtochat_model::tokenizer::{ChatMessage, Content, Conversation, StreamDecoder, Tokenizer};
+use femtochat_model::{Gpt, ModelError, WeightDtype};
 use femtochat_serve::cache::CacheConfig;
 use femtochat_serve::http::AppState;
 use femtochat_serve::scheduler::{Engine, EngineConfig};
@@ -74,6 +74,10 @@ struct HttpArgs {
     /// Run the model on cpu or gpu (WGSL kernels through wgpu).
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Storage of the weight matrices: fp32, or bf16 (CPU only; half the memory, faster
+    /// decoding; products and sums stay f32). A checkpoint in the other dtype is converted.
+    #[arg(long, default_value = "fp32")]
+    dtype: WeightDtype,
     /// HTTP worker threads (default: one per core).
     #[arg(long, visible_alias = "workers", default_value_t = 0)]
     http_workers: usize,
@@ -121,6 +125,9 @@ struct ModelArgs {
     /// Run the model on cpu or gpu (WGSL kernels through wgpu).
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Storage of the weight matrices: fp32, or bf16 (CPU only; half the memory).
+    #[arg(long, default_value = "fp32")]
+    dtype: WeightDtype,
 }
 
 #[derive(Subcommand)]
@@ -150,9 +157,8 @@ impl Session {
         if let Some(n) = a.threads {
             rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()?;
         }
-        let (gpt, tok) = load_run(&a.checkpoint, a.tokenizer.as_deref())
+        let (gpt, tok) = load(&a.checkpoint, a.tokenizer.as_deref(), a.device, a.dtype)
             .with_context(|| format!("loading {}", a.checkpoint.display()))?;
-        let gpt = gpt.to_device(a.device).with_context(|| format!("--device {}", a.device))?;
         let params = SamplingParams {
             temperature: a.temperature,
             top_k: a.top_k,
@@ -289,6 +295,25 @@ fn chat(a: ModelArgs) -> Result<()> {
     Ok(())
 }
 
+/// The run's model on `device` with `dtype` weights, saying so when that converts the file's.
+fn load(
+    run: &Path,
+    tok_dir: Option<&Path>,
+    device: Device,
+    dtype: WeightDtype,
+) -> femtochat_model::Result<(Gpt, Tokenizer)> {
+    if dtype != WeightDtype::F32 && device != Device::Cpu {
+        return Err(ModelError::Invalid(format!(
+            "--dtype {dtype} runs on the CPU only (use --device cpu, or --dtype fp32 on the GPU)"
+        )));
+    }
+    let (gpt, tok, note) = load_run_as(run, tok_dir, dtype)?;
+    if let Some(note) = note {
+        eprintln!("note: {note}");
+    }
+    Ok((gpt.to_device(device)?, tok))
+}
+
 fn http(a: HttpArgs) -> Result<()> {
     let Some(run) = a.checkpoint.clone() else {
         bail!(
@@ -309,11 +334,8 @@ fn http(a: HttpArgs) -> Result<()> {
         context: a.context,
         ..Default::default()
     };
-    let device = a.device;
-    let load = move || {
-        let (gpt, tok) = load_run(&run_dir, tok_dir.as_deref())?;
-        Ok((gpt.to_device(device)?, tok))
-    };
+    let (device, dtype) = (a.device, a.dtype);
+    let load = move || load(&run_dir, tok_dir.as_deref(), device, dtype);
     let engine = Engine::spawn(config, Box::new(load))?;
     // Fail at startup (not on the first request) when the run or tokenizer is unusable.
     let info = engine.wait_ready().with_context(|| format!("loading {}", run.display()))?;

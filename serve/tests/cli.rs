@@ -108,3 +108,23 @@ fn chat_survives_invalid_utf8_and_an_overlong_turn() {
     assert!(!err.contains("many words"), "{err}");
     assert_eq!(err.matches("bot>").count(), 1, "{err}");
 }
+
+/// `--dtype bf16` converts the f32 checkpoint (and says so) and generates; it is CPU-only, and
+/// an unknown dtype is a usage error.
+#[test]
+fn generate_with_bf16_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path());
+    let out =
+        serve(&["generate", "--dtype", "bf16", "--max-tokens", "4", "--prompt", "lorem"], &run);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("stores F32 weights; converted to bf16"), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("lorem"));
+
+    let out = serve(&["generate", "--dtype", "bf16", "--device", "gpu", "--prompt", "x"], &run);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("CPU only"), "{}", stderr(&out));
+    let out = serve(&["generate", "--dtype", "int4", "--prompt", "x"], &run);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("expected fp32 or bf16"), "{}", stderr(&out));
+}

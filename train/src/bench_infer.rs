@@ -5,17 +5,21 @@
 //! token, prefill tok/s, decode step latency and tok/s, the weight and KV bytes one step reads
 //! and the bandwidth that implies (MBU against `--peak-bandwidth` or a measured memcpy).
 //!
+//! `--dtype bf16` runs the same steps with bf16 weight matrices (half the bytes per step); the
+//! summary reports the weights' bytes and the process's peak heap during the measurement.
+//!
 //! The prompt is deterministic token ids (id i = (1 + 7919 i) mod V), so another implementation
 //! (benches/infer_vs_pytorch.py) can run exactly the same tokens.
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use femtochat_engine::Ids;
-use femtochat_model::checkpoint::load_run;
+use femtochat_engine::{Ids, mem};
+use femtochat_model::checkpoint::load_run_as;
 use femtochat_model::decode::decode_isa;
+use femtochat_model::gpt::param_shapes;
 use femtochat_model::sampler::{Sampler, SamplingParams};
-use femtochat_model::{Decoder, GPTConfig, Gpt, KvCache};
+use femtochat_model::{Decoder, GPTConfig, Gpt, KvCache, WeightDtype};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,6 +27,10 @@ pub struct Args {
     /// initialised model of the shape given by --depth etc.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Storage of the weight matrices: fp32, or bf16 (widened to f32 in the kernels: half the
+    /// weight bytes per step and in memory).
+    #[arg(long, default_value = "fp32")]
+    dtype: WeightDtype,
     /// Decode batch sizes to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
     batch_sizes: Vec<usize>,
@@ -75,7 +83,14 @@ pub fn main(a: Args) -> Result<()> {
         bail!("--prompt-tokens, --decode-tokens and --rounds must be positive");
     }
     let gpt = match &a.checkpoint {
-        Some(dir) => load_run(dir, None).with_context(|| format!("loading {}", dir.display()))?.0,
+        Some(dir) => {
+            let (gpt, _, note) = load_run_as(dir, None, a.dtype)
+                .with_context(|| format!("loading {}", dir.display()))?;
+            if let Some(note) = note {
+                eprintln!("note: {note}");
+            }
+            gpt
+        }
         None => {
             let c = GPTConfig::from_depth(
                 a.depth,
@@ -85,9 +100,10 @@ pub fn main(a: Args) -> Result<()> {
                 a.vocab_size,
                 &a.window_pattern,
             )?;
-            Gpt::init(c, 0)?
+            Gpt::init(c, 0)?.into_weight_dtype(a.dtype)?
         }
     };
+    let loaded_bytes = mem::host_counting().then(mem::host_bytes);
     let c = gpt.config().clone();
     let need = a.prompt_tokens + a.decode_tokens;
     if need > gpt.max_positions() {
@@ -105,12 +121,14 @@ pub fn main(a: Args) -> Result<()> {
         None => (memcpy_bandwidth(), "memcpy"),
     };
     eprintln!(
-        "model: depth {} dim {} heads {}/{} vocab {} | isa {isa} | threads {threads} | peak {:.1} GB/s ({peak_src})",
+        "model: depth {} dim {} heads {}/{} vocab {} | {} weights {:.1} MB | isa {isa} | threads {threads} | peak {:.1} GB/s ({peak_src})",
         c.n_layer,
         c.n_embd,
         c.n_head,
         c.n_kv_head,
         c.vocab_size,
+        a.dtype,
+        gpt.weight_bytes() as f64 / 1e6,
         peak / 1e9
     );
     eprintln!(
@@ -119,6 +137,7 @@ pub fn main(a: Args) -> Result<()> {
     );
     // Untimed warm-up: the decode step's tables, the thread pool, first-touch memory.
     run_once(&gpt, &prompt, 1, 2.min(a.decode_tokens))?;
+    mem::reset_peaks();
     let mut results = Vec::new();
     for &b in &a.batch_sizes {
         let mut best: Option<Sample> = None;
@@ -140,7 +159,7 @@ pub fn main(a: Args) -> Result<()> {
         let bytes = step_bytes(&gpt, b, a.prompt_tokens, a.decode_tokens);
         let bw = bytes / step_s;
         let line = serde_json::json!({
-            "bench": "infer", "isa": isa, "threads": threads, "batch": b,
+            "bench": "infer", "isa": isa, "threads": threads, "dtype": a.dtype.name(), "batch": b,
             "prompt_len": a.prompt_tokens, "gen_len": a.decode_tokens,
             "n_layer": c.n_layer, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
             "ttft_ms": s.ttft_s * 1e3,
@@ -167,7 +186,9 @@ pub fn main(a: Args) -> Result<()> {
     }
     // The whole run as one document on the last line (the lines above stream as they finish).
     let summary = serde_json::json!({
-        "bench": "infer_summary", "isa": isa, "threads": threads,
+        "bench": "infer_summary", "isa": isa, "threads": threads, "dtype": a.dtype.name(),
+        "weight_bytes": gpt.weight_bytes(), "host_bytes_loaded": loaded_bytes,
+        "peak_host_bytes": mem::host_counting().then(mem::host_peak_bytes),
         "n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head, "n_kv_head": c.n_kv_head,
         "vocab_size": c.vocab_size, "prompt_len": a.prompt_tokens, "gen_len": a.decode_tokens,
         "rounds": a.rounds, "peak_gb_per_s": peak / 1e9, "peak_source": peak_src,
@@ -208,23 +229,25 @@ fn run_once(gpt: &Gpt, prompt: &[u32], b: usize, g: usize) -> Result<Sample> {
     Ok(Sample { prefill_s, ttft_s, decode_s: t1.elapsed().as_secs_f64(), tokens })
 }
 
-/// Bytes one decode step reads, averaged over the steps: every weight matrix once (the token
-/// and value embeddings only at the B looked-up rows) plus each row's attended keys and values.
+/// Bytes one decode step reads, averaged over the steps: every weight matrix once at its
+/// stored width (the token and value embeddings only at the B looked-up rows) plus each row's
+/// attended keys and values (f32).
 fn step_bytes(gpt: &Gpt, b: usize, prompt: usize, g: usize) -> f64 {
     let c = gpt.config();
     let kvd = c.n_kv_head * c.head_dim();
-    let mut floats = 0.0;
-    let mut gathered = c.n_embd; // wte row
-    for (name, t) in gpt.params().iter() {
-        if name == "transformer.wte.weight" || name.starts_with("value_embeds.") {
-            if name.starts_with("value_embeds.") {
-                gathered += kvd;
-            }
-            continue;
-        }
-        floats += t.numel() as f64;
+    let mut weights = 0.0;
+    for (name, shape) in param_shapes(c) {
+        let numel: usize = shape.iter().product();
+        let per = gpt.param_elem_bytes(&name) as f64;
+        weights += per
+            * if name == "transformer.wte.weight" {
+                (b * c.n_embd) as f64
+            } else if name.starts_with("value_embeds.") {
+                (b * kvd) as f64
+            } else {
+                numel as f64
+            };
     }
-    floats += (b * gathered) as f64;
     let windows = c.window_sizes();
     let mut kv = 0.0;
     for pos in prompt..prompt + g {
@@ -232,7 +255,7 @@ fn step_bytes(gpt: &Gpt, b: usize, prompt: usize, g: usize) -> f64 {
             kv += ((pos + 1).min(w.saturating_add(1)) * kvd * 2) as f64;
         }
     }
-    (floats + b as f64 * kv / g as f64) * 4.0
+    weights + b as f64 * kv / g as f64 * 4.0
 }
 
 /// Best of five single-thread copies of 64 MiB: bytes read + written per second.

@@ -45,6 +45,33 @@ fn one_json_line_per_batch_size() {
     assert!(stderr.contains("tok/s"), "no table: {stderr}");
 }
 
+/// `--dtype bf16`: the same report with half the weight bytes in memory and per step.
+#[test]
+fn bf16_weights_halve_the_weight_bytes() {
+    let run = |dtype: &str| -> serde_json::Value {
+        let out = bench(
+            &["--batch-sizes", "2", "--prompt-tokens", "4", "--decode-tokens", "3"]
+                .into_iter()
+                .chain(["--dtype", dtype])
+                .collect::<Vec<_>>(),
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let (full, half) = (run("fp32"), run("bf16"));
+    assert_eq!((full["dtype"].as_str(), half["dtype"].as_str()), (Some("fp32"), Some("bf16")));
+    let ratio = |k: &str, a: &serde_json::Value, b: &serde_json::Value| {
+        a[k].as_f64().unwrap() / b[k].as_f64().unwrap()
+    };
+    let w = ratio("weight_bytes", &full, &half);
+    assert!(w > 1.9 && w < 2.0, "weight bytes fp32/bf16 = {w}");
+    let (lf, lh) = (&full["results"][0], &half["results"][0]);
+    assert!(ratio("bytes_per_step", lf, lh) > 1.3, "{lf} vs {lh}");
+    assert!(lh["tok_per_s"].as_f64().unwrap() > 0.0);
+    assert!(half["peak_host_bytes"].as_u64().unwrap() > 0);
+}
+
 #[test]
 fn bad_flags_are_errors() {
     for extra in [

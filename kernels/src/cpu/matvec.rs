@@ -13,6 +13,11 @@
 //! at least `PAR_MACS` multiply-adds; below that, waking a second thread costs more than it
 //! saves (measured on the d4 decode step, docs/perf/infer.md).
 //!
+//! Weights are f32 or bf16 (`Weight`): a bf16 weight is widened to f32 as it is loaded (exact:
+//! a bf16 is the high half of an f32), so products and sums are f32 either way and only the
+//! bytes read halve — what a memory-bound decode step is paid for. (AVX-512 BF16's `vdpbf16ps`
+//! would also need the activations rounded to bf16; widening keeps them f32.)
+//!
 //! Tiles (R x MR) by ISA: AVX-512F 8x1, 8x2, 4x3, 4x4 (at most 16 zmm accumulators); AVX2 + FMA
 //! 8x1, 4x2, 3x3, 2x4 (at most 9 ymm accumulators, 16 registers in all); other CPUs (NEON
 //! included, for now) a portable loop the compiler vectorises.
@@ -28,6 +33,51 @@ pub const PAR_MACS: usize = 1 << 19;
 #[cfg(target_arch = "x86_64")]
 const MR: usize = 4;
 
+/// Input rows above which narrow weights are widened once per block (`columns`).
+const GROUP_ROWS: usize = 4;
+
+/// Floats per 4-row tile group widened at once for `columns`' narrow-weight path (x 4 = 16 KiB).
+const WIDEN_FLOATS: usize = 1024;
+
+thread_local! {
+    /// Per-thread scratch of widened weight rows (grows to the largest block seen, then is
+    /// reused).
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An element of the weight matrix: f32, or bf16 widened on load.
+pub trait Weight: Copy + Send + Sync + 'static + private::Sealed {
+    /// Bytes per element (for bandwidth accounting).
+    const BYTES: usize;
+    fn to_f32(self) -> f32;
+}
+
+impl Weight for f32 {
+    const BYTES: usize = 4;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for half::bf16 {
+    const BYTES: usize = 2;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+// Sealed: the kernels know how to load each weight type (on x86, `x86::Lanes`).
+mod private {
+    #[cfg(target_arch = "x86_64")]
+    pub trait Sealed: super::x86::Lanes {}
+    #[cfg(not(target_arch = "x86_64"))]
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
 /// The instruction set `matvec_nt` runs on this CPU.
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
@@ -35,29 +85,36 @@ pub fn isa() -> Isa {
 }
 
 /// Reference: f64 dot products. Test oracle for `matvec_nt`.
-pub fn matvec_nt_naive(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+pub fn matvec_nt_naive<W: Weight>(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matvec_nt: short buffers");
     for i in 0..m {
         for j in 0..n {
             let xr = &x[i * k..(i + 1) * k];
             let wr = &w[j * k..(j + 1) * k];
             out[i * n + j] =
-                xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32;
+                xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b.to_f32() as f64).sum::<f64>() as f32;
         }
     }
 }
 
 /// out (M, N) = x (M, K) · W (N, K)^T with the best kernel this CPU runs.
-pub fn matvec_nt(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+pub fn matvec_nt<W: Weight>(out: &mut [f32], x: &[f32], w: &[W], m: usize, k: usize, n: usize) {
     matvec_nt_with(isa(), out, x, w, m, k, n)
 }
 
 /// `matvec_nt` with a given ISA (tests compare them); the portable kernel when the CPU lacks it.
-pub fn matvec_nt_with(
+pub fn matvec_nt_with<W: Weight>(
     isa: Isa,
     out: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    w: &[W],
     m: usize,
     k: usize,
     n: usize,
@@ -88,17 +145,38 @@ pub fn matvec_nt_with(
 /// # Safety
 /// x holds m * k floats, w n * k, out m * n; no other thread writes columns j0..j1 of out.
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns(
+unsafe fn columns<W: Weight>(
     isa: Isa,
     out: *mut f32,
     x: *const f32,
-    w: *const f32,
+    w: *const W,
     m: usize,
     k: usize,
     n: usize,
     j0: usize,
     j1: usize,
 ) {
+    if W::BYTES < 4 && m > GROUP_ROWS {
+        // The tiles widen a narrow weight once per group of input rows, so with several groups
+        // the conversions (three instructions per vector) cost more than the loads they save:
+        // bf16 ran batch 8 at 0.83x f32. Widen a block of weight rows once into a per-thread
+        // f32 scratch and run the f32 tiles on it.
+        // A block of whole 4-row tiles, about 16 KiB, so it stays in L1 across the row groups.
+        let block = (WIDEN_FLOATS / k.max(1)).clamp(1, 16) * 4;
+        return WIDE.with_borrow_mut(|wide| {
+            wide.resize(wide.len().max(block * k), 0.0);
+            let mut j = j0;
+            while j < j1 {
+                let rows = block.min(j1 - j);
+                // SAFETY: rows j..j + rows of w are in bounds (caller).
+                unsafe { widen(isa, &mut wide[..rows * k], w.add(j * k)) };
+                // SAFETY: the block's rows, as rows 0..rows of `wide`, write columns
+                // j..j + rows of out (out shifted by j, same row stride n).
+                unsafe { columns(isa, out.add(j), x, wide.as_ptr(), m, k, n, 0, rows) };
+                j += rows;
+            }
+        });
+    }
     // SAFETY: forwarded from the caller; each ISA branch runs only where `supported()` held.
     unsafe {
         match isa {
@@ -111,12 +189,32 @@ unsafe fn columns(
     }
 }
 
+/// dst = the dst.len() weights at w, as f32.
+///
+/// # Safety
+/// dst.len() elements are readable at w; `isa` is supported.
+unsafe fn widen<W: Weight>(isa: Isa, dst: &mut [f32], w: *const W) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::widen_512(dst, w),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::widen_256(dst, w),
+            _ => {
+                let src = std::slice::from_raw_parts(w, dst.len());
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+            }
+        }
+    }
+}
+
 /// Plain dot products in 8 lanes (vectorised by the compiler for the build target).
 #[allow(clippy::too_many_arguments)]
-unsafe fn columns_portable(
+unsafe fn columns_portable<W: Weight>(
     out: *mut f32,
     x: *const f32,
-    w: *const f32,
+    w: *const W,
     m: usize,
     k: usize,
     n: usize,
@@ -130,10 +228,11 @@ unsafe fn columns_portable(
             let xr = unsafe { std::slice::from_raw_parts(x.add(i * k), k) };
             let mut acc = [0.0f32; 8];
             let (cw, cx) = (wr.chunks_exact(8), xr.chunks_exact(8));
-            let tail: f32 = cw.remainder().iter().zip(cx.remainder()).map(|(a, b)| a * b).sum();
+            let tail: f32 =
+                cw.remainder().iter().zip(cx.remainder()).map(|(a, b)| a.to_f32() * b).sum();
             for (a, b) in cw.zip(cx) {
                 for l in 0..8 {
-                    acc[l] += a[l] * b[l];
+                    acc[l] += a[l].to_f32() * b[l];
                 }
             }
             let s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
@@ -147,7 +246,60 @@ unsafe fn columns_portable(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::MR;
+    use super::{MR, Weight};
+
+    /// Vector loads of weight elements as f32 lanes.
+    pub trait Lanes {
+        /// Elements p..p + min(left, 16) as 16 f32 lanes, zeros past `left`.
+        ///
+        /// # Safety
+        /// AVX-512F enabled in the caller; min(left, 16) elements readable at p.
+        unsafe fn load16(p: *const Self, left: usize) -> __m512;
+        /// Eight elements as f32 lanes.
+        ///
+        /// # Safety
+        /// AVX2 enabled in the caller; eight elements readable at p.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32, left: usize) -> __m512 {
+            // SAFETY: the mask covers only readable elements (caller).
+            unsafe { _mm512_maskz_loadu_ps(mask16(left), p) }
+        }
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: caller.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+
+    impl Lanes for half::bf16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const half::bf16, left: usize) -> __m512 {
+            // SAFETY: a full load reads 16 elements, a tail only `left` (copied; masked 16-bit
+            // loads would need AVX-512BW, which `Isa::Avx512` does not require).
+            unsafe {
+                let h = if left >= 16 {
+                    _mm256_loadu_si256(p as *const __m256i)
+                } else {
+                    let mut buf = [0u16; 16];
+                    std::ptr::copy_nonoverlapping(p as *const u16, buf.as_mut_ptr(), left);
+                    _mm256_loadu_si256(buf.as_ptr() as *const __m256i)
+                };
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn load8(p: *const half::bf16) -> __m256 {
+            // SAFETY: caller.
+            unsafe {
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        }
+    }
 
     /// Lanes 0..w of a 16-lane mask.
     #[inline(always)]
@@ -155,13 +307,52 @@ mod x86 {
         if w >= 16 { 0xFFFF } else { (1u16 << w) - 1 }
     }
 
+    /// dst = the weights at w as f32, 16 lanes at a time, prefetching the next block of as
+    /// many weights (the tiles then work on this one while memory delivers that one).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn widen_512<W: Weight>(dst: &mut [f32], w: *const W) {
+        let mut p = 0;
+        let n = dst.len();
+        // SAFETY: dst.len() weights are readable at w (caller); stores stay inside dst; the
+        // prefetched addresses are never dereferenced.
+        unsafe {
+            while p < n {
+                if (p * W::BYTES) % 64 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(n + p) as *const i8);
+                }
+                let left = n - p;
+                let v = W::load16(w.add(p), left);
+                _mm512_mask_storeu_ps(dst.as_mut_ptr().add(p), mask16(left), v);
+                p += 16;
+            }
+        }
+    }
+
+    /// dst = the weights at w as f32, 8 lanes at a time, prefetching as `widen_512` does.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn widen_256<W: Weight>(dst: &mut [f32], w: *const W) {
+        let (n, n8) = (dst.len(), dst.len() & !7);
+        // SAFETY: as in `widen_512`.
+        unsafe {
+            for p in (0..n8).step_by(8) {
+                if (p * W::BYTES) % 64 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(n + p) as *const i8);
+                }
+                _mm256_storeu_ps(dst.as_mut_ptr().add(p), W::load8(w.add(p)));
+            }
+            for (p, d) in dst.iter_mut().enumerate().skip(n8) {
+                *d = (*w.add(p)).to_f32();
+            }
+        }
+    }
+
     /// Dispatch on the weight rows left (R) and input rows left (MR) to const-size tiles.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn columns_512(
+    pub unsafe fn columns_512<W: Weight>(
         out: *mut f32,
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         m: usize,
         k: usize,
         n: usize,
@@ -182,16 +373,16 @@ mod x86 {
                     let t =
                         Tile { out: out.add(i * n + j), x: x.add(i * k), w: w.add(j * k), k, n };
                     match (r, mi) {
-                        (8, 1) => tile_512::<8, 1>(t),
-                        (8, 2) => tile_512::<8, 2>(t),
-                        (4, 1) => tile_512::<4, 1>(t),
-                        (4, 2) => tile_512::<4, 2>(t),
-                        (4, 3) => tile_512::<4, 3>(t),
-                        (4, 4) => tile_512::<4, 4>(t),
-                        (_, 1) => rows_512::<1>(t, r),
-                        (_, 2) => rows_512::<2>(t, r),
-                        (_, 3) => rows_512::<3>(t, r),
-                        _ => rows_512::<4>(t, r),
+                        (8, 1) => tile_512::<W, 8, 1>(t),
+                        (8, 2) => tile_512::<W, 8, 2>(t),
+                        (4, 1) => tile_512::<W, 4, 1>(t),
+                        (4, 2) => tile_512::<W, 4, 2>(t),
+                        (4, 3) => tile_512::<W, 4, 3>(t),
+                        (4, 4) => tile_512::<W, 4, 4>(t),
+                        (_, 1) => rows_512::<W, 1>(t, r),
+                        (_, 2) => rows_512::<W, 2>(t, r),
+                        (_, 3) => rows_512::<W, 3>(t, r),
+                        _ => rows_512::<W, 4>(t, r),
                     }
                     i += mi;
                 }
@@ -203,25 +394,25 @@ mod x86 {
     /// Operands of one tile: out, x and w point at its first element; x and w rows are k apart,
     /// out rows n apart.
     #[derive(Clone, Copy)]
-    pub struct Tile {
+    pub struct Tile<W> {
         out: *mut f32,
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         k: usize,
         n: usize,
     }
 
     /// A ragged weight block (fewer than R rows left): one weight row at a time.
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows_512<const M: usize>(t: Tile, r: usize) {
+    unsafe fn rows_512<W: Weight, const M: usize>(t: Tile<W>, r: usize) {
         for rr in 0..r {
             // SAFETY: row rr < r of this block is in bounds (caller).
-            unsafe { tile_512::<1, M>(Tile { out: t.out.add(rr), w: t.w.add(rr * t.k), ..t }) }
+            unsafe { tile_512::<W, 1, M>(Tile { out: t.out.add(rr), w: t.w.add(rr * t.k), ..t }) }
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_512<const R: usize, const M: usize>(t: Tile) {
+    unsafe fn tile_512<W: Weight, const R: usize, const M: usize>(t: Tile<W>) {
         let mut acc = [[_mm512_setzero_ps(); M]; R];
         let mut p = 0;
         // SAFETY: R weight rows and M input rows of t.k floats each are in bounds; the tail
@@ -236,7 +427,7 @@ mod x86 {
                     // short for the hardware prefetcher to pick up the stream in time.
                     // (`wrapping_add`: past the last block the address is never dereferenced.)
                     _mm_prefetch::<_MM_HINT_T0>(t.w.wrapping_add((R + r) * t.k + p) as *const i8);
-                    let wv = _mm512_maskz_loadu_ps(msk, t.w.add(r * t.k + p));
+                    let wv = W::load16(t.w.add(r * t.k + p), t.k - p);
                     for (a, xv) in ar.iter_mut().zip(&xs) {
                         *a = _mm512_fmadd_ps(wv, *xv, *a);
                     }
@@ -309,10 +500,10 @@ mod x86 {
 
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn columns_256(
+    pub unsafe fn columns_256<W: Weight>(
         out: *mut f32,
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         m: usize,
         k: usize,
         n: usize,
@@ -336,19 +527,19 @@ mod x86 {
                     let t =
                         Tile { out: out.add(i * n + j), x: x.add(i * k), w: w.add(j * k), k, n };
                     match (r, mi) {
-                        (8, 1) => tile_256::<8, 1>(t),
-                        (4, 2) => tile_256::<4, 2>(t),
-                        (3, 1) => tile_256::<3, 1>(t),
-                        (3, 2) => tile_256::<3, 2>(t),
-                        (3, 3) => tile_256::<3, 3>(t),
-                        (2, 1) => tile_256::<2, 1>(t),
-                        (2, 2) => tile_256::<2, 2>(t),
-                        (2, 3) => tile_256::<2, 3>(t),
-                        (2, 4) => tile_256::<2, 4>(t),
-                        (_, 1) => rows_256::<1>(t, r),
-                        (_, 2) => rows_256::<2>(t, r),
-                        (_, 3) => rows_256::<3>(t, r),
-                        _ => rows_256::<4>(t, r),
+                        (8, 1) => tile_256::<W, 8, 1>(t),
+                        (4, 2) => tile_256::<W, 4, 2>(t),
+                        (3, 1) => tile_256::<W, 3, 1>(t),
+                        (3, 2) => tile_256::<W, 3, 2>(t),
+                        (3, 3) => tile_256::<W, 3, 3>(t),
+                        (2, 1) => tile_256::<W, 2, 1>(t),
+                        (2, 2) => tile_256::<W, 2, 2>(t),
+                        (2, 3) => tile_256::<W, 2, 3>(t),
+                        (2, 4) => tile_256::<W, 2, 4>(t),
+                        (_, 1) => rows_256::<W, 1>(t, r),
+                        (_, 2) => rows_256::<W, 2>(t, r),
+                        (_, 3) => rows_256::<W, 3>(t, r),
+                        _ => rows_256::<W, 4>(t, r),
                     }
                     i += mi;
                 }
@@ -358,15 +549,15 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_256<const M: usize>(t: Tile, r: usize) {
+    unsafe fn rows_256<W: Weight, const M: usize>(t: Tile<W>, r: usize) {
         for rr in 0..r {
             // SAFETY: row rr < r of this block is in bounds (caller).
-            unsafe { tile_256::<1, M>(Tile { out: t.out.add(rr), w: t.w.add(rr * t.k), ..t }) }
+            unsafe { tile_256::<W, 1, M>(Tile { out: t.out.add(rr), w: t.w.add(rr * t.k), ..t }) }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_256<const R: usize, const M: usize>(t: Tile) {
+    unsafe fn tile_256<W: Weight, const R: usize, const M: usize>(t: Tile<W>) {
         let mut acc = [[_mm256_setzero_ps(); M]; R];
         let k8 = t.k & !7;
         let mut p = 0;
@@ -377,12 +568,12 @@ mod x86 {
                     std::array::from_fn(|i| _mm256_loadu_ps(t.x.add(i * t.k + p)));
                 for (r, ar) in acc.iter_mut().enumerate() {
                     // As in `tile_512`, a tile ahead; one prefetch per 64-byte line.
-                    if p % 16 == 0 {
+                    if (p * W::BYTES) % 64 == 0 {
                         _mm_prefetch::<_MM_HINT_T0>(
                             t.w.wrapping_add((R + r) * t.k + p) as *const i8
                         );
                     }
-                    let wv = _mm256_loadu_ps(t.w.add(r * t.k + p));
+                    let wv = W::load8(t.w.add(r * t.k + p));
                     for (a, xv) in ar.iter_mut().zip(&xs) {
                         *a = _mm256_fmadd_ps(wv, *xv, *a);
                     }
@@ -393,7 +584,7 @@ mod x86 {
                 for (i, a) in ar.iter().enumerate() {
                     let mut s = hsum(*a);
                     for q in k8..t.k {
-                        s += *t.w.add(r * t.k + q) * *t.x.add(i * t.k + q);
+                        s += (*t.w.add(r * t.k + q)).to_f32() * *t.x.add(i * t.k + q);
                     }
                     *t.out.add(i * t.n + r) = s;
                 }
@@ -432,18 +623,52 @@ mod tests {
         for isa in isas() {
             for &(m, k, n) in &shapes {
                 let (x, w) = (fill(m * k, 1), fill(n * k, 2));
-                let mut want = vec![0.0; m * n];
-                matvec_nt_naive(&mut want, &x, &w, m, k, n);
-                let mut got = vec![f32::NAN; m * n];
-                matvec_nt_with(isa, &mut got, &x, &w, m, k, n);
-                for (g, e) in got.iter().zip(&want) {
-                    assert!(
-                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                        "{isa:?} {m}x{k}x{n}: {g} vs {e}"
-                    );
-                }
+                check(isa, &x, &w, m, k, n);
+                // The same weights rounded to bf16: the kernel must compute exactly what the
+                // f64 oracle does with those bf16 values (widening is exact).
+                check(isa, &x, &to_bf16(&w), m, k, n);
             }
         }
+    }
+
+    fn to_bf16(w: &[f32]) -> Vec<half::bf16> {
+        w.iter().map(|&v| half::bf16::from_f32(v)).collect()
+    }
+
+    fn check<W: Weight + std::fmt::Debug>(
+        isa: Isa,
+        x: &[f32],
+        w: &[W],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let mut want = vec![0.0; m * n];
+        matvec_nt_naive(&mut want, x, w, m, k, n);
+        let mut got = vec![f32::NAN; m * n];
+        matvec_nt_with(isa, &mut got, x, w, m, k, n);
+        for (g, e) in got.iter().zip(&want) {
+            assert!(
+                (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                "{isa:?} {}-byte weights {m}x{k}x{n}: {g} vs {e}",
+                W::BYTES
+            );
+        }
+    }
+
+    /// bf16 weights against the f32 weights they were rounded from: within bf16's rounding
+    /// (relative 2^-9 per weight, so about 2^-9 * sqrt(K) * typical |x w| on a sum of K terms).
+    #[test]
+    fn bf16_weights_stay_close_to_f32() {
+        let (m, k, n) = (3, 256, 70);
+        let (x, w) = (fill(m * k, 5), fill(n * k, 6));
+        let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
+        matvec_nt(&mut a, &x, &w, m, k, n);
+        matvec_nt(&mut b, &x, &to_bf16(&w), m, k, n);
+        let l2 = |v: &[f32]| v.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
+        let diff: Vec<f32> = a.iter().zip(&b).map(|(p, q)| p - q).collect();
+        let rel = l2(&diff) / l2(&a);
+        assert!(rel < 4e-3 && rel > 0.0, "relative L2 {rel}");
     }
 
     /// Rows are independent: row i of a batch equals the batch-1 product of x row i bit for bit,
@@ -453,15 +678,21 @@ mod tests {
     fn batch_rows_equal_single_rows() {
         let (m, k, n) = (6, 80, 50);
         let (x, w) = (fill(m * k, 3), fill(n * k, 4));
+        let wb = to_bf16(&w);
         for isa in isas() {
-            let mut all = vec![0.0; m * n];
-            matvec_nt_with(isa, &mut all, &x, &w, m, k, n);
-            for i in 0..m {
-                let mut one = vec![0.0; n];
-                matvec_nt_with(isa, &mut one, &x[i * k..(i + 1) * k], &w, 1, k, n);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&one), bits(&all[i * n..(i + 1) * n]), "{isa:?} row {i}");
-            }
+            rows_match(isa, &x, &w, m, k, n);
+            rows_match(isa, &x, &wb, m, k, n);
+        }
+    }
+
+    fn rows_match<W: Weight>(isa: Isa, x: &[f32], w: &[W], m: usize, k: usize, n: usize) {
+        let mut all = vec![0.0; m * n];
+        matvec_nt_with(isa, &mut all, x, w, m, k, n);
+        for i in 0..m {
+            let mut one = vec![0.0; n];
+            matvec_nt_with(isa, &mut one, &x[i * k..(i + 1) * k], w, 1, k, n);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&all[i * n..(i + 1) * n]), "{isa:?} {}B row {i}", W::BYTES);
         }
     }
 }
