@@ -253,7 +253,7 @@ impl Gpt {
 
     /// The rows per lm-head chunk `loss` uses for `rows` tokens: at most `LOSS_CHUNK_FLOATS`
     /// logits; with a recomputed head (`Recompute::All`), equal chunks of at most about one
-    /// block's activations (32 C floats per token) of logits, so rebuilding a chunk in the
+    /// block's activations (32 C floats per token; half that for `Sublayers`) of logits, so rebuilding a chunk in the
     /// backward does not set the peak. (Chunking sums the loss per chunk: the same gradients up
     /// to rounding.)
     pub fn loss_chunk_rows(&self, rows: usize) -> usize {
@@ -437,6 +437,22 @@ impl Gpt {
             // One shared copy of the model for the segments' closures (they outlive this call).
             let me = Arc::new(self.clone());
             for (start, end) in segments {
+                if self.recompute.sublayers() {
+                    // Single-block segments, each split into its two halves.
+                    let (m, idx) = (me.clone(), idx.clone());
+                    x = Tensor::checkpoint(&[x, x0.clone()], move |xs| {
+                        m.attn_half(start, &xs[0], &xs[1], &idx, &mut AttnMode::Full)
+                            .map_err(into_engine)
+                    })?;
+                    let m = me.clone();
+                    x = Tensor::checkpoint(&[x], move |xs| {
+                        m.mlp_half(start, &xs[0]).map_err(into_engine)
+                    })?;
+                    if start == cut {
+                        backout = Some(x.clone());
+                    }
+                    continue;
+                }
                 let (me, idx) = (me.clone(), idx.clone());
                 x = Tensor::checkpoint(&[x, x0.clone()], move |xs| {
                     let mut x = xs[0].clone();
@@ -499,6 +515,18 @@ impl Gpt {
         idx: &Ids,
         mode: &mut AttnMode,
     ) -> Result<Tensor> {
+        self.mlp_half(i, &self.attn_half(i, x, x0, idx, mode)?)
+    }
+
+    /// The first half of layer i: x = lambdas mix; x += attn(norm(x)).
+    fn attn_half(
+        &self,
+        i: usize,
+        x: &Tensor,
+        x0: &Tensor,
+        idx: &Ids,
+        mode: &mut AttnMode,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = (x.shape()[0], x.shape()[1]);
         let (h, hkv, d) = (c.n_head, c.n_kv_head, c.head_dim());
@@ -546,8 +574,13 @@ impl Gpt {
             }
         };
         let y = y.reshape(&[b, t, h * d])?.linear(l("attn.c_proj.weight")?)?;
-        let x = x.add(&y)?;
-        let m = norm(&x)?.linear(l("mlp.c_fc.weight")?)?.relu2()?;
+        Ok(x.add(&y)?)
+    }
+
+    /// The second half of layer i: x += mlp(norm(x)).
+    fn mlp_half(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        let l = |n: &str| self.p(&format!("transformer.h.{i}.{n}"));
+        let m = x.rmsnorm(RMSNORM_EPS)?.linear(l("mlp.c_fc.weight")?)?.relu2()?;
         Ok(x.add(&m.linear(l("mlp.c_proj.weight")?)?)?)
     }
 }
@@ -559,7 +592,10 @@ pub fn loss_chunk_rows(c: &GPTConfig, r: Recompute, rows: usize) -> usize {
     if !r.head() {
         return cap;
     }
-    let target = (rows.saturating_mul(32 * c.n_embd) / (3 * vp)).max(64).min(cap);
+    // About one recomputed segment's activations per token: a block's (~32 C), half a block's
+    // under `Sublayers`.
+    let seg = if r.sublayers() { 16 } else { 32 };
+    let target = (rows.saturating_mul(seg * c.n_embd) / (3 * vp)).max(64).min(cap);
     // Equal chunks: the engine's recycler reuses buffers by exact length, so a smaller last
     // chunk would hold a second set of logits buffers.
     rows.div_ceil(rows.div_ceil(target).max(1)).max(1)

@@ -53,6 +53,13 @@ fn block_floats(c: &GPTConfig, i: usize) -> u64 {
     resid + qkv + attn + mlp + stats + ve
 }
 
+/// Of `block_floats`, those of the MLP half (norm, c_fc, relu2, projection, residual sum, the
+/// norm's rstd): what a `sublayers` segment of that half rebuilds.
+fn mlp_half_floats(c: &GPTConfig) -> u64 {
+    let ce = c.n_embd as u64;
+    ce + 4 * ce + 4 * ce + ce + ce + 1
+}
+
 /// Elements kept per token outside the blocks: embedding, norm and smear before them, backout
 /// and the final norm after.
 fn trunk_floats(c: &GPTConfig) -> u64 {
@@ -89,6 +96,11 @@ pub fn estimate_train_step(c: &GPTConfig, b: usize, t: usize, r: Recompute) -> M
     let segments = r.segments(c.n_layer, c.n_layer / 2);
     let (kept_blocks, recomputed) = if segments.is_empty() {
         (blocks.iter().sum::<u64>(), 0)
+    } else if r.sublayers() {
+        // Two (B, T, C) inputs per block; the larger half of the largest block is rebuilt.
+        let mlp = mlp_half_floats(c);
+        let largest = blocks.iter().map(|&f| mlp.max(f - mlp)).max();
+        (2 * c.n_layer as u64 * ce, largest.unwrap_or(0))
     } else {
         // One (B, T, C) output per segment; the largest segment is rebuilt in the backward.
         let largest = segments.iter().map(|&(s, e)| blocks[s..e].iter().sum::<u64>()).max();
@@ -133,6 +145,8 @@ mod tests {
         let none = estimate_train_step(&c, 4, 1024, Recompute::None);
         let blocks = estimate_train_step(&c, 4, 1024, Recompute::Blocks);
         let all = estimate_train_step(&c, 4, 1024, Recompute::All);
+        let sub = estimate_train_step(&c, 4, 1024, Recompute::Sublayers);
+        assert!(sub.total < all.total && sub.recomputed < all.recomputed);
         assert_eq!(
             (none.params, none.optimizer, none.grads),
             (blocks.params, blocks.optimizer, blocks.grads)

@@ -21,6 +21,11 @@ pub enum Recompute {
     /// `Blocks`, and the lm head and loss too (in row chunks), whose (rows, vocab) logits are the
     /// largest activations of small-width models.
     All,
+    /// `All` at half-block grain: the attention and the MLP sublayer of every block are
+    /// segments of their own (two kept (B, T, C) inputs per block), so the backward rebuilds
+    /// half a block at a time — the largest rebuilt segment sets the peak once the rest is
+    /// recomputed.
+    Sublayers,
 }
 
 impl Recompute {
@@ -30,7 +35,7 @@ impl Recompute {
     pub fn segments(self, n_layer: usize, cut_after: usize) -> Vec<(usize, usize)> {
         let k = match self {
             Recompute::None => return Vec::new(),
-            Recompute::Blocks | Recompute::All => 1,
+            Recompute::Blocks | Recompute::All | Recompute::Sublayers => 1,
             Recompute::Every(k) => k.max(1),
         };
         let mut out = Vec::new();
@@ -48,7 +53,12 @@ impl Recompute {
 
     /// Whether the lm head and loss are recomputed.
     pub fn head(self) -> bool {
-        self == Recompute::All
+        matches!(self, Recompute::All | Recompute::Sublayers)
+    }
+
+    /// Whether each block's attention and MLP halves are separate segments.
+    pub fn sublayers(self) -> bool {
+        self == Recompute::Sublayers
     }
 }
 
@@ -59,6 +69,7 @@ impl fmt::Display for Recompute {
             Recompute::Blocks => f.write_str("blocks"),
             Recompute::Every(k) => write!(f, "every-{k}"),
             Recompute::All => f.write_str("all"),
+            Recompute::Sublayers => f.write_str("sublayers"),
         }
     }
 }
@@ -68,13 +79,14 @@ impl FromStr for Recompute {
     fn from_str(s: &str) -> Result<Recompute, ModelError> {
         let bad = || {
             ModelError::Invalid(format!(
-                "unknown recompute mode `{s}` (expected none, blocks, every-K with K >= 1, or all)"
+                "unknown recompute mode `{s}` (expected none, blocks, every-K with K >= 1, all or sublayers)"
             ))
         };
         match s {
             "none" => Ok(Recompute::None),
             "blocks" => Ok(Recompute::Blocks),
             "all" => Ok(Recompute::All),
+            "sublayers" => Ok(Recompute::Sublayers),
             _ => {
                 let k: usize =
                     s.strip_prefix("every-").ok_or_else(bad)?.parse().map_err(|_| bad())?;

@@ -9,10 +9,15 @@ use femtochat_model::parity::Fixture;
 use femtochat_model::rng::Rng;
 use femtochat_model::{GPTConfig, Gpt, Recompute};
 
-const MODES: [Recompute; 4] =
-    [Recompute::Blocks, Recompute::Every(2), Recompute::Every(3), Recompute::All];
-/// `All` also chunks the lm head (`Gpt::loss_chunk_rows`), which sums the loss per chunk: it
-/// is compared with `None` on the same chunks.
+const MODES: [Recompute; 5] = [
+    Recompute::Blocks,
+    Recompute::Every(2),
+    Recompute::Every(3),
+    Recompute::All,
+    Recompute::Sublayers,
+];
+/// `All` and `Sublayers` also chunk the lm head (`Gpt::loss_chunk_rows`), which sums the loss
+/// per chunk: they are compared with `None` on the same chunks.
 const SAME_CHUNKS: [Recompute; 3] = [Recompute::Blocks, Recompute::Every(2), Recompute::Every(3)];
 
 fn fixtures() -> Vec<PathBuf> {
@@ -101,6 +106,8 @@ fn training_steps_are_bit_identical_with_recompute() {
     for mode in SAME_CHUNKS {
         assert!(run(mode, mode) == want, "--recompute {mode} trained to different parameters");
     }
-    let all = Recompute::All;
-    assert!(run(all, all) == run(Recompute::None, all), "--recompute all trained differently");
+    for head in [Recompute::All, Recompute::Sublayers] {
+        let want = run(Recompute::None, head);
+        assert!(run(head, head) == want, "--recompute {head} trained differently");
+    }
 }

@@ -130,7 +130,8 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Activation checkpointing: none; blocks (keep one input per block, recompute each block
-    /// in the backward); every-K (one input per K blocks); all (blocks, and the lm head + loss).
+    /// in the backward); every-K (one input per K blocks); all (blocks, and the lm head + loss);
+    /// sublayers (all, with each block's attention and MLP halves as separate segments).
     /// Gradients are unchanged (bit for bit on the CPU); memory drops, steps take longer.
     #[arg(long, default_value = "none")]
     recompute: Recompute,

@@ -40,7 +40,7 @@ pub struct Args {
     /// 67e12 for its fp32).
     #[arg(long)]
     peak_flops: Option<f64>,
-    /// Activation checkpointing: none, blocks, every-K or all (see `train base --help`).
+    /// Activation checkpointing: none, blocks, every-K, all or sublayers (see `train base --help`).
     #[arg(long, default_value = "none")]
     recompute: Recompute,
     /// Print the estimated peak memory of one step of this configuration (one JSON line, by

@@ -39,6 +39,11 @@ struct Cli {
     /// Worker threads for every kernel (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// MiB of freed tensor buffers the engine keeps for reuse (default 4096). Reuse saves the
+    /// page faults of fresh memory every step; the kept buffers count in the process's memory,
+    /// so a tight memory budget lowers this (0 turns reuse off).
+    #[arg(long, global = true)]
+    pool_mib: Option<usize>,
     /// GPU adapter for `--device gpu`, by index among the machine's adapters (default: wgpu's
     /// high-performance one; under mpirun/srun, the rank's local rank modulo the adapters, so each
     /// rank of a multi-GPU machine gets its own). FEMTOCHAT_GPU_INDEX does the same.
@@ -153,6 +158,9 @@ fn main() -> ExitCode {
     {
         eprintln!("error: --threads: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(mib) = cli.pool_mib {
+        femtochat_engine::set_pool_limit(mib << 20);
     }
     if let Err(e) = femtochat_engine::cpu_isa::check_env() {
         eprintln!("error: {e}");

@@ -156,7 +156,8 @@ pub struct Args {
     /// cpu or gpu.
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// Activation checkpointing, as `train base --recompute`: none, blocks, every-K or all.
+    /// Activation checkpointing, as `train base --recompute`: none, blocks, every-K, all or
+    /// sublayers.
     #[arg(long, default_value = "none")]
     recompute: Recompute,
     /// Write the first N micro-batches this run would train on to OUT_FILE as little-endian

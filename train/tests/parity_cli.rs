@@ -95,6 +95,28 @@ fn reference_fixtures_pass_on_gpu() {
     assert!(grads.into_iter().all(|l| l["tol"].as_f64() == Some(femtochat_model::parity::TOL_GPU)));
 }
 
+/// `--pool-mib 0` turns the buffer recycler off: the same steps then hold less memory at their
+/// peak (the recycler's buffers count); a cap that is not a number is a usage error.
+#[test]
+fn pool_mib_caps_the_recycled_memory() {
+    let peak = |pool: &str| -> u64 {
+        let out = train()
+            .args(["--pool-mib", pool, "bench", "--depth", "2", "--aspect-ratio", "32"])
+            .args(["--head-dim", "32", "--max-seq-len", "128", "--device-batch-size", "4"])
+            .args(["--vocab-size", "2048", "--steps", "2", "--recompute", "sublayers"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        last["peak_host_bytes"].as_u64().unwrap()
+    };
+    let (off, on) = (peak("0"), peak("4096"));
+    assert!(off < on, "peak without the recycler {off} B, with it {on} B");
+    let bad = train().args(["--pool-mib", "lots", "bench", "--dry-run"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
 /// `train bench` prints one JSON line per timed step; CPU and GPU compute the same first loss.
 #[test]
 fn bench_prints_steps_and_devices_agree() {
