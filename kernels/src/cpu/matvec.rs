@@ -311,6 +311,7 @@ mod x86 {
     /// many weights (the tiles then work on this one while memory delivers that one).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn widen_512<W: Weight>(dst: &mut [f32], w: *const W) {
+        // lengths: dst sets the count; that w holds as many is the caller's (unsafe) contract.
         let mut p = 0;
         let n = dst.len();
         // SAFETY: dst.len() weights are readable at w (caller); stores stay inside dst; the
@@ -331,6 +332,7 @@ mod x86 {
     /// dst = the weights at w as f32, 8 lanes at a time, prefetching as `widen_512` does.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn widen_256<W: Weight>(dst: &mut [f32], w: *const W) {
+        // lengths: as in `widen_512`.
         let (n, n8) = (dst.len(), dst.len() & !7);
         // SAFETY: as in `widen_512`.
         unsafe {
