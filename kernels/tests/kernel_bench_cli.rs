@@ -1,4 +1,4 @@
-//! `kernel-bench matmul` end to end: JSON lines on the CPU and the GPU, clear errors on bad input.
+//! `kernel-bench matmul`, `attention` and `matvec` end to end: JSON lines on the CPU and the GPU, clear errors on bad input.
 use std::process::Command;
 
 fn bench() -> Command {
@@ -41,6 +41,37 @@ fn matmul_cpu_and_gpu_print_json() {
     assert_eq!(l[0]["device"], "gpu");
     assert!(l[0]["adapter"].as_str().is_some_and(|a| !a.is_empty()));
     assert!(l[0]["ms"].as_f64().unwrap() > 0.0);
+}
+
+/// `matvec` with f32 and bf16 weights: a line per case naming the dtype and ISA; bf16 reads
+/// half the bytes per call and its outputs agree with f32's to bf16 rounding.
+#[test]
+fn matvec_prints_both_dtypes() {
+    let out = bench()
+        .args(["matvec", "--m", "1,6", "--k", "96", "--n", "70", "--dtype", "fp32,bf16"])
+        .args(["--reps", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let l = lines(&out);
+    assert_eq!(l.len(), 4);
+    for pair in l.chunks(2) {
+        let (f, b) = (&pair[0], &pair[1]);
+        assert_eq!((f["dtype"].as_str(), b["dtype"].as_str()), (Some("fp32"), Some("bf16")));
+        assert_eq!((f["op"].as_str(), f["m"].as_u64()), (Some("matvec"), b["m"].as_u64()));
+        assert!(f["isa"].is_string() && f["weight_gb_per_s"].as_f64().unwrap() > 0.0);
+        let (cf, cb) = (f["checksum"].as_f64().unwrap(), b["checksum"].as_f64().unwrap());
+        assert!((cf - cb).abs() < 1e-2 * cf && cf != cb, "fp32 {cf} vs bf16 {cb}");
+    }
+    for bad in [&["--dtype", "int8"][..], &["--reps", "0"], &["--k", "0"]] {
+        let out = bench()
+            .args(["matvec", "--m", "1", "--k", "8", "--n", "8"])
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{bad:?}");
+    }
 }
 
 #[test]

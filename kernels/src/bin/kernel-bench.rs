@@ -3,6 +3,7 @@
 //!
 //! `kernel-bench matmul --m 1024 --k 1024 --n 1024 --threads 2`; lists sweep: `--m 512,1024`.
 //! `kernel-bench attention --b 1 --h 4 --hkv 4 --t 2048 --d 64 --impl flash,reference`.
+//! `kernel-bench matvec --m 1,8 --k 768 --n 3072 --dtype fp32,bf16` (the decode step's kernel).
 //!
 //! CPU lines name the instruction set they ran (`isa`): the best this CPU has, or the one
 //! `FEMTOCHAT_ISA=avx512|avx2|portable|scalar` (or `matmul --isa`) forces; `checksum` (the sum
@@ -22,6 +23,7 @@ use femtochat_kernels::cpu::flash_attention::{
 };
 use femtochat_kernels::cpu::isa::{self, Isa};
 use femtochat_kernels::cpu::matmul::{MatmulShape, matmul_naive, matmul_with};
+use femtochat_kernels::cpu::matvec::{Weight, matvec_nt_with};
 use femtochat_kernels::gpu::flash_attention::{FlashKernel, FlashTiles};
 use femtochat_kernels::mem::{self, CountingAlloc};
 
@@ -56,6 +58,31 @@ enum Command {
     Matmul(MatmulArgs),
     /// Causal (sliding-window) GQA attention, q (B, T, H, D), k, v (B, T, Hkv, D).
     Attention(AttentionArgs),
+    /// out (M, N) = x (M, K) · W (N, K)^T for small M (the decode step's kernel), with f32 or
+    /// bf16 weights; reports the weight bytes read per second.
+    Matvec(MatvecArgs),
+}
+
+#[derive(clap::Args)]
+struct MatvecArgs {
+    /// Input rows (decode batch), comma-separated list to sweep.
+    #[arg(long, value_delimiter = ',', required = true)]
+    m: Vec<usize>,
+    /// Inner dimension (list to sweep).
+    #[arg(long, value_delimiter = ',', required = true)]
+    k: Vec<usize>,
+    /// Weight rows / output columns (list to sweep).
+    #[arg(long, value_delimiter = ',', required = true)]
+    n: Vec<usize>,
+    /// Weight storage: fp32, bf16 (list to sweep).
+    #[arg(long, value_delimiter = ',', default_value = "fp32")]
+    dtype: Vec<String>,
+    /// Timed repetitions; the median is reported.
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Kernel ISA to force (as `matmul --isa`).
+    #[arg(long)]
+    isa: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -114,6 +141,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Matmul(args) => bench_matmul(args).map_err(anyhow::Error::msg),
         Command::Attention(args) => bench_attention(args),
+        Command::Matvec(args) => bench_matvec(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -192,6 +220,69 @@ fn bench_matmul(args: MatmulArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn bench_matvec(args: MatvecArgs) -> Result<()> {
+    ensure!(args.reps > 0, "--reps must be at least 1");
+    let isa = match &args.isa {
+        Some(name) => parse_isa(name).map_err(anyhow::Error::msg)?,
+        None => Isa::detect(),
+    };
+    for dtype in &args.dtype {
+        ensure!(dtype == "fp32" || dtype == "bf16", "--dtype {dtype}: expected fp32 or bf16");
+    }
+    for &m in &args.m {
+        for &k in &args.k {
+            for &n in &args.n {
+                let (Some(nx), Some(nw)) = (m.checked_mul(k), n.checked_mul(k)) else {
+                    bail!("shape {m}x{k}x{n} overflows");
+                };
+                ensure!(m > 0 && k > 0 && n > 0, "--m, --k and --n must be positive");
+                let (x, w) = (filled(nx, 1)?, filled(nw, 2)?);
+                for dtype in &args.dtype {
+                    let mut line = if dtype == "bf16" {
+                        let wb: Vec<half::bf16> =
+                            w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                        time_matvec(isa, &x, &wb, (m, k, n), args.reps)
+                    } else {
+                        time_matvec(isa, &x, &w, (m, k, n), args.reps)
+                    };
+                    line["dtype"] = dtype.as_str().into();
+                    println!("{line}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `matvec` case: median and best of `reps` calls after a warm-up.
+fn time_matvec<W: Weight>(
+    isa: Isa,
+    x: &[f32],
+    w: &[W],
+    (m, k, n): (usize, usize, usize),
+    reps: usize,
+) -> serde_json::Value {
+    let mut out = vec![0.0f32; m * n];
+    matvec_nt_with(isa, &mut out, x, w, m, k, n);
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            matvec_nt_with(isa, &mut out, x, w, m, k, n);
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let checksum: f64 = out.iter().map(|&v| v.abs() as f64).sum();
+    serde_json::json!({
+        "op": "matvec", "device": "cpu", "m": m, "k": k, "n": n,
+        "threads": rayon::current_num_threads(), "ms": median * 1e3, "best_ms": times[0] * 1e3,
+        "gflops": 2.0 * (m * k * n) as f64 / median / 1e9,
+        "weight_gb_per_s": (n * k * W::BYTES) as f64 / median / 1e9,
+        "isa": isa.name(), "checksum": checksum,
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
