@@ -1,8 +1,8 @@
 //! Checkpoints as safetensors with nanochat's parameter names, so a nanochat state dict exported
 //! to safetensors loads as-is and ours load in PyTorch.
 //!
-//! - model file: every parameter (f32; a bf16 model's matrices as BF16), with `__metadata__` {"config": GPTConfig JSON, "meta":
-//!   free-form training metadata JSON};
+//! - model file: every parameter (f32; a bf16 model's matrices as BF16), with `__metadata__`
+//!   {"config": GPTConfig JSON, "meta": free-form training metadata JSON};
 //! - optimizer file: every state buffer (1-D f32, named `<param>.<buffer>`), with the step count
 //!   in the metadata.
 //!

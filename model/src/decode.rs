@@ -61,8 +61,8 @@ pub(crate) struct DecodePlan {
     /// cos, sin (positions, D/2), as `RopeTable` builds them.
     cos: Vec<f32>,
     sin: Vec<f32>,
-    /// Parameter name of each matrix above, with it (for conversions and memory accounting).
-    names: Vec<(String, usize)>,
+    /// Parameter name of each matrix above, in `matrices()` order (for conversions).
+    names: Vec<String>,
 }
 
 struct LayerWeights {
@@ -82,9 +82,9 @@ impl DecodePlan {
         let p = |n: &str| -> Result<Tensor> { Ok(gpt.params().get(n)?.clone()) };
         let mut names = Vec::new();
         let mut mat = |n: String| -> Result<Mat> {
-            let t = p(&n)?;
-            names.push((n, t.numel()));
-            Ok(Mat::new(&t, dtype))
+            let m = Mat::new(&p(&n)?, dtype);
+            names.push(n);
+            Ok(m)
         };
         let wte = mat("transformer.wte.weight".into())?;
         let mut layers = Vec::with_capacity(c.n_layer);
@@ -132,16 +132,22 @@ impl DecodePlan {
 
     /// Whether the parameter `name` is one of the plan's matrices.
     pub(crate) fn holds(&self, name: &str) -> bool {
-        self.names.iter().any(|(n, _)| n == name)
+        self.names.iter().any(|n| n == name)
     }
 
     /// Elements of all the plan's matrices.
     pub(crate) fn matrix_numel(&self) -> usize {
-        self.names.iter().map(|(_, n)| n).sum()
+        self.matrices().iter().map(|m| m.len()).sum()
     }
 
     /// The matrix holding parameter `name`.
     pub(crate) fn matrix(&self, name: &str) -> Option<&Mat> {
+        let i = self.names.iter().position(|n| n == name)?;
+        self.matrices().get(i).copied()
+    }
+
+    /// Every matrix, in the order `new` made them (the order of `names`).
+    fn matrices(&self) -> Vec<&Mat> {
         let mut all = vec![&self.wte];
         for l in &self.layers {
             if let Some((ve, _)) = &l.ve {
@@ -150,9 +156,7 @@ impl DecodePlan {
             all.extend([&l.q, &l.k, &l.v, &l.proj, &l.fc, &l.mlp_proj]);
         }
         all.push(&self.lm_head);
-        // `new` pushed names in exactly this order.
-        let i = self.names.iter().position(|(n, _)| n == name)?;
-        all.get(i).copied()
+        all
     }
 }
 

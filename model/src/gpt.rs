@@ -253,8 +253,8 @@ impl Gpt {
 
     /// The rows per lm-head chunk `loss` uses for `rows` tokens: at most `LOSS_CHUNK_FLOATS`
     /// logits; with a recomputed head (`Recompute::All`), equal chunks of at most about one
-    /// block's activations (32 C floats per token; half that for `Sublayers`) of logits, so rebuilding a chunk in the
-    /// backward does not set the peak. (Chunking sums the loss per chunk: the same gradients up
+    /// block's activations (32 C floats per token; half that for `Sublayers`) of logits, so
+    /// rebuilding a chunk in the backward does not set the peak. (Chunking sums the loss per chunk: the same gradients up
     /// to rounding.)
     pub fn loss_chunk_rows(&self, rows: usize) -> usize {
         loss_chunk_rows(&self.config, self.recompute, rows)

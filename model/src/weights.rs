@@ -90,6 +90,14 @@ impl Mat {
         }
     }
 
+    /// Elements of the matrix.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Mat::F32(t) => t.numel(),
+            Mat::Bf16(w) => w.len(),
+        }
+    }
+
     /// out = row `i` of a matrix with rows of out.len() elements.
     pub(crate) fn copy_row(&self, i: usize, out: &mut [f32]) {
         let n = out.len();
